@@ -1,0 +1,5 @@
+import sys
+
+from trtcal.cli import main
+
+sys.exit(main())

@@ -1,0 +1,293 @@
+"""Histograms of |x| for calibration, filled from micro-batches.
+
+Two modes:
+
+* **Exact two-pass** (trtcal's default). Pass 1 reduces `TensorStats` (exact max |x|, signed
+  min/max, NaN/Inf counts) over the whole calibration batch; pass 2 fills an integer histogram
+  of |x| on the fixed range [0, amax]. Integer counts and maxima are associative, so shards
+  merge bit-identically in any order and grouping.
+* **Growing** (TensorRT-compatible, for measuring order sensitivity). The first micro-batch
+  sets the range; when a later value exceeds it, the range doubles (possibly several times)
+  and adjacent bin pairs merge into the lower half, as TensorRT's developer guide describes.
+
+Bin rule (shared with the GPU kernels, so both give identical counts): with
+`inv_width = float32(num_bins) / float32(hist_amax)` computed in float32,
+`bin(x) = min(floor(float32(|x|) * inv_width), num_bins - 1)`; values equal to `hist_amax`
+land in the last bin. If `hist_amax == 0` every value lands in bin 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from trtcal.errors import ConfigError, DataError, NonFiniteError
+
+__all__ = [
+    "DEFAULT_NUM_BINS",
+    "NonFinitePolicy",
+    "TensorStats",
+    "Histogram",
+    "reduce_stats",
+    "merge_stats",
+    "bin_indices",
+    "fill_counts",
+    "histogram_of",
+    "merge_histograms",
+    "GrowingHistogram",
+]
+
+DEFAULT_NUM_BINS = 2048
+NonFinitePolicy = Literal["error", "ignore"]
+
+# Elements per chunk when filling: keeps temporaries in L2 so the fill is one pass over memory.
+_CHUNK = 1 << 16
+
+FloatArray = npt.NDArray[np.floating]
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Pass-1 statistics of one tensor over everything seen so far (exactly mergeable)."""
+
+    amax: float = 0.0  # max |x| over finite values
+    min: float = float("inf")  # signed min over finite values
+    max: float = float("-inf")  # signed max over finite values
+    count: int = 0  # finite values seen
+    nan_count: int = 0
+    inf_count: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Histogram:
+    """Integer counts of |x| over [0, hist_amax] in `len(counts)` equal bins."""
+
+    counts: npt.NDArray[np.int64]
+    hist_amax: float
+    stats: TensorStats = field(default_factory=TensorStats)
+
+    @property
+    def num_bins(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def bin_width(self) -> float:
+        return self.hist_amax / self.num_bins
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Histogram):
+            return NotImplemented
+        return (
+            self.hist_amax == other.hist_amax
+            and self.stats == other.stats
+            and np.array_equal(self.counts, other.counts)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in ("error", "ignore"):
+        raise ConfigError(f"nonfinite policy must be 'error' or 'ignore', got {policy!r}")
+
+
+def reduce_stats(x: npt.ArrayLike, *, tensor: str = "tensor", nonfinite: NonFinitePolicy = "error") -> TensorStats:
+    """Pass 1 over one micro-batch: exact max |x|, signed min/max, NaN/Inf counts.
+
+    Raises NonFiniteError naming `tensor` when NaN/Inf occur and `nonfinite == "error"`.
+    """
+    _check_policy(nonfinite)
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.number):
+        raise DataError(f"tensor {tensor!r} has non-numeric dtype {arr.dtype}")
+    flat = arr.reshape(-1)
+    if flat.size == 0:
+        return TensorStats()
+    if np.issubdtype(flat.dtype, np.integer):
+        flat = flat.astype(np.float64)
+    mn = flat.min()
+    mx = flat.max()
+    nan_count = inf_count = 0
+    if not (np.isfinite(mn) and np.isfinite(mx)):
+        finite = np.isfinite(flat)
+        nan_count = int(np.count_nonzero(np.isnan(flat)))
+        inf_count = int(flat.size - np.count_nonzero(finite) - nan_count)
+        if nonfinite == "error":
+            raise NonFiniteError(
+                f"tensor {tensor!r} holds {nan_count} NaN and {inf_count} Inf values; the FP32 model produces "
+                "non-finite activations on this data. Check the input preprocessing, or pass "
+                "nonfinite='ignore' (--on-nonfinite ignore) to skip them (they are counted in the report)",
+                tensor=tensor,
+                nan_count=nan_count,
+                inf_count=inf_count,
+            )
+        flat = flat[finite]
+        if flat.size == 0:
+            return TensorStats(nan_count=nan_count, inf_count=inf_count)
+        mn = flat.min()
+        mx = flat.max()
+    return TensorStats(
+        amax=float(max(abs(float(mn)), abs(float(mx)))),
+        min=float(mn),
+        max=float(mx),
+        count=int(flat.size),
+        nan_count=nan_count,
+        inf_count=inf_count,
+    )
+
+
+def merge_stats(stats: Iterable[TensorStats]) -> TensorStats:
+    """Exact, order-independent merge of pass-1 statistics."""
+    out = TensorStats()
+    for s in stats:
+        out = TensorStats(
+            amax=max(out.amax, s.amax),
+            min=min(out.min, s.min),
+            max=max(out.max, s.max),
+            count=out.count + s.count,
+            nan_count=out.nan_count + s.nan_count,
+            inf_count=out.inf_count + s.inf_count,
+        )
+    return out
+
+
+def _inv_width(num_bins: int, hist_amax: float) -> np.float32:
+    return np.float32(num_bins) / np.float32(hist_amax)
+
+
+def bin_indices(abs_x: npt.NDArray[np.float32], num_bins: int, hist_amax: float) -> npt.NDArray[np.intp]:
+    """Bin index of each |x| (float32) under the module's bin rule. Pure; does not mutate."""
+    if hist_amax <= 0.0:
+        return np.zeros(abs_x.shape, dtype=np.intp)
+    scaled = abs_x * _inv_width(num_bins, hist_amax)  # float32 multiply: identical on CPU and GPU
+    idx = scaled.astype(np.intp)  # truncation == floor for non-negative values
+    np.minimum(idx, num_bins - 1, out=idx)
+    return idx
+
+
+def fill_counts(
+    x: npt.ArrayLike,
+    num_bins: int,
+    hist_amax: float,
+    *,
+    tensor: str = "tensor",
+    nonfinite: NonFinitePolicy = "error",
+) -> npt.NDArray[np.int64]:
+    """Pass 2 over one micro-batch: int64 counts of |x| on [0, hist_amax].
+
+    Values above `hist_amax` (impossible in exact two-pass mode) are clamped into the last bin.
+    Non-finite values raise NonFiniteError (policy "error") or are skipped (policy "ignore").
+    """
+    _check_policy(nonfinite)
+    if num_bins < 1:
+        raise ConfigError(f"num_bins must be >= 1, got {num_bins}")
+    if not (np.isfinite(hist_amax) and hist_amax >= 0.0):
+        raise ConfigError(f"hist_amax must be finite and >= 0, got {hist_amax!r} for tensor {tensor!r}")
+    flat = np.asarray(x).reshape(-1)
+    counts = np.zeros(num_bins, dtype=np.int64)
+    if flat.size == 0:
+        return counts
+    if hist_amax <= 0.0:
+        finite = int(np.count_nonzero(np.isfinite(flat)))
+        if finite != flat.size and nonfinite == "error":
+            reduce_stats(flat, tensor=tensor, nonfinite="error")
+        counts[0] = finite
+        return counts
+    inv_width = _inv_width(num_bins, hist_amax)
+    buf = np.empty(min(_CHUNK, flat.size), dtype=np.float32)
+    for start in range(0, flat.size, _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        a = buf[: chunk.size]
+        np.abs(chunk if chunk.dtype == np.float32 else chunk.astype(np.float32), out=a)
+        if not np.isfinite(a.max()):  # NaN and Inf both surface in the max
+            if nonfinite == "error":
+                reduce_stats(chunk, tensor=tensor, nonfinite="error")
+            a = a[np.isfinite(a)]
+        np.minimum(a, np.float32(hist_amax), out=a)  # clamp first: no overflow in the multiply
+        np.multiply(a, inv_width, out=a)
+        idx = a.astype(np.intp)
+        np.minimum(idx, num_bins - 1, out=idx)
+        counts += np.bincount(idx, minlength=num_bins)
+    return counts
+
+
+def histogram_of(
+    x: npt.ArrayLike,
+    *,
+    num_bins: int = DEFAULT_NUM_BINS,
+    hist_amax: float | None = None,
+    tensor: str = "tensor",
+    nonfinite: NonFinitePolicy = "error",
+) -> Histogram:
+    """Both passes over one array (range = its exact max |x| unless `hist_amax` is given)."""
+    stats = reduce_stats(x, tensor=tensor, nonfinite=nonfinite)
+    amax = stats.amax if hist_amax is None else float(hist_amax)
+    counts = fill_counts(x, num_bins, amax, tensor=tensor, nonfinite=nonfinite)
+    return Histogram(counts=counts, hist_amax=amax, stats=stats)
+
+
+def merge_histograms(histograms: Iterable[Histogram]) -> Histogram:
+    """Exact merge of histograms on the same range and bin count (any order, any grouping)."""
+    items = list(histograms)
+    if not items:
+        raise ConfigError("merge_histograms needs at least one histogram")
+    first = items[0]
+    counts = np.zeros_like(first.counts)
+    for h in items:
+        if h.num_bins != first.num_bins or h.hist_amax != first.hist_amax:
+            raise ConfigError(
+                "cannot merge histograms with different ranges or bin counts "
+                f"({h.num_bins} bins on [0, {h.hist_amax}] vs {first.num_bins} on [0, {first.hist_amax}]); "
+                "fill every shard on the pass-1 amax"
+            )
+        counts += h.counts
+    return Histogram(counts=counts, hist_amax=first.hist_amax, stats=merge_stats(h.stats for h in items))
+
+
+@dataclass
+class GrowingHistogram:
+    """TensorRT-style histogram whose range grows by powers of two (order-sensitive by design)."""
+
+    num_bins: int = DEFAULT_NUM_BINS
+    tensor: str = "tensor"
+    nonfinite: NonFinitePolicy = "error"
+    counts: npt.NDArray[np.int64] | None = None
+    hist_amax: float = 0.0
+    stats: TensorStats = field(default_factory=TensorStats)
+
+    def __post_init__(self) -> None:
+        if self.num_bins < 2 or self.num_bins % 2:
+            raise ConfigError(f"num_bins must be an even number >= 2 for a growing histogram, got {self.num_bins}")
+
+    def update(self, x: npt.ArrayLike) -> None:
+        batch = reduce_stats(x, tensor=self.tensor, nonfinite=self.nonfinite)
+        self.stats = merge_stats([self.stats, batch])
+        if self.counts is None or self.hist_amax == 0.0:
+            # The first non-zero batch sets the range (a zero range cannot be grown by doubling).
+            previous_zero = 0 if self.counts is None else int(self.counts[0])
+            self.hist_amax = batch.amax
+            self.counts = np.zeros(self.num_bins, dtype=np.int64)
+            self.counts[0] += previous_zero
+        elif batch.amax > self.hist_amax:
+            self._grow_to(batch.amax)
+        self.counts = self.counts + fill_counts(x, self.num_bins, self.hist_amax, tensor=self.tensor, nonfinite=self.nonfinite)
+
+    def _grow_to(self, amax: float) -> None:
+        assert self.counts is not None
+        counts = self.counts
+        new_amax = self.hist_amax
+        while new_amax < amax:
+            new_amax *= 2.0
+            # Lossless re-binning: bins 2k and 2k+1 of the old range are bin k of the doubled one.
+            merged = counts[0::2] + counts[1::2]
+            counts = np.concatenate([merged, np.zeros(self.num_bins - merged.size, dtype=np.int64)])
+        self.counts = counts
+        self.hist_amax = new_amax
+
+    def result(self) -> Histogram:
+        counts = self.counts if self.counts is not None else np.zeros(self.num_bins, dtype=np.int64)
+        return Histogram(counts=counts.copy(), hist_amax=self.hist_amax, stats=self.stats)
