@@ -151,8 +151,8 @@ def read_trt_cache(data: bytes) -> TrtCache:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise CacheFormatError("not UTF-8 text; is this a TensorRT calibration cache?", line=line) from None
+        bad_line = raw[: exc.start].count(b"\n") + 1
+        raise CacheFormatError("not UTF-8 text; is this a TensorRT calibration cache?", line=bad_line) from None
     lines = text.split("\n")
     lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
     while lines and lines[-1] == "":
@@ -161,21 +161,21 @@ def read_trt_cache(data: bytes) -> TrtCache:
         raise CacheFormatError("empty cache (no header line)", line=1)
     version, algorithm = _parse_header(lines[0])
     scales: dict[str, float] = {}
-    for number, line in enumerate(lines[1:], start=2):
+    for line_no, line in enumerate(lines[1:], start=2):
         if line == "":
-            raise CacheFormatError("blank line inside the table", line=number)
+            raise CacheFormatError("blank line inside the table", line=line_no)
         if "\x00" in line:
-            raise CacheFormatError("NUL character in line", line=number)
+            raise CacheFormatError("NUL character in line", line=line_no)
         name, sep, value = line.rpartition(":")
         if not sep or not name:
-            raise CacheFormatError(f"expected 'tensor: hexscale', got {line[:80]!r}", line=number)
+            raise CacheFormatError(f"expected 'tensor: hexscale', got {line[:80]!r}", line=line_no)
         value = value.strip()
         if not _HEX.fullmatch(value):
-            raise CacheFormatError(f"value {value[:20]!r} is not 1-8 hexadecimal digits", line=number)
+            raise CacheFormatError(f"value {value[:20]!r} is not 1-8 hexadecimal digits", line=line_no)
         if name in scales:
-            raise CacheFormatError(f"tensor {name[:80]!r} appears twice", line=number)
+            raise CacheFormatError(f"tensor {name[:80]!r} appears twice", line=line_no)
         scale = hex_to_scale(value)
         if not (np.isfinite(scale) and scale > 0.0):
-            raise CacheFormatError(f"scale {value} of tensor {name[:80]!r} is not finite and positive ({scale!r})", line=number)
+            raise CacheFormatError(f"scale {value} of tensor {name[:80]!r} is not finite and positive ({scale!r})", line=line_no)
         scales[name] = scale
     return TrtCache(version=version, algorithm=algorithm, scale=scales)

@@ -156,7 +156,8 @@ def merge_stats(stats: Iterable[TensorStats]) -> TensorStats:
 
 
 def _inv_width(num_bins: int, hist_amax: float) -> np.float32:
-    return np.float32(num_bins) / np.float32(hist_amax)
+    inv: np.float32 = np.float32(num_bins) / np.float32(hist_amax)
+    return inv
 
 
 def bin_indices(abs_x: npt.NDArray[np.float32], num_bins: int, hist_amax: float) -> npt.NDArray[np.intp]:

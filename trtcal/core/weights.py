@@ -37,11 +37,13 @@ def per_channel_amax(weight: npt.ArrayLike, axis: int) -> npt.NDArray[np.float32
     if not np.all(np.isfinite(w)):
         raise ConfigError("weight holds NaN or Inf values; the model itself is broken")
     moved = np.moveaxis(np.abs(w.astype(np.float32, copy=False)), axis, 0)
-    return moved.reshape(moved.shape[0], -1).max(axis=1).astype(np.float32)
+    result: npt.NDArray[np.float32] = moved.reshape(moved.shape[0], -1).max(axis=1).astype(np.float32)
+    return result
 
 
 def per_channel_scales(weight: npt.ArrayLike, axis: int) -> npt.NDArray[np.float32]:
     """Strictly positive float32 scales, one per channel along `axis`."""
     amax = per_channel_amax(weight, axis)
     scales = (amax / np.float32(127.0)).astype(np.float32)
-    return np.where(scales >= np.finfo(np.float32).tiny, scales, SAFE_SCALE).astype(np.float32)
+    safe: npt.NDArray[np.float32] = np.where(scales >= np.finfo(np.float32).tiny, scales, SAFE_SCALE).astype(np.float32)
+    return safe

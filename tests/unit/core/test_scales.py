@@ -1,0 +1,144 @@
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.reference.slow_scales import slow_entropy2, slow_entropy_kl, slow_mse, slow_percentile
+from trtcal.core import compute_amax, histogram_of
+from trtcal.core.scales import entropy_divergences
+from trtcal.errors import ConfigError
+
+
+def _hist(x, bins=2048):
+    h = histogram_of(np.asarray(x, dtype=np.float32), num_bins=bins)
+    return h.counts, h.hist_amax
+
+
+def _random_histograms():
+    rng = np.random.default_rng(1234)
+    yield _hist(np.maximum(rng.laplace(size=200_000), 0), 512)
+    yield _hist(np.concatenate([rng.normal(size=100_000), rng.normal(0, 40, 50)]), 512)
+    yield _hist(rng.uniform(0, 1, 50_000), 256)
+    sparse = np.zeros(300, dtype=np.int64)
+    sparse[rng.integers(0, 300, 40)] = rng.integers(1, 1000, 40)
+    yield sparse, 3.0
+
+
+@pytest.mark.parametrize("case", list(range(4)))
+def test_entropy_divergences_match_slow_reference(case):
+    counts, amax = list(_random_histograms())[case]
+    cand, kl = entropy_divergences(counts, start_bin=128)
+    for i, value in zip(cand[::7], kl[::7]):
+        ref = slow_entropy_kl(counts, int(i))
+        if math.isinf(ref):
+            assert math.isinf(value)
+        else:
+            assert value == pytest.approx(ref, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("case", list(range(4)))
+def test_entropy2_matches_slow_reference(case):
+    counts, amax = list(_random_histograms())[case]
+    ref_amax, ref_i, ref_kl = slow_entropy2(counts, amax)
+    got = compute_amax(counts, amax, "entropy2")
+    if got != pytest.approx(ref_amax, rel=1e-12):
+        # Accept only a genuine near-tie between the two candidates.
+        i_got = round(got / (amax / len(counts)) - 0.5)
+        assert abs(slow_entropy_kl(counts, i_got) - ref_kl) < 1e-12
+    # v1 never picks the full range
+    assert compute_amax(counts, amax, "entropy") <= (len(counts) - 0.5) * amax / len(counts)
+
+
+def test_entropy2_on_published_relu_laplace_case():
+    # calibration-algorithms.md §5.7: Migacz-literal gives i = 1555 on 2M ReLU-Laplace samples (max 15.36).
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.laplace(size=2_000_000)).astype(np.float32)
+    counts, amax = _hist(x)
+    got = compute_amax(counts, amax, "entropy2")
+    assert got == pytest.approx(11.66, abs=0.01)
+
+
+def test_entropy2_on_saturated_outputs_keeps_full_range():
+    # a softmax-like tensor concentrated at the top of its range: the public `prob` line is i = 2048
+    counts = np.zeros(2048, dtype=np.int64)
+    counts[-1] = 10_000
+    counts[:10] = 5
+    assert compute_amax(counts, 1.0, "entropy2") == pytest.approx((2048 + 0.5) / 2048)
+
+
+@pytest.mark.parametrize("p", [50.0, 99.0, 99.9, 99.99, 99.999, 100.0])
+def test_percentile_matches_reference_and_numpy(p):
+    rng = np.random.default_rng(7)
+    x = np.abs(rng.standard_normal(300_000)).astype(np.float32)
+    counts, amax = _hist(x)
+    got = compute_amax(counts, amax, "percentile", percentile=p)
+    assert got == pytest.approx(slow_percentile(counts, amax, p), rel=1e-12)
+    width = amax / len(counts)
+    assert abs(got - np.percentile(x, p)) <= width + 1e-6
+
+
+def test_minmax_is_the_exact_max():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(10_000).astype(np.float32) * 5
+    counts, amax = _hist(x)
+    assert compute_amax(counts, amax, "minmax") == float(np.abs(x).max())
+
+
+def test_mse_matches_reference():
+    rng = np.random.default_rng(11)
+    counts, amax = _hist(np.abs(rng.laplace(size=50_000)), 512)
+    assert compute_amax(counts, amax, "mse") == pytest.approx(slow_mse(counts, amax), rel=1e-12)
+
+
+def test_legacy_is_quantile_capped_by_cutoff():
+    rng = np.random.default_rng(5)
+    counts, amax = _hist(np.abs(rng.standard_normal(100_000)))
+    assert compute_amax(counts, amax, "legacy", quantile=0.9999, regression_cutoff=1.0) == compute_amax(
+        counts, amax, "percentile", percentile=99.99
+    )
+    assert compute_amax(counts, amax, "legacy", quantile=1.0, regression_cutoff=0.5) == pytest.approx(0.5 * amax)
+
+
+def test_methods_do_not_mutate_inputs():
+    rng = np.random.default_rng(9)
+    counts, amax = _hist(np.abs(rng.laplace(size=20_000)))
+    before = counts.copy()
+    for method in ["entropy2", "entropy", "minmax", "percentile", "mse", "legacy"]:
+        compute_amax(counts, amax, method)
+        assert np.array_equal(counts, before)
+
+
+def test_empty_and_zero_histograms():
+    zeros = np.zeros(2048, dtype=np.int64)
+    for method in ["entropy2", "entropy", "minmax", "percentile", "mse", "legacy"]:
+        assert compute_amax(zeros, 0.0, method) == 0.0
+        assert compute_amax(zeros, 2.0, method) == 2.0
+
+
+def test_bad_arguments_raise_config_error():
+    counts = np.ones(2048, dtype=np.int64)
+    with pytest.raises(ConfigError, match="unknown calibration method"):
+        compute_amax(counts, 1.0, "kl")
+    with pytest.raises(ConfigError, match="percentile"):
+        compute_amax(counts, 1.0, "percentile", percentile=0)
+    with pytest.raises(ConfigError, match="invalid parameters"):
+        compute_amax(counts, 1.0, "minmax", percentile=3)
+    with pytest.raises(ConfigError):
+        compute_amax(-counts, 1.0, "entropy2")
+    with pytest.raises(ConfigError):
+        compute_amax(counts, float("nan"), "entropy2")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 50), min_size=130, max_size=200), st.floats(0.01, 100.0))
+def test_entropy2_property_against_reference(raw, amax):
+    counts = np.array(raw, dtype=np.int64)
+    got = compute_amax(counts, amax, "entropy2")
+    ref_amax, ref_i, ref_kl = slow_entropy2(counts, amax)
+    if ref_i is None:
+        assert got == amax
+        return
+    i_got = round(got / (amax / len(counts)) - 0.5)
+    assert slow_entropy_kl(counts, i_got) <= ref_kl + 1e-9
