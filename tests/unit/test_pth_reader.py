@@ -155,15 +155,48 @@ class _RunsShell:
         return (os.system, (self.command,))
 
 
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-def test_refuses_a_pickle_that_calls_os_system(legacy: bool, tmp_path) -> None:
+def test_refuses_a_pickle_that_calls_os_system(legacy: bool, protocol: int, tmp_path) -> None:
     marker = tmp_path / "pwned"
-    evil = pickle.dumps({"w": _RunsShell(f"touch {marker}")}, protocol=2)  # a real pickler's output
+    evil = pickle.dumps({"w": _RunsShell(f"touch {marker}")}, protocol=protocol)  # a real pickler's output
     checkpoint = _legacy_checkpoint(evil, {}) if legacy else _zip_checkpoint(evil, {})
 
-    with pytest.raises(ModelError, match=r"references (posix|os|nt)\.system.*refusing"):
+    # protocol 2+ reaches the global and is refused by name; protocols 0-1 write text opcodes that
+    # no state dict uses, refused before any object is built
+    with pytest.raises(
+        ModelError, match=r"references (posix|os|nt)\.system|opcode \w+ at byte \d+ .*refusing"
+    ):
         read_state_dict(checkpoint)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "opcode"),
+    [
+        (b"(" + b"cos\nsystem\n" + _str("true") + b"o.", "OBJ"),
+        (b"(ios\nsystem\nS'true'\n.", "INST"),
+        (_global("collections", "OrderedDict") + b")\x81.", "NEWOBJ"),
+        (b"\x82\x01.", "EXT1"),  # copyreg extension registry
+        (b"B\x04\x00\x00\x00abcd.", "BINBYTES"),
+        (b"\x96" + struct.pack("<Q", 4) + b"abcd.", "BYTEARRAY8"),
+    ],
+)
+def test_refuses_opcodes_a_state_dict_never_uses(body: bytes, opcode: str) -> None:
+    with pytest.raises(ModelError, match=f"opcode {opcode} at byte"):
+        read_state_dict(_zip_checkpoint(b"\x80\x02" + body, {}))
+
+
+def test_refuses_a_length_beyond_the_file_without_allocating_it() -> None:
+    main = b"\x80\x02X" + struct.pack("<I", 0xFFFFFFF0) + b"abc."  # BINUNICODE claiming 4 GiB
+    with pytest.raises(ModelError, match="malformed"):
+        read_state_dict(_zip_checkpoint(main, {}))
+
+
+def test_refuses_a_memo_index_that_would_claim_gigabytes() -> None:
+    main = b"\x80\x02" + _ordered_dict() + b"r" + struct.pack("<I", 0xFFFFFFF0) + b"."  # LONG_BINPUT
+    with pytest.raises(ModelError, match="memo index 4294967280"):
+        read_state_dict(_zip_checkpoint(main, {}))
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,9 @@ executing pickled code.
 A checkpoint is a pickle whose objects refer to PyTorch globals (`torch._utils._rebuild_tensor_v2`,
 `torch.FloatStorage`, ...) and to tensor storages held outside the pickle. `pickle.load` would import
 and call whatever globals the file names, so a checkpoint from the internet could run any code.
-Here the unpickler resolves only an allowlist of globals to inert stand-ins and refuses everything
-else with a ModelError; tensors come back as numpy arrays.
+Here each pickle is first walked opcode by opcode (only the opcodes a state dict uses, lengths and
+memo indices bounded by the file), then unpickled with a resolver that maps an allowlist of globals
+to inert stand-ins and refuses everything else with a ModelError; tensors come back as numpy arrays.
 
 Both on-disk layouts are read:
   - zip (PyTorch >= 1.6): `<archive>/data.pkl` plus one raw member `<archive>/data/<key>` per storage;
@@ -22,6 +23,7 @@ import logging
 import math
 import os
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
@@ -52,6 +54,21 @@ _ZIP_ERRORS = (
     NotImplementedError,
 )
 _MAX_PICKLE_BYTES = 64 << 20  # a state dict's pickle holds names and shapes only: kilobytes
+
+# What pickle protocols 2-4 use to write a state dict and the legacy header records; anything else
+# (INST, OBJ, NEWOBJ, EXT*, byte strings, out-of-band buffers, ...) is refused before unpickling.
+_ALLOWED_OPCODES = frozenset(
+    {
+        "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP",
+        "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT",
+        "BINUNICODE", "SHORT_BINUNICODE",
+        "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
+        "EMPTY_LIST", "APPEND", "APPENDS", "EMPTY_DICT", "SETITEM", "SETITEMS",
+        "GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "BINPERSID",
+        "BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET", "MEMOIZE",
+    }
+)  # fmt: skip
+_MEMO_OPCODES = frozenset({"BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET"})
 
 # Storage classes a state dict of plain tensors uses, with the element type each holds.
 _STORAGE_DTYPES: dict[str, np.dtype[Any]] = {
@@ -176,7 +193,31 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return known
 
 
+def _check_opcodes(file: IO[bytes], source: str) -> None:
+    """Walk the next pickle without building anything: only a state dict's opcodes may appear, every
+    length must fit in the file and memo indices stay below the pickle's size (the C unpickler sizes
+    its memo by the largest index, so one crafted index could claim gigabytes)."""
+    start = file.tell()
+    try:
+        for opcode, arg, position in pickletools.genops(file):
+            if opcode.name not in _ALLOWED_OPCODES:
+                raise ModelError(
+                    f"{source}: pickle opcode {opcode.name} at byte {position} does not occur in a state dict; "
+                    "refusing to load the checkpoint"
+                )
+            if opcode.name in _MEMO_OPCODES and isinstance(arg, int) and arg > (position or 0):
+                raise ModelError(f"{source}: pickle memo index {arg} at byte {position} is out of range")
+    except ModelError:
+        raise
+    except Exception as exc:  # truncated argument, unknown opcode, missing STOP
+        raise ModelError(
+            f"{source}: the checkpoint's pickle is malformed ({type(exc).__name__}: {exc})"
+        ) from exc
+    file.seek(start)
+
+
 def _restricted_load(file: IO[bytes], *, source: str, legacy: bool) -> tuple[Any, dict[str, _StorageRef]]:
+    _check_opcodes(file, source)
     unpickler = _RestrictedUnpickler(file, source=source, legacy=legacy)
     try:
         obj = unpickler.load()

@@ -96,10 +96,10 @@ def _lite0_blocks() -> Iterator[_StageSpec]:
 
 
 def default_model_cache_dir() -> pathlib.Path:
-    """`$TRTCAL_CACHE_DIR` when set, else `~/.cache/trtcal/models`."""
+    """`$TRTCAL_CACHE_DIR/models` when set, else `~/.cache/trtcal/models`."""
     configured = os.environ.get("TRTCAL_CACHE_DIR")
     if configured:
-        return pathlib.Path(configured).expanduser()
+        return pathlib.Path(configured).expanduser() / "models"
     return pathlib.Path.home() / ".cache" / "trtcal" / "models"
 
 

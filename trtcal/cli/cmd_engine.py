@@ -1,0 +1,297 @@
+"""`trtcal engine build`: an INT8 TensorRT 10 engine from a trtcal cache, or calibrated by TensorRT itself.
+
+    trtcal engine build MODEL --cache calibration.cache -o model.engine
+    trtcal engine build MODEL --calibrate --data batch.arrow --algorithm entropy2 --micro-batch 32 -o model.engine
+
+Needs TensorRT 10.x (the `tensorrt` extra) and a GPU; without them it stops with an error that
+says how to install TensorRT, before reading any data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtcal.errors import ConfigError, DataError, ModelError, StorageError
+
+log = logging.getLogger(__name__)
+
+_TENSORRT_ALGORITHMS = ("entropy2", "minmax", "entropy", "legacy")
+
+
+def register(subparsers: Any) -> None:
+    engine = subparsers.add_parser(
+        "engine",
+        help="build TensorRT engines (needs TensorRT 10)",
+        description="Build INT8 TensorRT 10 engines from trtcal caches or with TensorRT's own calibrators.",
+    )
+    actions = engine.add_subparsers(dest="engine_command", metavar="ACTION")
+    actions.required = True
+    build = actions.add_parser(
+        "build",
+        help="build an INT8 engine",
+        description=(
+            "Build a serialized INT8 TensorRT engine of an ONNX model, either from a calibration cache "
+            "(--cache: its header is rewritten for the installed TensorRT, so TensorRT uses its scales) "
+            "or by letting TensorRT calibrate on a calibration batch (--calibrate --data)."
+        ),
+    )
+    build.add_argument("model", help="the FP32 ONNX model")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--cache", metavar="FILE", help="a TensorRT calibration cache (e.g. trtcal's calibration.cache)"
+    )
+    source.add_argument(
+        "--calibrate", action="store_true", default=None, help="let TensorRT calibrate on --data"
+    )
+    build.add_argument(
+        "--data",
+        metavar="BATCH",
+        help="calibration batch: trtcal's Arrow batch file, or .npz (input name -> array) / .npy (single input)",
+    )
+    build.add_argument(
+        "--algorithm",
+        choices=_TENSORRT_ALGORITHMS,
+        help="TensorRT calibrator (with --cache: the calibrator the cache is replayed as)",
+    )
+    build.add_argument("--micro-batch", type=int, metavar="N", help="samples per TensorRT calibration batch")
+    build.add_argument(
+        "--partial-batch",
+        choices=("error", "drop"),
+        help="a last micro-batch that is not full: fail, or drop it",
+    )
+    build.add_argument("--quantile", type=float, help="legacy calibrator quantile, in (0, 1]")
+    build.add_argument(
+        "--regression-cutoff", type=float, help="legacy calibrator regression cutoff, in (0, 1]"
+    )
+    build.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME=DIMS",
+        help="shape of a dynamic input, e.g. input=8x3x224x224, or min,opt,max: input=1x3x224x224,8x3x224x224,16x3x224x224",
+    )
+    build.add_argument(
+        "--calibration-shape",
+        action="append",
+        metavar="NAME=DIMS",
+        help="shape TensorRT calibrates a dynamic input at",
+    )
+    build.add_argument(
+        "--ranges",
+        metavar="JSON",
+        help='manual dynamic ranges: {"tensor": amax | [min, max] | {"amax": amax}}',
+    )
+    build.add_argument("--workspace-mib", type=int, metavar="MIB", help="TensorRT workspace limit")
+    build.add_argument("--fp16", action="store_true", default=None, help="also allow FP16 kernels")
+    build.add_argument(
+        "--calibrate-before-fusion",
+        action="store_true",
+        default=None,
+        help="QuantizationFlag.CALIBRATE_BEFORE_FUSION (legacy and entropy calibrators)",
+    )
+    build.add_argument(
+        "--save-cache", metavar="FILE", help="with --calibrate: also write the cache TensorRT produced"
+    )
+    build.add_argument("-o", "--output", required=True, metavar="ENGINE", help="where to write the engine")
+    build.set_defaults(func=run_build)
+
+
+def _parse_dims(text: str, option: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"{option}: {text!r} is not a shape like 8x3x224x224") from None
+    if not dims or any(d < 1 for d in dims):
+        raise ConfigError(f"{option}: {text!r} must have positive dimensions")
+    return dims
+
+
+def parse_shape_options(values: Sequence[str] | None, option: str, *, allow_range: bool) -> dict[str, Any]:
+    """`NAME=DIMS` (or `NAME=MIN,OPT,MAX` where allowed) options -> {name: shape or (min, opt, max)}."""
+    shapes: dict[str, Any] = {}
+    for value in values or ():
+        name, sep, spec = value.rpartition("=")
+        if not sep or not name:
+            raise ConfigError(f"{option} takes NAME=DIMS, got {value!r}")
+        if name in shapes:
+            raise ConfigError(f"{option} names {name!r} twice")
+        parts = spec.split(",")
+        if len(parts) == 3 and allow_range:
+            shapes[name] = tuple(_parse_dims(p, option) for p in parts)
+        elif len(parts) == 1:
+            shapes[name] = _parse_dims(parts[0], option)
+        else:
+            expected = "DIMS or MIN,OPT,MAX" if allow_range else "DIMS"
+            raise ConfigError(f"{option} takes NAME={expected}, got {value!r}")
+    return shapes
+
+
+def read_ranges(path: Path) -> dict[str, Any]:
+    """A JSON object tensor -> amax, [min, max] or {"amax": amax}."""
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--ranges: {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--ranges: cannot read {path} as JSON: {exc}") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"--ranges: {path} must hold a JSON object of tensor -> range")
+    ranges: dict[str, Any] = {}
+    for name, value in table.items():
+        if isinstance(value, dict):
+            if "amax" not in value:
+                raise ConfigError(f"--ranges: entry {name!r} in {path} has no 'amax'")
+            value = value["amax"]
+        ranges[str(name)] = value
+    return ranges
+
+
+def _model_input_names(model: Path) -> list[str]:
+    import onnx
+
+    try:
+        graph = onnx.load(str(model), load_external_data=False).graph
+    except Exception as exc:
+        raise ModelError(f"cannot read ONNX model {model}: {exc}") from exc
+    initializers = {init.name for init in graph.initializer}
+    return [value.name for value in graph.input if value.name not in initializers]
+
+
+def _read_arrow_batch(path: Path) -> dict[str, np.ndarray]:
+    # The calibration batch: one Arrow IPC record batch whose tensor columns are named after the inputs.
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            table = pa.ipc.open_file(source).read_all()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"--data: cannot read {path} as an Arrow IPC file: {exc}") from exc
+    arrays: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if isinstance(column.type, pa.FixedShapeTensorType):
+            arrays[name] = column.to_numpy_ndarray()
+    if not arrays:
+        raise DataError(
+            f"--data: {path} has no tensor columns (fixed_shape_tensor); is it a calibration batch?"
+        )
+    return arrays
+
+
+def open_batch(path: Path, model: Path) -> dict[str, np.ndarray]:
+    """The calibration batch in `path` as input name -> array [N, ...]."""
+    if not path.is_file():
+        raise ConfigError(f"--data: {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    if suffix == ".npy":
+        names = _model_input_names(model)
+        if len(names) != 1:
+            raise ConfigError(
+                f"--data: a .npy file feeds one input, but {model} has inputs {names}; use .npz"
+            )
+        return {names[0]: np.load(path, allow_pickle=False, mmap_mode="r")}
+    return _read_arrow_batch(path)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run_build(args: argparse.Namespace) -> int:
+    # Cheap checks first: a wrong command line is reported before TensorRT is even looked for.
+    if args.calibrate and not args.data:
+        raise ConfigError("--calibrate needs --data BATCH (the calibration batch TensorRT calibrates on)")
+    if args.cache is not None:
+        stray = [
+            flag
+            for flag, value in (
+                ("--data", args.data),
+                ("--micro-batch", args.micro_batch),
+                ("--partial-batch", args.partial_batch),
+                ("--quantile", args.quantile),
+                ("--regression-cutoff", args.regression_cutoff),
+                ("--save-cache", args.save_cache),
+            )
+            if value is not None
+        ]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} only apply with --calibrate")
+        if not Path(args.cache).is_file():
+            raise ConfigError(f"--cache: {args.cache} does not exist")
+        if args.algorithm == "legacy":
+            raise ConfigError(
+                "--cache cannot be replayed as the legacy calibrator; use entropy2, minmax or entropy"
+            )
+    model = Path(args.model)
+    if not model.is_file():
+        raise ModelError(f"ONNX model {model} does not exist")
+    input_shapes = parse_shape_options(args.input_shape, "--input-shape", allow_range=True)
+    calibration_shapes = parse_shape_options(args.calibration_shape, "--calibration-shape", allow_range=False)
+    ranges = read_ranges(Path(args.ranges)) if args.ranges else None
+    workspace = None if args.workspace_mib is None else int(args.workspace_mib) << 20
+    output = Path(args.output)
+
+    from trtcal.runners import tensorrt as adapter
+
+    trt = adapter.load_tensorrt()
+    build_options: dict[str, Any] = dict(
+        dynamic_ranges=ranges,
+        input_shapes=input_shapes or None,
+        calibration_profile=calibration_shapes or None,
+        calibrate_before_fusion=args.calibrate_before_fusion,
+        workspace_bytes=workspace,
+        fp16=args.fp16,
+    )
+    if args.cache is not None:
+        engine = adapter.build_engine(
+            model, cache=Path(args.cache), replay_algorithm=args.algorithm, **build_options
+        )
+        cache_bytes = None
+    else:
+        from trtcal.cli.progress import TqdmProgress
+
+        batch = open_batch(Path(args.data), model)
+        progress = TqdmProgress(enabled=not getattr(args, "quiet", False))
+        with adapter.make_calibrator(
+            args.algorithm,
+            batch,
+            micro_batch=args.micro_batch,
+            partial_batch=args.partial_batch,
+            quantile=args.quantile,
+            regression_cutoff=args.regression_cutoff,
+            progress=progress,
+        ) as calibrator:
+            engine = adapter.build_engine(model, calibrator=calibrator, **build_options)
+            cache_bytes = calibrator.calibration_cache
+    try:
+        write_atomically(output, engine)
+        if args.save_cache is not None:
+            if cache_bytes is None:
+                raise ModelError("TensorRT wrote no calibration cache, so --save-cache has nothing to save")
+            write_atomically(Path(args.save_cache), cache_bytes)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot write {exc.filename or output}: {exc}", url=str(exc.filename or output)
+        ) from exc
+    log.info("wrote %s (%d bytes, TensorRT %s)", output, len(engine), trt.__version__)
+    return 0

@@ -1,0 +1,849 @@
+"""Q/DQ ONNX export: explicit INT8 quantization for TensorRT 10/11 (calibration-algorithms.md §7).
+
+Placement follows TensorRT's rules:
+
+* the inputs of every Conv, ConvTranspose, MatMul and Gemm are quantized: activations per tensor
+  (scale = float32(amax) / 127 from the calibration table), constant weights per output channel
+  (s_k = max|W_k| / 127 on the axis of `trtcal.core.weight_axis`), stored as int8 initializers
+  followed by a DequantizeLinear;
+* the residual input of a skip-connection Add is quantized so TensorRT fuses the Add into the
+  convolution that produces the other input;
+* zero points are explicit int8 zeros (uint8 would be the ONNX default, §7.1); every scale is a
+  strictly positive float32; the default opset is raised to 13 (per-axis Q/DQ) when lower;
+* outputs of the weighted layers are not quantized unless asked (`quantize_outputs`);
+* the implicit-mode "quantization noise reduction" rule (§3.5), which explicit mode lost, is
+  applied on request (default on): the last smoothing layer on each path to an FP32 network
+  output stays in float.
+
+Tensors missing from the calibration table are left unquantized, together with the node that
+needs them; the export logs one warning naming them and lists them in `QdqReport`.
+
+Same model, same table, same options: same bytes (`serialize_model`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from trtcal.core import per_channel_scales, read_trt_cache, weight_axis
+from trtcal.core.weights import SAFE_SCALE
+from trtcal.errors import ConfigError, InternalError, ModelError
+
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = [
+    "WEIGHTED_OP_TYPES",
+    "MIN_OPSET",
+    "QdqConfig",
+    "QuantizedInput",
+    "QdqPlan",
+    "QdqReport",
+    "QdqExport",
+    "activation_scales",
+    "load_model",
+    "node_label",
+    "plan_qdq",
+    "apply_plan",
+    "build_qdq",
+    "export_qdq",
+    "qdq_from_cache",
+    "serialize_model",
+    "save_model",
+    "write_bytes_atomic",
+    "read_ranges",
+    "amax_for_method",
+]
+
+log = logging.getLogger(__name__)
+
+WEIGHTED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # also TensorRT's "smoothing" layers
+MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear gained `axis` (per-channel) in opset 13
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_FLOAT = 1  # onnx.TensorProto.FLOAT
+_QDQ_OP_TYPES = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+ModelLike = Any  # onnx.ModelProto | str | os.PathLike | bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class QdqConfig:
+    """Where Q/DQ goes. Every default lives here (the CLI passes None for "not given").
+
+    Attributes:
+        exclude_nodes: regular expressions searched (re.search) in node names; matching nodes stay float.
+        exclude_op_types: regular expressions matched in full (re.fullmatch) against op types.
+        float_nodes: exact node labels (see `node_label`) kept float, e.g. by the sensitivity fallback.
+        keep_last_smoothing_float: the quantization-noise-reduction rule (last Conv/ConvTranspose/
+            Gemm/MatMul on each path to an FP32 network output stays float).
+        quantize_outputs: also quantize the outputs of the quantized weighted layers (for their
+            consumers; the network's own outputs always stay FP32).
+        quantize_residual_add: quantize the residual input of skip-connection Adds (TensorRT fusion).
+    """
+
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    float_nodes: tuple[str, ...] = ()
+    keep_last_smoothing_float: bool = True
+    quantize_outputs: bool = False
+    quantize_residual_add: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("exclude_nodes", "exclude_op_types", "float_nodes"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a sequence of strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        for name in ("exclude_nodes", "exclude_op_types"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"{name}: {pattern!r} is not a valid regular expression ({exc})") from None
+        for name in ("keep_last_smoothing_float", "quantize_outputs", "quantize_residual_add"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class QuantizedInput:
+    """One quantized input of one node of the original graph."""
+
+    node_index: int
+    input_index: int
+    tensor: str
+    kind: Literal["activation", "weight"]
+    axis: int | None = None  # per-channel axis for weights; None = per tensor
+
+
+@dataclass(frozen=True)
+class QdqPlan:
+    """Everything the rewrite needs, decided from the original graph alone (pure data)."""
+
+    inputs: tuple[QuantizedInput, ...]
+    unit_labels: Mapping[int, str]  # node index -> label, for every node that has a quantized input
+    report: QdqReport
+
+    def restricted_to(self, node_indices: Iterable[int]) -> QdqPlan:
+        """The same plan with only the Q/DQ of the given nodes (used by the sensitivity analysis)."""
+        keep = frozenset(node_indices)
+        return replace(
+            self,
+            inputs=tuple(q for q in self.inputs if q.node_index in keep),
+            unit_labels={i: label for i, label in self.unit_labels.items() if i in keep},
+        )
+
+
+@dataclass(frozen=True)
+class QdqReport:
+    """What the export did, in graph order. Serialisable with `to_dict()`."""
+
+    quantized_nodes: tuple[str, ...] = ()  # weighted layers whose inputs are quantized
+    residual_adds: tuple[str, ...] = ()  # Adds whose residual input is quantized
+    quantized_activations: tuple[str, ...] = ()  # tensors with a per-tensor Q/DQ pair
+    quantized_weights: tuple[str, ...] = ()  # constants quantized per channel
+    kept_float_nodes: tuple[str, ...] = ()  # by the quantization-noise-reduction rule
+    excluded_nodes: tuple[str, ...] = ()  # by exclude_nodes / exclude_op_types / float_nodes
+    skipped_nodes: tuple[str, ...] = ()  # left float because an input had no amax or is not float32
+    missing_tensors: tuple[str, ...] = ()  # activations absent from the calibration table
+    opset: int = MIN_OPSET
+    upgraded_from_opset: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class QdqExport:
+    model: onnx.ModelProto
+    report: QdqReport = field(default_factory=QdqReport)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scales
+
+
+def activation_scales(amax_by_tensor: Mapping[str, float]) -> dict[str, float]:
+    """Per-tensor Q/DQ scales float32(float32(amax) / 127), as TensorRT's cache stores them.
+
+    An amax of 0 (a tensor that is always zero) gets scale 1.0: any positive scale quantizes zeros
+    exactly, and TensorRT refuses a zero scale. Negative or non-finite amax raise ConfigError.
+    """
+    scales: dict[str, float] = {}
+    tiny = np.finfo(np.float32).tiny
+    for name, amax in amax_by_tensor.items():
+        try:
+            value = float(amax)
+        except (TypeError, ValueError):
+            raise ConfigError(f"amax of tensor {name!r} must be a number, got {amax!r}") from None
+        if not (np.isfinite(value) and value >= 0.0):
+            raise ConfigError(f"amax of tensor {name!r} must be finite and >= 0, got {amax!r}")
+        scale = np.float32(np.float32(value) / np.float32(127.0))
+        scales[name] = float(scale) if scale >= tiny else float(SAFE_SCALE)
+    return scales
+
+
+def _checked_scales(scale_by_tensor: Mapping[str, float]) -> dict[str, float]:
+    tiny = np.finfo(np.float32).tiny
+    out: dict[str, float] = {}
+    for name, scale in scale_by_tensor.items():
+        value = float(np.float32(scale))
+        if not (np.isfinite(value) and value >= 0.0):
+            raise ConfigError(f"scale of tensor {name!r} must be finite and > 0, got {scale!r}")
+        out[name] = value if value >= tiny else float(SAFE_SCALE)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def load_model(model: ModelLike) -> onnx.ModelProto:
+    """A private copy of `model` (a ModelProto, a path or serialized bytes)."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        try:
+            return onnx.load_from_string(bytes(model))
+        except Exception as exc:  # protobuf raises DecodeError and others
+            raise ModelError(f"cannot parse the ONNX model bytes: {exc}") from None
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise ModelError(f"ONNX model {str(path)!r} does not exist")
+        try:
+            return onnx.load(str(path))
+        except Exception as exc:
+            raise ModelError(f"cannot load ONNX model {str(path)!r}: {exc}") from None
+    raise ModelError(f"model must be an onnx.ModelProto, a path or bytes, got {type(model).__name__}")
+
+
+def serialize_model(model: onnx.ModelProto) -> bytes:
+    """Deterministic bytes of a model (same model, same bytes)."""
+    return model.SerializeToString(deterministic=True)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write a file so that readers see the old file or the whole new one, never a part of it.
+
+    A temporary file in the target directory, fsync, then rename over the target.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+    """Write a model's deterministic bytes atomically."""
+    return write_bytes_atomic(path, serialize_model(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph analysis (pure functions of the graph)
+
+
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    """A node's name, or `<OpType>_<index>` for unnamed nodes (labels used in reports and float_nodes)."""
+    return node.name if node.name else f"{node.op_type}_{index}"
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in _DEFAULT_DOMAINS:
+            return int(entry.version)
+    raise ModelError("the model imports no default ONNX opset")
+
+
+def _upgrade_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int | None]:
+    opset = _default_opset(model)
+    if opset >= MIN_OPSET:
+        return model, None
+    from onnx import version_converter
+
+    try:
+        upgraded = version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:
+        raise ModelError(
+            f"the model uses opset {opset}; per-channel Q/DQ needs opset {MIN_OPSET} and the ONNX version "
+            f"converter failed ({exc}). Re-export the model with opset >= {MIN_OPSET}"
+        ) from None
+    return upgraded, opset
+
+
+def _float32_tensors(model: onnx.ModelProto) -> frozenset[str] | None:
+    """Names of tensors known to be float32, or None when the types cannot be inferred."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:  # a model too large or not inferable: assume float32 everywhere
+        log.debug("shape inference failed (%s); assuming float32 activations", exc)
+        return None
+    graph = inferred.graph
+    names = {
+        vi.name
+        for vi in [*graph.input, *graph.output, *graph.value_info]
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == _FLOAT
+    }
+    names.update(t.name for t in graph.initializer if t.data_type == _FLOAT)
+    return frozenset(names)
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Constant tensors by name: initializers and Constant nodes with a `value` tensor."""
+    from onnx import numpy_helper
+
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and len(node.output) == 1:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, int]:
+    return {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            if name:
+                out.setdefault(name, []).append(i)
+    return out
+
+
+def last_smoothing_nodes(graph: onnx.GraphProto, float32: frozenset[str] | None = None) -> set[int]:
+    """Indices of the last smoothing layer on each path to an FP32 network output (§3.5).
+
+    Walks back from every FP32 output; a path ends at its first smoothing layer (which is kept
+    float), at a graph input, or at a node of a custom domain (a plugin: the rule does not apply).
+    """
+    producers = _producers(graph)
+    kept: set[int] = set()
+    seen: set[int] = set()
+    stack = [
+        producers[out.name]
+        for out in graph.output
+        if out.name in producers and (float32 is None or out.name in float32)
+    ]
+    while stack:
+        index = stack.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        node = graph.node[index]
+        if node.domain not in _DEFAULT_DOMAINS:
+            continue
+        if node.op_type in WEIGHTED_OP_TYPES:
+            kept.add(index)
+            continue
+        stack.extend(producers[name] for name in node.input if name in producers)
+    return kept
+
+
+def _weight_input_axis(node: onnx.NodeProto, input_index: int, weight: np.ndarray) -> int | None:
+    """Per-channel axis of a constant input, or None for per-tensor (vectors, MatMul/Gemm A)."""
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose"):
+        return weight_axis(op) if input_index == 1 and weight.ndim >= 2 else None
+    if op == "Gemm":
+        if input_index != 1 or weight.ndim != 2:
+            return None
+        trans_b = any(a.name == "transB" and a.i != 0 for a in node.attribute)
+        return weight_axis("Gemm", trans_b=trans_b)
+    if op == "MatMul":
+        if input_index != 1 or weight.ndim < 2:
+            return None
+        return weight.ndim - 1 if weight.ndim > 2 else weight_axis("MatMul")
+    return None
+
+
+def _quantizable_inputs(node: onnx.NodeProto) -> tuple[int, ...]:
+    # Conv/ConvTranspose: X, W (the bias stays float); Gemm: A, B (C stays float); MatMul: A, B.
+    return tuple(i for i in (0, 1) if i < len(node.input) and node.input[i])
+
+
+def _excluded(node: onnx.NodeProto, label: str, config: QdqConfig) -> bool:
+    if label in config.float_nodes:
+        return True
+    if any(re.search(p, node.name) for p in config.exclude_nodes):
+        return True
+    return any(re.fullmatch(p, node.op_type) for p in config.exclude_op_types)
+
+
+def plan_qdq(model: onnx.ModelProto, scale_by_tensor: Mapping[str, float], config: QdqConfig) -> QdqPlan:
+    """Decide every Q/DQ of the export (the model must already be at opset >= 13)."""
+    graph = model.graph
+    for node in graph.node:
+        if node.op_type in _QDQ_OP_TYPES and node.domain in _DEFAULT_DOMAINS:
+            raise ModelError(
+                f"the model already contains {node.op_type} node {node.name!r}: it is already quantized. "
+                "Export from the FP32 model"
+            )
+    float32 = _float32_tensors(model)
+    constants = _constant_values(graph)
+    producers = _producers(graph)
+    consumers = _consumers(graph)
+    graph_outputs = {o.name for o in graph.output}
+
+    def is_float(name: str) -> bool:
+        return float32 is None or name in float32
+
+    labels = [node_label(node, i) for i, node in enumerate(graph.node)]
+    smoothing_kept = last_smoothing_nodes(graph, float32) if config.keep_last_smoothing_float else set()
+
+    quantized: list[QuantizedInput] = []
+    unit_labels: dict[int, str] = {}
+    quantized_nodes: list[int] = []
+    kept_float: list[int] = []
+    excluded: list[int] = []
+    skipped: list[int] = []
+    missing: dict[str, None] = {}
+
+    for i, node in enumerate(graph.node):
+        if node.op_type not in WEIGHTED_OP_TYPES or node.domain not in _DEFAULT_DOMAINS:
+            continue
+        if _excluded(node, labels[i], config):
+            excluded.append(i)
+            continue
+        if i in smoothing_kept:
+            kept_float.append(i)
+            continue
+        entries: list[QuantizedInput] = []
+        usable = True
+        for k in _quantizable_inputs(node):
+            name = node.input[k]
+            if not is_float(name):
+                usable = False
+                continue
+            if name in constants:
+                weight = constants[name]
+                if weight.dtype != np.float32:
+                    usable = False
+                    continue
+                entries.append(QuantizedInput(i, k, name, "weight", _weight_input_axis(node, k, weight)))
+            elif name in scale_by_tensor:
+                entries.append(QuantizedInput(i, k, name, "activation"))
+            else:
+                missing[name] = None
+                usable = False
+        if not usable or len(entries) != len(_quantizable_inputs(node)):
+            skipped.append(i)
+            continue
+        quantized.extend(entries)
+        quantized_nodes.append(i)
+        unit_labels[i] = labels[i]
+
+    quantized_set = set(quantized_nodes)
+    residual_adds: list[int] = []
+    if config.quantize_residual_add:
+        for i, node in enumerate(graph.node):
+            if node.op_type != "Add" or node.domain not in _DEFAULT_DOMAINS or len(node.input) != 2:
+                continue
+            if _excluded(node, labels[i], config):
+                excluded.append(i)
+                continue
+            residual = _residual_input(node, producers, consumers, constants, graph_outputs, quantized_set)
+            if residual is None:
+                continue
+            name = node.input[residual]
+            if not is_float(name):
+                skipped.append(i)
+                continue
+            if name not in scale_by_tensor:
+                missing[name] = None
+                skipped.append(i)
+                continue
+            quantized.append(QuantizedInput(i, residual, name, "activation"))
+            residual_adds.append(i)
+            unit_labels[i] = labels[i]
+
+    if config.quantize_outputs:
+        for i in quantized_nodes:
+            out = graph.node[i].output[0]
+            for consumer in consumers.get(out, []):
+                if consumer in quantized_set or any(
+                    q.node_index == consumer and q.tensor == out for q in quantized
+                ):
+                    continue  # already quantized as that consumer's input
+                if out not in scale_by_tensor:
+                    missing[out] = None
+                    break
+                for k, name in enumerate(graph.node[consumer].input):
+                    if name == out:
+                        quantized.append(QuantizedInput(consumer, k, out, "activation"))
+                unit_labels.setdefault(consumer, labels[consumer])
+
+    quantized.sort(key=lambda q: (q.node_index, q.input_index))
+    activations = dict.fromkeys(q.tensor for q in quantized if q.kind == "activation")
+    weights = dict.fromkeys(q.tensor for q in quantized if q.kind == "weight")
+    report = QdqReport(
+        quantized_nodes=tuple(labels[i] for i in quantized_nodes),
+        residual_adds=tuple(labels[i] for i in residual_adds),
+        quantized_activations=tuple(activations),
+        quantized_weights=tuple(weights),
+        kept_float_nodes=tuple(labels[i] for i in kept_float),
+        excluded_nodes=tuple(labels[i] for i in sorted(excluded)),
+        skipped_nodes=tuple(labels[i] for i in sorted(set(skipped))),
+        missing_tensors=tuple(missing),
+        opset=_default_opset(model),
+    )
+    return QdqPlan(inputs=tuple(quantized), unit_labels=dict(sorted(unit_labels.items())), report=report)
+
+
+def _residual_input(
+    node: onnx.NodeProto,
+    producers: Mapping[str, int],
+    consumers: Mapping[str, Sequence[int]],
+    constants: Mapping[str, np.ndarray],
+    graph_outputs: set[str],
+    quantized_nodes: set[int],
+) -> int | None:
+    """Which input of an Add to quantize so TensorRT fuses the Add into a quantized weighted layer.
+
+    The fusible input comes from a quantized Conv/ConvTranspose/Gemm/MatMul whose output has no
+    other use; the other input is the residual. When both inputs are fusible, the one produced
+    later fuses and the earlier one (the longer skip path) is quantized.
+    """
+    a, b = node.input
+    if not a or not b or a in constants or b in constants:
+        return None  # a bias or constant add, not a skip connection
+
+    def fusible(name: str) -> int | None:
+        p = producers.get(name)
+        if p is None or p not in quantized_nodes:
+            return None
+        if name in graph_outputs or len(consumers.get(name, ())) != 1:
+            return None
+        return p
+
+    fa, fb = fusible(a), fusible(b)
+    if fa is None and fb is None:
+        return None
+    if fa is not None and fb is not None:
+        return 0 if fa < fb else 1
+    return 1 if fa is not None else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewrite
+
+
+class _Names:
+    """Fresh, deterministic names that collide with nothing in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        used: set[str] = {t.name for t in graph.initializer}
+        used.update(v.name for v in [*graph.input, *graph.output, *graph.value_info])
+        for node in graph.node:
+            used.add(node.name)
+            used.update(node.input)
+            used.update(node.output)
+        self.used = used
+
+    def fresh(self, base: str) -> str:
+        name, n = base, 0
+        while name in self.used:
+            n += 1
+            name = f"{base}_{n}"
+        self.used.add(name)
+        return name
+
+
+def _scalar_initializer(name: str, value: float | int, dtype: type[np.generic]) -> onnx.TensorProto:
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.array(value, dtype=dtype), name)
+
+
+def _quantize_weight(weight: np.ndarray, scales: np.ndarray, axis: int | None) -> np.ndarray:
+    """int8 weights: round-half-even(W / s) clipped to [-128, 127], as QuantizeLinear computes it."""
+    w = weight.astype(np.float32, copy=False)
+    if axis is None:
+        ratio = w / scales.astype(np.float32)
+    else:
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        ratio = w / scales.astype(np.float32).reshape(shape)
+    return np.clip(np.rint(ratio), -128, 127).astype(np.int8)
+
+
+def apply_plan(model: onnx.ModelProto, plan: QdqPlan, scale_by_tensor: Mapping[str, float]) -> onnx.ModelProto:
+    """Insert the plan's Q/DQ into a copy of `model` (the model the plan was made from)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    names = _Names(graph)
+    constants = _constant_values(graph)
+
+    by_node: dict[int, list[QuantizedInput]] = {}
+    for q in plan.inputs:
+        by_node.setdefault(q.node_index, []).append(q)
+
+    new_initializers: list[onnx.TensorProto] = []
+    pair_output: dict[tuple[str, str, int | None], str] = {}  # (kind, tensor, axis) -> DQ output
+    replaced_uses: dict[str, int] = {}
+    new_nodes: list[onnx.NodeProto] = []
+
+    def activation_pair(tensor: str) -> tuple[str, list[onnx.NodeProto]]:
+        key = ("activation", tensor, None)
+        if key in pair_output:
+            return pair_output[key], []
+        scale_name = names.fresh(f"{tensor}_scale")
+        zp_name = names.fresh(f"{tensor}_zero_point")
+        q_out = names.fresh(f"{tensor}_QuantizeLinear_Output")
+        dq_out = names.fresh(f"{tensor}_DequantizeLinear_Output")
+        new_initializers.append(_scalar_initializer(scale_name, scale_by_tensor[tensor], np.float32))
+        new_initializers.append(_scalar_initializer(zp_name, 0, np.int8))
+        nodes = [
+            helper.make_node("QuantizeLinear", [tensor, scale_name, zp_name], [q_out], name=names.fresh(f"{tensor}_QuantizeLinear")),
+            helper.make_node("DequantizeLinear", [q_out, scale_name, zp_name], [dq_out], name=names.fresh(f"{tensor}_DequantizeLinear")),
+        ]
+        pair_output[key] = dq_out
+        return dq_out, nodes
+
+    def weight_dq(tensor: str, axis: int | None) -> tuple[str, list[onnx.NodeProto]]:
+        key = ("weight", tensor, axis)
+        if key in pair_output:
+            return pair_output[key], []
+        weight = constants[tensor]
+        if axis is None:
+            amax = np.float32(np.max(np.abs(weight))) if weight.size else np.float32(0.0)
+            scale = np.float32(amax / np.float32(127.0))
+            scales = np.array(scale if scale >= np.finfo(np.float32).tiny else SAFE_SCALE, dtype=np.float32)
+        else:
+            scales = per_channel_scales(weight, axis)
+        q_name = names.fresh(f"{tensor}_quantized")
+        scale_name = names.fresh(f"{tensor}_scale")
+        zp_name = names.fresh(f"{tensor}_zero_point")
+        dq_out = names.fresh(f"{tensor}_DequantizeLinear_Output")
+        new_initializers.append(numpy_helper.from_array(_quantize_weight(weight, scales, axis), q_name))
+        new_initializers.append(numpy_helper.from_array(scales, scale_name))
+        new_initializers.append(numpy_helper.from_array(np.zeros(scales.shape, dtype=np.int8), zp_name))
+        attrs = {} if axis is None else {"axis": axis}
+        node = helper.make_node(
+            "DequantizeLinear", [q_name, scale_name, zp_name], [dq_out], name=names.fresh(f"{tensor}_DequantizeLinear"), **attrs
+        )
+        pair_output[key] = dq_out
+        return dq_out, [node]
+
+    for i, original in enumerate(graph.node):
+        node = onnx.NodeProto()
+        node.CopyFrom(original)
+        for q in by_node.get(i, ()):
+            if node.input[q.input_index] != q.tensor:
+                raise InternalError(f"plan does not match the graph at node {i} input {q.input_index}")
+            if q.kind == "activation":
+                dq_out, inserted = activation_pair(q.tensor)
+            else:
+                dq_out, inserted = weight_dq(q.tensor, q.axis)
+            new_nodes.extend(inserted)
+            node.input[q.input_index] = dq_out
+            replaced_uses[q.tensor] = replaced_uses.get(q.tensor, 0) + 1
+        new_nodes.append(node)
+
+    # Float weights that no node reads any more are dropped (the int8 copy replaced them).
+    still_used = {name for n in new_nodes for name in n.input}
+    still_used.update(o.name for o in graph.output)
+    still_used.update(i.name for i in graph.input)
+    kept_initializers = [t for t in graph.initializer if t.name in still_used]
+    dead_constants = {
+        n.output[0]
+        for n in new_nodes
+        if n.op_type == "Constant" and n.output and n.output[0] in replaced_uses and n.output[0] not in still_used
+    }
+    final_nodes = [n for n in new_nodes if not (n.op_type == "Constant" and n.output and n.output[0] in dead_constants)]
+
+    del graph.node[:]
+    graph.node.extend(final_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept_initializers + new_initializers)
+    try:
+        onnx.checker.check_model(out)
+    except onnx.checker.ValidationError as exc:
+        raise InternalError(f"the Q/DQ model fails onnx.checker: {exc}") from exc
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def build_qdq(model: ModelLike, scale_by_tensor: Mapping[str, float], config: QdqConfig | None = None) -> QdqExport:
+    """The Q/DQ model and a report of what was quantized, kept float, excluded or missing.
+
+    Args:
+        model: the FP32 ONNX model (ModelProto, path or bytes; never modified).
+        scale_by_tensor: per-tensor activation scales (amax / 127), e.g. `activation_scales(amax)`
+            or a TensorRT cache's `.scale`.
+        config: placement options (QdqConfig()).
+
+    Raises:
+        ModelError: the model cannot be loaded, is already quantized or its opset cannot be raised to 13.
+        ConfigError: a scale is negative or not finite.
+    """
+    config = config or QdqConfig()
+    scales = _checked_scales(scale_by_tensor)
+    fp32, upgraded_from = _upgrade_opset(load_model(model))
+    plan = plan_qdq(fp32, scales, config)
+    report = replace(plan.report, upgraded_from_opset=upgraded_from)
+    if report.missing_tensors:
+        log.warning(
+            "%d tensor(s) have no calibrated range; their Q/DQ is skipped and the layers reading them stay float: %s",
+            len(report.missing_tensors),
+            ", ".join(report.missing_tensors),
+        )
+    if upgraded_from is not None:
+        log.info("raised the model's opset from %d to %d for per-channel Q/DQ", upgraded_from, MIN_OPSET)
+    return QdqExport(model=apply_plan(fp32, plan, scales), report=report)
+
+
+def _config(
+    exclude_nodes: Sequence[str],
+    exclude_op_types: Sequence[str],
+    keep_last_smoothing_float: bool,
+    quantize_outputs: bool,
+    float_nodes: Sequence[str] = (),
+) -> QdqConfig:
+    return QdqConfig(
+        exclude_nodes=tuple(exclude_nodes),
+        exclude_op_types=tuple(exclude_op_types),
+        float_nodes=tuple(float_nodes),
+        keep_last_smoothing_float=keep_last_smoothing_float,
+        quantize_outputs=quantize_outputs,
+    )
+
+
+def export_qdq(
+    model: ModelLike,
+    amax_by_tensor: Mapping[str, float],
+    *,
+    exclude_nodes: Sequence[str] = (),
+    exclude_op_types: Sequence[str] = (),
+    keep_last_smoothing_float: bool = True,
+    quantize_outputs: bool = False,
+) -> onnx.ModelProto:
+    """A Q/DQ ONNX model for TensorRT from a calibration table (tensor -> amax).
+
+    See the module docstring for the placement rules; `build_qdq` also returns the report.
+    """
+    config = _config(exclude_nodes, exclude_op_types, keep_last_smoothing_float, quantize_outputs)
+    return build_qdq(model, activation_scales(amax_by_tensor), config).model
+
+
+def qdq_from_cache(
+    model: ModelLike,
+    cache_bytes: bytes,
+    *,
+    exclude_nodes: Sequence[str] = (),
+    exclude_op_types: Sequence[str] = (),
+    keep_last_smoothing_float: bool = True,
+    quantize_outputs: bool = False,
+) -> onnx.ModelProto:
+    """A Q/DQ model from any TensorRT calibration cache (the TensorRT 10 -> 11 migration path).
+
+    The cache's scales are used as they are (they are the Q/DQ scales), so a cache written by
+    `write_trt_cache(amax)` gives the same bytes as `export_qdq(model, amax)`.
+
+    Raises:
+        CacheFormatError: the cache is malformed.
+    """
+    cache = read_trt_cache(cache_bytes)
+    config = _config(exclude_nodes, exclude_op_types, keep_last_smoothing_float, quantize_outputs)
+    return build_qdq(model, cache.scale, config).model
+
+
+# ---------------------------------------------------------------------------------------------
+# Range tables (ranges.json)
+
+
+def read_ranges(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
+    """method -> tensor -> amax from a `ranges.json` written by `trtcal.calibrate`.
+
+    Accepted layouts: ``{"tensors": {name: {"amax": {method: amax}}}}`` (also a list of objects
+    with a "name"), ``{"methods" | "amax": {method: {name: amax}}}``, and a plain ``{name: amax}``
+    (one unnamed method, labelled "ranges").
+
+    Raises:
+        ConfigError: the file is missing, not JSON, or in none of these layouts.
+    """
+    import json
+
+    source = Path(path)
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"ranges file {str(source)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"ranges file {str(source)!r} is not readable JSON ({exc})") from None
+    table: dict[str, dict[str, float]] = {}
+
+    def put(method: str, tensor: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: amax of tensor {tensor!r} for method {method!r} is not a number: {value!r}")
+        table.setdefault(str(method), {})[str(tensor)] = float(value)
+
+    if isinstance(data, dict) and "tensors" in data:
+        tensors = data["tensors"]
+        items = tensors.items() if isinstance(tensors, dict) else [(t.get("name"), t) for t in tensors if isinstance(t, dict)]
+        for name, entry in items:
+            amax = entry.get("amax") if isinstance(entry, dict) else None
+            if isinstance(amax, dict):
+                for method, value in amax.items():
+                    put(method, name, value)
+            elif amax is not None:
+                put(str(entry.get("method", data.get("method", "ranges"))), name, amax)
+    elif isinstance(data, dict) and isinstance(data.get("methods", data.get("amax")), dict):
+        for method, by_tensor in data.get("methods", data.get("amax")).items():
+            if not isinstance(by_tensor, dict):
+                raise ConfigError(f"{source}: method {method!r} must map tensor names to amax values")
+            for name, value in by_tensor.items():
+                put(method, name, value)
+    elif isinstance(data, dict) and data and all(isinstance(v, (int, float)) for v in data.values()):
+        for name, value in data.items():
+            put("ranges", name, value)
+    if not table:
+        raise ConfigError(
+            f"{source}: no ranges found; expected a trtcal ranges.json "
+            '({"tensors": {name: {"amax": {method: value}}}}) or a plain {tensor: amax} object'
+        )
+    return table
+
+
+def amax_for_method(ranges: Mapping[str, Mapping[str, float]], method: str | None, *, source: str = "ranges") -> dict[str, float]:
+    """One method's table; `method` may be omitted when the file holds exactly one."""
+    if method is None:
+        if len(ranges) != 1:
+            raise ConfigError(f"{source} holds the methods {sorted(ranges)}; choose one with --method")
+        return dict(next(iter(ranges.values())))
+    if method not in ranges:
+        raise ConfigError(f"{source} has no method {method!r}; it holds {sorted(ranges)}")
+    return dict(ranges[method])

@@ -1,0 +1,1095 @@
+"""CacheStore: a content-addressed, verified store of calibration entries on fsspec (local, S3, memory).
+
+Layout under the store root (see docs/storage.md):
+
+    <root>/v1/<namespace>/entries/<key[:2]>/<key>.json                 committed manifests
+    <root>/v1/<namespace>/artifacts/<key[:2]>/<key>/<stage>/<name>     artifact bytes
+
+Publishing writes every artifact under a fresh staging directory (`<stage>`, unique per writer),
+records their sha256 and sizes in the manifest, then commits with ONE create-only write of
+`entries/…/<key>.json`. An entry exists exactly when its manifest does, so a half-written entry
+is never visible. When several writers race on one key, one create succeeds; the others see the
+manifest exists, check it, delete their own staging directory and return the winner's entry.
+Readers verify the manifest (schema, key = sha256 of its inputs, location, names) and every
+artifact's size and sha256 before anything is used. `gc` removes staging directories that no
+manifest references (crashed or losing writers) once they are older than a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from trtcal.errors import (
+    CacheFormatError,
+    ConfigError,
+    CorruptEntryError,
+    ReadOnlyStoreError,
+    StorageError,
+    TrtcalError,
+)
+from trtcal.storage._backends import CHUNK_BYTES, Backend, FileInfo, FsspecBackend, LocalBackend
+from trtcal.storage._redact import Scrubber, redact_url, secret_values
+from trtcal.storage.keys import canonical_json, compute_cache_key, key_inputs_dict
+from trtcal.storage.manifest import ArtifactRecord, Manifest, parse_manifest
+from trtcal.storage.names import (
+    DEFAULT_NAMESPACE,
+    check_artifact_name,
+    check_key,
+    check_namespace,
+    is_key,
+    is_namespace,
+    is_stage_id,
+    new_stage_id,
+)
+
+__all__ = [
+    "CacheStore",
+    "Entry",
+    "EntryFilter",
+    "EntryInfo",
+    "GcReport",
+    "StoreConfig",
+    "VerifyResult",
+    "retarget_trt_cache",
+]
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "v1"
+ON_CORRUPT = ("fail", "recompute")
+# get() keeps artifacts up to this size in memory after verifying them, so Entry.read does not fetch twice.
+KEEP_VERIFIED_BYTES = 64 << 20
+DEFAULT_ORPHAN_GRACE = timedelta(hours=24)
+_COMMIT_ATTEMPTS = 3
+
+OnCorrupt = Literal["fail", "recompute"]
+ArtifactSource = bytes | bytearray | memoryview | os.PathLike  # type: ignore[type-arg]
+
+
+# Configuration and small records
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    """Everything needed to open a CacheStore (e.g. to ship it to a Ray worker).
+
+    Args:
+        url: store root: a local path, `file://…`, `s3://bucket/prefix` or `memory://name`.
+        namespace: the namespace entries are read from and published to (e.g. a team name).
+        read_only: refuse every write (publish, gc).
+        read_from: other store roots searched, in order, after a miss here. `URL#namespace`
+            picks a namespace there (default: the same namespace).
+        on_corrupt: "fail" raises CorruptEntryError for a corrupt entry; "recompute" logs it,
+            treats it as a miss, and lets the next publish replace it.
+        storage_options: passed to fsspec (credentials, endpoint_url, ...). Never logged.
+    """
+
+    url: str
+    namespace: str = DEFAULT_NAMESPACE
+    read_only: bool = False
+    read_from: tuple[str, ...] = ()
+    on_corrupt: OnCorrupt = "fail"
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.strip():
+            raise ConfigError("url must be a non-empty store URL or path")
+        if any(c in self.url for c in "\x00\n\r"):
+            raise ConfigError("url must not contain NUL or newline characters")
+        check_namespace(self.namespace)
+        if not isinstance(self.read_only, bool):
+            raise ConfigError(f"read_only must be True or False, got {self.read_only!r}")
+        if self.on_corrupt not in ON_CORRUPT:
+            raise ConfigError(f"on_corrupt must be one of {list(ON_CORRUPT)}, got {self.on_corrupt!r}")
+        if isinstance(self.read_from, str) or not all(isinstance(u, str) and u for u in self.read_from):
+            raise ConfigError("read_from must be a sequence of store URLs")
+        object.__setattr__(self, "read_from", tuple(self.read_from))
+        if not isinstance(self.storage_options, Mapping):
+            raise ConfigError("storage_options must be a mapping")
+
+    def __repr__(self) -> str:  # storage_options hold credentials: never show them
+        return (
+            f"StoreConfig(url={redact_url(self.url)!r}, namespace={self.namespace!r}, read_only={self.read_only}, "
+            f"read_from={tuple(redact_url(u) for u in self.read_from)!r}, on_corrupt={self.on_corrupt!r}, "
+            f"storage_options=<{len(self.storage_options)} hidden>)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "namespace": self.namespace,
+            "read_only": self.read_only,
+            "read_from": list(self.read_from),
+            "on_corrupt": self.on_corrupt,
+            "storage_options": dict(self.storage_options),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StoreConfig:
+        values = dict(data)
+        values["read_from"] = tuple(values.get("read_from", ()))
+        return cls(**values)
+
+
+def _aware(moment: datetime | None, name: str) -> datetime | None:
+    if moment is not None and (not isinstance(moment, datetime) or moment.tzinfo is None):
+        raise ConfigError(f"{name} must be a timezone-aware datetime, got {moment!r}")
+    return moment
+
+
+def _hex_prefix(value: str | None, name: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value or any(c not in "0123456789abcdef" for c in value) or len(value) > 64):
+        raise ConfigError(f"{name} must be 1-64 lower-case hex digits, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class EntryFilter:
+    """Which entries `ls`, `verify` and `gc` look at. A field left None does not filter.
+
+    model_sha256 and key_prefix match prefixes; created_before/after compare the manifest's
+    `created_at` (timezone-aware datetimes).
+    """
+
+    namespace: str | None = None
+    key_prefix: str | None = None
+    model_sha256: str | None = None
+    algorithm: str | None = None
+    created_before: datetime | None = None
+    created_after: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.namespace is not None:
+            check_namespace(self.namespace)
+        _hex_prefix(self.key_prefix, "key_prefix")
+        _hex_prefix(self.model_sha256, "model_sha256")
+        if self.algorithm is not None and (not isinstance(self.algorithm, str) or not self.algorithm):
+            raise ConfigError(f"algorithm must be a non-empty string, got {self.algorithm!r}")
+        _aware(self.created_before, "created_before")
+        _aware(self.created_after, "created_after")
+
+    def matches(self, info: EntryInfo) -> bool:
+        if self.namespace is not None and info.namespace != self.namespace:
+            return False
+        if self.key_prefix is not None and not info.key.startswith(self.key_prefix):
+            return False
+        if self.model_sha256 is not None and not (info.model_sha256 or "").startswith(self.model_sha256):
+            return False
+        if self.algorithm is not None and info.algorithm != self.algorithm:
+            return False
+        if self.created_before is not None and (info.created_at is None or info.created_at >= self.created_before):
+            return False
+        if self.created_after is not None and (info.created_at is None or info.created_at <= self.created_after):
+            return False
+        return True
+
+    @property
+    def reads_manifests(self) -> bool:
+        return any(v is not None for v in (self.model_sha256, self.algorithm, self.created_before, self.created_after))
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """One line of `ls`: what a manifest says, without verifying the artifacts."""
+
+    key: str
+    namespace: str
+    url: str
+    created_at: datetime | None = None
+    model_sha256: str | None = None
+    algorithm: str | None = None
+    size: int | None = None
+    artifacts: tuple[str, ...] = ()
+    problem: str | None = None  # set when the manifest cannot be read or is malformed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "namespace": self.namespace,
+            "url": self.url,
+            "created_at": None if self.created_at is None else self.created_at.isoformat(),
+            "model_sha256": self.model_sha256,
+            "algorithm": self.algorithm,
+            "size": self.size,
+            "artifacts": list(self.artifacts),
+            "problem": self.problem,
+        }
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    key: str
+    namespace: str
+    url: str
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "namespace": self.namespace, "url": self.url, "ok": self.ok, "problem": self.problem}
+
+
+@dataclass
+class GcReport:
+    removed_entries: list[str] = field(default_factory=list)  # "<namespace>/<key>"
+    removed_orphans: list[str] = field(default_factory=list)  # staging directory / temp file URLs
+    kept_recent_orphans: int = 0  # unreferenced but younger than the grace period (maybe being written)
+    unreadable_manifests: list[str] = field(default_factory=list)  # left alone; see `verify`
+    bytes_freed: int = 0
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "removed_entries": self.removed_entries,
+            "removed_orphans": self.removed_orphans,
+            "kept_recent_orphans": self.kept_recent_orphans,
+            "unreadable_manifests": self.unreadable_manifests,
+            "bytes_freed": self.bytes_freed,
+            "dry_run": self.dry_run,
+        }
+
+
+class _Corrupt(Exception):
+    """Internal: an entry failed verification (`missing` when an artifact is absent)."""
+
+    def __init__(self, reason: str, url: str, *, missing: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.url = url
+        self.missing = missing
+
+
+# Entries
+
+
+class Entry:
+    """A committed, verified cache entry. Every byte handed out has been checked against the manifest.
+
+    Attributes:
+        key, namespace: where it lives.
+        manifest: the parsed manifest as a dict (see trtcal.storage.manifest).
+        url: URL of its manifest (no credentials).
+        store_url: URL of the store that holds it (a read-from store on a read-through hit).
+    """
+
+    def __init__(self, store: CacheStore, manifest: Manifest, *, verified: Mapping[str, bytes] | None = None) -> None:
+        self._store = store
+        self._manifest = manifest
+        self._verified = dict(verified or {})
+        self.key = manifest.key
+        self.namespace = manifest.namespace
+        self.url = store._display(store._manifest_path(manifest.namespace, manifest.key))
+        self.store_url = store.url
+
+    def __repr__(self) -> str:
+        return f"Entry(key={self.key!r}, namespace={self.namespace!r}, artifacts={self.names!r}, url={self.url!r})"
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest.to_dict()
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._manifest.artifacts)
+
+    @property
+    def key_inputs(self) -> dict[str, Any]:
+        return dict(self._manifest.key_inputs)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return dict(self._manifest.extra)
+
+    @property
+    def created_at(self) -> datetime:
+        return self._manifest.created_at
+
+    @property
+    def size(self) -> int:
+        return self._manifest.total_size
+
+    def artifact_url(self, name: str) -> str:
+        return self._store._display(self._path(name))
+
+    def _record(self, name: str) -> ArtifactRecord:
+        record = self._manifest.artifacts.get(name)
+        if record is None:
+            raise ConfigError(f"cache entry {self.key} has no artifact {name!r}; it has {self.names}")
+        return record
+
+    def _path(self, name: str) -> str:
+        m = self._manifest
+        return self._store._artifact_path(m.namespace, m.key, m.stage, name)
+
+    def _corrupt_error(self, problem: _Corrupt) -> CorruptEntryError:
+        return CorruptEntryError(
+            f"cache entry {self.key} (namespace {self.namespace}) is corrupt at {problem.url}: {problem.reason}; "
+            "it was not used. Run `trtcal cache verify` on the store; recompute with --on-corrupt recompute",
+            url=problem.url,
+            key=self.key,
+        )
+
+    def read(self, name: str) -> bytes:
+        """The bytes of one artifact, verified against its sha256. Raises CorruptEntryError on mismatch."""
+        record = self._record(name)
+        if name in self._verified:
+            return self._verified[name]
+        path = self._path(name)
+        try:
+            with self._store._io("read", path):
+                data = self._store._backend.read_bytes(path)
+        except FileNotFoundError:
+            raise self._corrupt_error(_Corrupt("artifact is missing", self._store._display(path), missing=True)) from None
+        try:
+            _check_bytes(data, record, self._store._display(path))
+        except _Corrupt as problem:
+            raise self._corrupt_error(problem) from None
+        return data
+
+    def download(self, name: str, dest: str | os.PathLike[str]) -> Path:
+        """Stream one artifact to a local file (or into a directory), verified before it appears there.
+
+        The bytes go to a temporary file next to the destination; only a file whose sha256 matches
+        is renamed into place, so a corrupt artifact never shows up at `dest`.
+        """
+        record = self._record(name)
+        target = Path(dest)
+        if target.is_dir():
+            target = target / name
+        path = self._path(name)
+        url = self._store._display(path)
+        temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            out = open(temp, "xb")  # noqa: SIM115 (closed below)
+        except OSError as exc:
+            raise StorageError(f"cannot write {target}: {exc.strerror or exc}", url=str(target)) from None
+        digest, size = hashlib.sha256(), 0
+        try:
+            with out:
+                source = iter([self._verified[name]]) if name in self._verified else self._store._backend.iter_chunks(path)
+                while True:
+                    try:
+                        with self._store._io("read", path):
+                            chunk = next(source, None)
+                    except FileNotFoundError:
+                        raise self._corrupt_error(_Corrupt("artifact is missing", url, missing=True)) from None
+                    if chunk is None:
+                        break
+                    digest.update(chunk)
+                    size += len(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as exc:
+                        raise StorageError(f"cannot write {target}: {exc.strerror or exc}", url=str(target)) from None
+                out.flush()
+                os.fsync(out.fileno())
+            if size != record.size or digest.hexdigest() != record.sha256:
+                raise self._corrupt_error(
+                    _Corrupt(f"{size} bytes with sha256 {digest.hexdigest()}; manifest says {record.size} bytes with {record.sha256}", url)
+                )
+            os.replace(temp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+        return target
+
+    def verify(self) -> None:
+        """Re-read every artifact and check it. Raises CorruptEntryError naming the first bad one."""
+        try:
+            self._store._verify_artifacts(self._manifest, full=True, keep=False)
+        except _Corrupt as problem:
+            raise self._corrupt_error(problem) from None
+
+
+def _check_bytes(data: bytes, record: ArtifactRecord, url: str) -> None:
+    if len(data) != record.size:
+        raise _Corrupt(f"{len(data)} bytes, manifest says {record.size} (truncated or replaced)", url)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != record.sha256:
+        raise _Corrupt(f"sha256 {digest} does not match the manifest's {record.sha256}", url)
+
+
+def retarget_trt_cache(data: bytes, *, trt_version: str | int | tuple[int, ...], algorithm: str | None = None) -> bytes:
+    """A TensorRT calibration cache with its header set for another TensorRT version (and calibrator).
+
+    Scales keep their exact bits (re-deriving them from amax would move ~3% of them by one ulp).
+    `algorithm` is a trtcal method or a TensorRT header name; None keeps the cache's own.
+    """
+    from trtcal.core.cache_format import header_algorithm, read_trt_cache, scale_to_hex, trt_version_int
+
+    cache = read_trt_cache(data)
+    if algorithm is None:
+        if cache.algorithm is None:
+            raise ConfigError("the stored cache has the legacy '1' header with no calibrator name; pass algorithm=")
+        algorithm = cache.algorithm
+    lines = [f"TRT-{trt_version_int(trt_version)}-{header_algorithm(algorithm)}"]
+    lines.extend(f"{name}: {scale_to_hex(scale)}" for name, scale in cache.scale.items())
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+# The store
+
+
+def _split_read_from(spec: str) -> tuple[str, str | None]:
+    base, sep, fragment = spec.rpartition("#")
+    if sep and base and is_namespace(fragment):
+        return base, fragment
+    return spec, None
+
+
+def _open_backend(url: str, storage_options: Mapping[str, Any], scrub: Scrubber) -> Backend:
+    import fsspec
+
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    options = dict(storage_options)
+    if protocol in ("s3", "s3a"):
+        # Another process may publish at any time: listings must not come from a cache.
+        options.setdefault("use_listings_cache", False)
+        client_kwargs = options.get("client_kwargs") or {}
+        if "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            if endpoint:
+                options["endpoint_url"] = endpoint
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except ImportError as exc:
+        raise StorageError(
+            f"cannot open store {redact_url(url)}: {scrub.describe(exc)}; for s3:// install trtcal[s3]", url=redact_url(url)
+        ) from None
+    except Exception as exc:
+        raise StorageError(f"cannot open store {redact_url(url)}: {scrub.describe(exc)}", url=redact_url(url)) from None
+    fs_protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if fs_protocol in ("file", "local"):
+        return LocalBackend(path)
+    if fs_protocol in ("s3", "s3a"):
+        if not path.strip("/"):
+            raise ConfigError(f"store URL {redact_url(url)} names no bucket; use s3://bucket[/prefix]")
+        return FsspecBackend(fs, path, "s3")
+    if fs_protocol == "memory":
+        return FsspecBackend(fs, path if path.startswith("/") else "/" + path, "memory")
+    return FsspecBackend(fs, path, fs_protocol)
+
+
+class CacheStore:
+    """A content-addressed store of calibration entries, on any fsspec URL.
+
+    Args:
+        url: store root: a local path, `file://…`, `s3://bucket/prefix`, `memory://name`
+            (other fsspec protocols read-only).
+        namespace: namespace for get/publish (default "default"); `ls`/`verify`/`gc` see all.
+        read_only: refuse every write.
+        read_from: other stores (URLs, `URL#namespace`, or CacheStore objects) searched in order
+            after a miss here.
+        on_corrupt: "fail" (raise CorruptEntryError) or "recompute" (log, treat as a miss, and
+            let the next publish replace the entry).
+        **storage_options: fsspec options (credentials, endpoint_url, ...). S3 endpoints other
+            than AWS also come from the AWS_ENDPOINT_URL environment variable.
+
+    Example:
+        >>> from trtcal.storage import compute_cache_key
+        >>> store = CacheStore("memory://doctest-store")
+        >>> inputs = {"model_sha256": "ab" * 32, "algorithm": "minmax"}
+        >>> key = compute_cache_key(inputs)
+        >>> store.get(key) is None
+        True
+        >>> entry = store.publish(key, {"calibration.cache": b"TRT-100300-MinMaxCalibration\\n"}, key_inputs=inputs)
+        >>> store.get(key).read("calibration.cache")
+        b'TRT-100300-MinMaxCalibration\\n'
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str | None = None,
+        read_only: bool = False,
+        read_from: Sequence[str | CacheStore] = (),
+        on_corrupt: OnCorrupt = "fail",
+        **storage_options: Any,
+    ) -> None:
+        if isinstance(read_from, (str, CacheStore)):
+            read_from = (read_from,)
+        self._read_from_objects = [s for s in read_from if isinstance(s, CacheStore)]
+        self.config = StoreConfig(
+            url=url,
+            namespace=DEFAULT_NAMESPACE if namespace is None else namespace,
+            read_only=read_only,
+            read_from=tuple(s for s in read_from if not isinstance(s, CacheStore)),
+            on_corrupt=on_corrupt,
+            storage_options=storage_options,
+        )
+        self._scrub = Scrubber(secret_values(storage_options))
+        self._backend = _open_backend(url, storage_options, self._scrub)
+        self._read_from_stores: list[CacheStore] | None = None
+
+    @classmethod
+    def from_config(cls, config: StoreConfig) -> CacheStore:
+        return cls(
+            config.url,
+            namespace=config.namespace,
+            read_only=config.read_only,
+            read_from=config.read_from,
+            on_corrupt=config.on_corrupt,
+            **dict(config.storage_options),
+        )
+
+    @property
+    def url(self) -> str:
+        """The store root as a URL, without credentials."""
+        return self._display(self._backend.root)
+
+    @property
+    def namespace(self) -> str:
+        return self.config.namespace
+
+    @property
+    def read_only(self) -> bool:
+        return self.config.read_only or not self._backend.writable
+
+    @property
+    def on_corrupt(self) -> OnCorrupt:
+        return self.config.on_corrupt
+
+    def __repr__(self) -> str:
+        return f"CacheStore({self.url!r}, namespace={self.namespace!r}, read_only={self.read_only})"
+
+    # paths
+
+    def _display(self, path: str) -> str:
+        return self._scrub(redact_url(self._backend.url(path)))
+
+    def _layout_dir(self) -> str:
+        return self._backend.join(LAYOUT)
+
+    def _entries_dir(self, namespace: str) -> str:
+        return self._backend.join(LAYOUT, namespace, "entries")
+
+    def _artifacts_dir(self, namespace: str) -> str:
+        return self._backend.join(LAYOUT, namespace, "artifacts")
+
+    def _manifest_path(self, namespace: str, key: str) -> str:
+        return self._backend.join(LAYOUT, namespace, "entries", key[:2], f"{key}.json")
+
+    def _stage_dir(self, namespace: str, key: str, stage: str) -> str:
+        return self._backend.join(LAYOUT, namespace, "artifacts", key[:2], key, stage)
+
+    def _artifact_path(self, namespace: str, key: str, stage: str, name: str) -> str:
+        return self._backend.join(LAYOUT, namespace, "artifacts", key[:2], key, stage, name)
+
+    # error handling
+
+    @contextlib.contextmanager
+    def _io(self, action: str, path: str, *, missing_ok: bool = True) -> Iterator[None]:
+        """Turn backend exceptions into StorageError with scrubbed text; FileNotFoundError passes if missing_ok."""
+        try:
+            yield
+        except (TrtcalError, _Corrupt):
+            raise
+        except FileNotFoundError as exc:
+            if missing_ok:
+                raise
+            raise StorageError(
+                f"cannot {action} {self._display(path)}: not found ({self._scrub.describe(exc)}); does the bucket/directory exist?",
+                url=self._display(path),
+            ) from None
+        except PermissionError as exc:
+            raise StorageError(
+                f"cannot {action} {self._display(path)}: permission denied ({self._scrub.describe(exc)}); "
+                "check the credentials and permissions, or open the store read-only",
+                url=self._display(path),
+            ) from None
+        except NotADirectoryError as exc:
+            raise StorageError(
+                f"cannot {action} {self._display(path)}: a file is in the way of a directory ({self._scrub.describe(exc)}); "
+                "is the store URL right?",
+                url=self._display(path),
+            ) from None
+        except Exception as exc:
+            raise StorageError(f"cannot {action} {self._display(path)}: {self._scrub.describe(exc)}", url=self._display(path)) from None
+
+    def _check_writable(self, action: str) -> None:
+        if self.config.read_only:
+            raise ReadOnlyStoreError(f"cannot {action}: store {self.url} was opened read-only", url=self.url)
+        if not self._backend.writable:
+            raise ReadOnlyStoreError(
+                f"cannot {action}: {self._backend.protocol}:// has no atomic create-only write that trtcal relies on; "
+                "publish to a local path or s3:// (this store can still be read)",
+                url=self.url,
+            )
+
+    def _report_corrupt(self, key: str, namespace: str, problem: _Corrupt) -> None:
+        message = f"cache entry {key} (namespace {namespace}) is corrupt at {problem.url}: {problem.reason}; it was not used"
+        log.warning("%s", message)
+        if self.on_corrupt == "fail":
+            raise CorruptEntryError(
+                message + ". Run `trtcal cache verify` on the store; recompute and replace it with --on-corrupt recompute",
+                url=problem.url,
+                key=key,
+            )
+
+    # reading
+
+    def _verify_artifacts(self, manifest: Manifest, *, full: bool, keep: bool) -> dict[str, bytes]:
+        """Check the artifacts of `manifest`; return the verified bytes kept in memory. Raises _Corrupt."""
+        ns, key, stage = manifest.namespace, manifest.key, manifest.stage
+        paths = {name: self._artifact_path(ns, key, stage, name) for name in manifest.artifacts}
+        if not full:
+            stage_dir = self._stage_dir(ns, key, stage)
+            with self._io("list", stage_dir):
+                listed = {self._relative(info.path, stage_dir): info for info in self._backend.list_files(stage_dir)}
+            for name, record in manifest.artifacts.items():
+                info = listed.get(name)
+                if info is None:
+                    raise _Corrupt("artifact is missing", self._display(paths[name]), missing=True)
+                if info.size != record.size:
+                    raise _Corrupt(f"{info.size} bytes, manifest says {record.size} (truncated or replaced)", self._display(paths[name]))
+            return {}
+        kept: dict[str, bytes] = {}
+        small = [n for n, r in sorted(manifest.artifacts.items()) if r.size <= KEEP_VERIFIED_BYTES]
+        with self._io("read", paths[small[0]] if small else self._stage_dir(ns, key, stage)):
+            fetched = self._backend.read_many([paths[n] for n in small])
+        for name in small:
+            value = fetched[paths[name]]
+            if isinstance(value, FileNotFoundError):
+                raise _Corrupt("artifact is missing", self._display(paths[name]), missing=True)
+            if isinstance(value, BaseException):
+                with self._io("read", paths[name]):
+                    raise value
+            assert isinstance(value, bytes)
+            _check_bytes(value, manifest.artifacts[name], self._display(paths[name]))
+            if keep:
+                kept[name] = value
+        for name, record in sorted(manifest.artifacts.items()):
+            if record.size <= KEEP_VERIFIED_BYTES:
+                continue
+            digest, size = hashlib.sha256(), 0
+            try:
+                with self._io("read", paths[name]):
+                    for chunk in self._backend.iter_chunks(paths[name], CHUNK_BYTES):
+                        digest.update(chunk)
+                        size += len(chunk)
+            except FileNotFoundError:
+                raise _Corrupt("artifact is missing", self._display(paths[name]), missing=True) from None
+            if size != record.size:
+                raise _Corrupt(f"{size} bytes, manifest says {record.size} (truncated or replaced)", self._display(paths[name]))
+            if digest.hexdigest() != record.sha256:
+                raise _Corrupt(f"sha256 {digest.hexdigest()} does not match the manifest's {record.sha256}", self._display(paths[name]))
+        return kept
+
+    def _relative(self, path: str, directory: str) -> str:
+        prefix = directory.rstrip("/").rstrip(os.sep)
+        rest = path[len(prefix) :] if path.startswith(prefix) else path
+        return rest.lstrip("/").lstrip(os.sep)
+
+    def _read_manifest_bytes(self, namespace: str, key: str) -> bytes | None:
+        path = self._manifest_path(namespace, key)
+        try:
+            with self._io("read", path):
+                return self._backend.read_bytes(path)
+        except FileNotFoundError:
+            return None
+
+    def _load(self, namespace: str, key: str, *, full: bool, keep: bool) -> tuple[Entry | None, _Corrupt | None]:
+        """(entry, None) when verified, (None, None) when absent, (None, problem) when corrupt."""
+        data = self._read_manifest_bytes(namespace, key)
+        if data is None:
+            return None, None
+        url = self._display(self._manifest_path(namespace, key))
+        try:
+            manifest = parse_manifest(data, key=key, namespace=namespace)
+        except CacheFormatError as exc:
+            return None, _Corrupt(f"bad manifest: {exc}", url)
+        try:
+            verified = self._verify_artifacts(manifest, full=full, keep=keep)
+        except _Corrupt as problem:
+            # An artifact vanished because the entry was removed (gc, replace) while we read: a miss.
+            if problem.missing and self._read_manifest_bytes(namespace, key) != data:
+                return None, None
+            return None, problem
+        return Entry(self, manifest, verified=verified), None
+
+    def get(self, key: str, *, lazy: bool = False) -> Entry | None:
+        """The verified entry for `key`, from this store or (on a miss) a read-from store; None if absent.
+
+        By default every artifact is read and checked against its sha256 now (artifacts up to
+        64 MiB stay in memory, so `Entry.read` does not fetch them again). With `lazy=True` only the
+        manifest and the artifact sizes are checked now; each artifact is checked when it is read or
+        downloaded, which suits entries holding large files that the caller may not need.
+
+        A corrupt entry raises CorruptEntryError (on_corrupt="fail") or counts as a miss
+        (on_corrupt="recompute"); either way it is logged with its key and path.
+        """
+        key = check_key(key)
+        entry, problem = self._load(self.namespace, key, full=not lazy, keep=not lazy)
+        if entry is not None:
+            log.debug("cache hit %s in %s", key, self.url)
+            return entry
+        if problem is not None:
+            self._report_corrupt(key, self.namespace, problem)
+        for other in self._other_stores():
+            entry = other.get(key, lazy=lazy)
+            if entry is not None:
+                log.info("cache hit %s in read-from store %s", key, other.url)
+                return entry
+        return None
+
+    def _other_stores(self) -> list[CacheStore]:
+        if self._read_from_stores is None:
+            stores: list[CacheStore] = []
+            for spec in self.config.read_from:
+                url, namespace = _split_read_from(spec)
+                stores.append(
+                    CacheStore(
+                        url,
+                        namespace=namespace or self.namespace,
+                        read_only=True,
+                        on_corrupt=self.on_corrupt,
+                        **dict(self.config.storage_options),
+                    )
+                )
+            self._read_from_stores = stores + self._read_from_objects
+        return self._read_from_stores
+
+    # publishing
+
+    def publish(
+        self,
+        key: str,
+        artifacts: Mapping[str, ArtifactSource],
+        *,
+        key_inputs: Mapping[str, Any] | Any,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Entry:
+        """Publish an entry; return the committed entry (ours, or the one another writer committed first).
+
+        Args:
+            key: compute_cache_key(key_inputs); checked.
+            artifacts: name -> bytes, or name -> local file path (pathlib.Path), streamed without
+                loading it into memory. Names: letters, digits, '.', '_', '-'.
+            key_inputs: what the key was computed from (a KeyInputs or a mapping); recorded in the
+                manifest so readers can re-check the key, and `ls` can filter on it.
+            extra: JSON data recorded in the manifest (versions, timings).
+
+        Raises:
+            ConfigError: a bad key, name, input or value; ReadOnlyStoreError; StorageError;
+            CorruptEntryError if a corrupt entry already holds the key and on_corrupt is "fail".
+        """
+        self._check_writable("publish")
+        key = check_key(key)
+        inputs = key_inputs_dict(key_inputs)
+        computed = compute_cache_key(inputs)
+        if computed != key:
+            raise ConfigError(f"key {key} does not match key_inputs (they hash to {computed}); compute it with compute_cache_key")
+        extra_dict = dict(extra or {})
+        canonical_json(extra_dict)  # JSON values only
+        if self._scrub.contains_secret(canonical_json({"key_inputs": inputs, "extra": extra_dict}).decode("utf-8")):
+            raise ConfigError("key_inputs or extra contain a storage credential; it must never be written to a manifest")
+        sources = self._check_artifacts(artifacts)
+        namespace = self.namespace
+        stage = new_stage_id()
+        stage_dir = self._stage_dir(namespace, key, stage)
+        committed = False
+        try:
+            records: dict[str, ArtifactRecord] = {}
+            verified: dict[str, bytes] = {}
+            for name, source in sources:
+                records[name] = self._write_artifact(self._artifact_path(namespace, key, stage, name), source)
+                if isinstance(source, bytes) and len(source) <= KEEP_VERIFIED_BYTES:
+                    verified[name] = source
+            manifest = Manifest(
+                key=key,
+                namespace=namespace,
+                key_inputs=inputs,
+                stage=stage,
+                artifacts=records,
+                created_at=datetime.now(timezone.utc),
+                extra=extra_dict,
+            )
+            data = manifest.to_bytes()
+            path = self._manifest_path(namespace, key)
+            for _attempt in range(_COMMIT_ATTEMPTS):
+                with self._io("commit", path, missing_ok=False):
+                    committed = self._backend.create_only(path, data)
+                if committed:
+                    log.info("published %s (namespace %s) to %s", key, namespace, self.url)
+                    return Entry(self, manifest, verified=verified)
+                existing, problem = self._load(namespace, key, full=True, keep=True)
+                if existing is not None:
+                    log.info("another writer published %s first; using its entry", key)
+                    return existing
+                if problem is None:
+                    continue  # removed between our attempt and our read: try again
+                self._report_corrupt(key, namespace, problem)  # raises under on_corrupt="fail"
+                log.warning("replacing corrupt entry %s (namespace %s)", key, namespace)
+                with self._io("remove", path):
+                    self._backend.delete_file(path)
+            raise StorageError(
+                f"could not commit {key} to {self.url} after {_COMMIT_ATTEMPTS} attempts; entries kept changing under us",
+                url=self.url,
+            )
+        finally:
+            if not committed:
+                self._discard_stage(stage_dir)
+
+    def _check_artifacts(self, artifacts: Mapping[str, ArtifactSource]) -> list[tuple[str, bytes | Path]]:
+        if not isinstance(artifacts, Mapping) or not artifacts:
+            raise ConfigError("artifacts must be a non-empty mapping of name -> bytes or local file path")
+        out: list[tuple[str, bytes | Path]] = []
+        seen: dict[str, str] = {}
+        for name, source in sorted(artifacts.items()):
+            check_artifact_name(name)
+            if name.lower() in seen:
+                raise ConfigError(f"artifact names {seen[name.lower()]!r} and {name!r} differ only in case")
+            seen[name.lower()] = name
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                out.append((name, bytes(source)))
+            elif isinstance(source, os.PathLike):
+                path = Path(os.fspath(source))
+                if not path.exists() or path.is_dir():  # a regular file or a pipe: streamed either way
+                    raise ConfigError(f"artifact {name!r}: local file {path} does not exist or is a directory")
+                out.append((name, path))
+            else:
+                raise ConfigError(f"artifact {name!r} must be bytes or a pathlib.Path, got {type(source).__name__}")
+        return out
+
+    def _write_artifact(self, path: str, source: bytes | Path) -> ArtifactRecord:
+        digest = hashlib.sha256()
+        size = 0
+
+        def chunks() -> Iterator[bytes]:
+            nonlocal size
+            if isinstance(source, bytes):
+                digest.update(source)
+                size = len(source)
+                yield source
+                return
+            with open(source, "rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    yield chunk
+
+        with self._io("write", path, missing_ok=False):
+            self._backend.write_stream(path, chunks())
+        return ArtifactRecord(sha256=digest.hexdigest(), size=size)
+
+    def _discard_stage(self, stage_dir: str) -> None:
+        try:
+            self._backend.delete_tree(stage_dir)
+            if isinstance(self._backend, LocalBackend):
+                self._backend.remove_empty_dirs(os.path.dirname(stage_dir), self._layout_dir())
+        except Exception as exc:  # best effort: gc removes what is left
+            log.warning("could not remove staging directory %s (gc will): %s", self._display(stage_dir), self._scrub.describe(exc))
+
+    # listing, verification, gc
+
+    def _namespaces(self, namespace: str | None) -> list[str]:
+        if namespace is not None:
+            return [check_namespace(namespace)]
+        with self._io("list", self._layout_dir()):
+            return [n for n in self._backend.list_names(self._layout_dir()) if is_namespace(n)]
+
+    def _manifest_files(self, namespace: str) -> dict[str, FileInfo]:
+        """key -> file info of every committed manifest in a namespace (temp files skipped)."""
+        entries_dir = self._entries_dir(namespace)
+        with self._io("list", entries_dir):
+            files = self._backend.list_files(entries_dir)
+        out: dict[str, FileInfo] = {}
+        for info in files:
+            parts = self._relative(info.path, entries_dir).replace(os.sep, "/").split("/")
+            if len(parts) == 2 and parts[1].endswith(".json"):
+                key = parts[1][:-5]
+                if is_key(key) and parts[0] == key[:2]:
+                    out[key] = info
+        return out
+
+    def _scan(self, namespace: str, keys: list[str]) -> list[tuple[EntryInfo, Manifest | None]]:
+        """Read and parse the manifests of `keys` (concurrently where the backend can)."""
+        paths = {key: self._manifest_path(namespace, key) for key in keys}
+        with self._io("read", self._entries_dir(namespace)):
+            fetched = self._backend.read_many(list(paths.values()))
+        out: list[tuple[EntryInfo, Manifest | None]] = []
+        for key in keys:
+            url = self._display(paths[key])
+            value = fetched.get(paths[key])
+            if isinstance(value, FileNotFoundError):
+                continue  # removed since it was listed
+            if not isinstance(value, bytes):
+                problem = f"unreadable: {self._scrub.describe(value) if value is not None else 'no data'}"
+                out.append((EntryInfo(key=key, namespace=namespace, url=url, problem=problem), None))
+                continue
+            try:
+                m = parse_manifest(value, key=key, namespace=namespace)
+            except CacheFormatError as exc:
+                out.append((EntryInfo(key=key, namespace=namespace, url=url, problem=f"bad manifest: {exc}"), None))
+                continue
+            info = EntryInfo(
+                key=key,
+                namespace=namespace,
+                url=url,
+                created_at=m.created_at,
+                model_sha256=_str_or_none(m.key_inputs.get("model_sha256")),
+                algorithm=_str_or_none(m.key_inputs.get("algorithm")),
+                size=m.total_size,
+                artifacts=tuple(sorted(m.artifacts)),
+            )
+            out.append((info, m))
+        return out
+
+    def ls(self, flt: EntryFilter | None = None) -> list[EntryInfo]:
+        """Committed entries matching `flt` (all namespaces unless it names one), oldest first.
+
+        Manifests are read (concurrently on S3) but artifacts are not verified; see `verify`.
+        Entries whose manifest is unreadable are listed with `problem` set, unless the filter
+        needs manifest fields (model, algorithm, dates) they cannot show.
+        """
+        flt = flt or EntryFilter()
+        out: list[EntryInfo] = []
+        for namespace in self._namespaces(flt.namespace):
+            keys = sorted(k for k in self._manifest_files(namespace) if flt.key_prefix is None or k.startswith(flt.key_prefix))
+            for info, _manifest in self._scan(namespace, keys):
+                if info.problem is not None:
+                    if not flt.reads_manifests:
+                        out.append(info)
+                elif flt.matches(info):
+                    out.append(info)
+        epoch = datetime.min.replace(tzinfo=timezone.utc)
+        return sorted(out, key=lambda i: (i.namespace, i.created_at or epoch, i.key))
+
+    def verify(self, flt: EntryFilter | None = None) -> list[VerifyResult]:
+        """Fully verify every entry matching `flt` (every byte of every artifact). Nothing is changed."""
+        results = []
+        for info in self.ls(flt):
+            if info.problem is not None:
+                results.append(VerifyResult(info.key, info.namespace, info.url, info.problem))
+                continue
+            entry, problem = self._load(info.namespace, info.key, full=True, keep=False)
+            if entry is None and problem is None:
+                continue  # removed while we worked
+            results.append(VerifyResult(info.key, info.namespace, problem.url if problem else info.url, problem.reason if problem else None))
+        return results
+
+    def gc(
+        self,
+        *,
+        older_than: datetime | timedelta | None = None,
+        namespace: str | None = None,
+        orphan_grace: timedelta = DEFAULT_ORPHAN_GRACE,
+        dry_run: bool = False,
+        now: datetime | None = None,
+    ) -> GcReport:
+        """Delete orphaned staging data and, if `older_than` is given, entries created before it.
+
+        Orphans are staging directories no manifest references (crashed or losing writers) and
+        leftover temp files, once their newest file is older than `orphan_grace` (a writer may
+        still be uploading a younger one). An entry is removed manifest first, so readers never
+        see it half-deleted. Entries whose manifest cannot be parsed are left alone (see `verify`).
+        """
+        self._check_writable("gc")
+        now = _aware(now, "now") or datetime.now(timezone.utc)
+        if isinstance(older_than, timedelta):
+            cutoff: datetime | None = now - older_than
+        else:
+            cutoff = _aware(older_than, "older_than")
+        if not isinstance(orphan_grace, timedelta) or orphan_grace < timedelta(0):
+            raise ConfigError(f"orphan_grace must be a non-negative timedelta, got {orphan_grace!r}")
+        report = GcReport(dry_run=dry_run)
+        for ns in self._namespaces(namespace):
+            self._gc_namespace(ns, cutoff, now - orphan_grace, report)
+        return report
+
+    def _gc_namespace(self, namespace: str, cutoff: datetime | None, orphan_cutoff: datetime, report: GcReport) -> None:
+        referenced: dict[str, str | None] = {}  # key -> the stage it references (None: unreadable, keep all)
+        for info, m in self._scan(namespace, sorted(self._manifest_files(namespace))):
+            if m is None:
+                referenced[info.key] = None
+                report.unreadable_manifests.append(info.url)
+                continue
+            if cutoff is not None and m.created_at < cutoff:
+                report.removed_entries.append(f"{namespace}/{info.key}")
+                report.bytes_freed += m.total_size
+                if not report.dry_run:
+                    self._remove_entry(namespace, info.key, m.stage)
+                continue
+            referenced[info.key] = m.stage
+        # Staging directories no manifest references.
+        artifacts_dir = self._artifacts_dir(namespace)
+        with self._io("list", artifacts_dir):
+            files = self._backend.list_files(artifacts_dir)
+        stages: dict[tuple[str, str], list[FileInfo]] = {}
+        for info in files:
+            parts = self._relative(info.path, artifacts_dir).replace(os.sep, "/").split("/")
+            if len(parts) >= 4 and is_key(parts[1]) and parts[0] == parts[1][:2] and is_stage_id(parts[2]):
+                stages.setdefault((parts[1], parts[2]), []).append(info)
+        for (key, stage), stage_files in sorted(stages.items()):
+            if key in referenced and (referenced[key] is None or referenced[key] == stage):
+                continue
+            newest = max((f.mtime for f in stage_files if f.mtime is not None), default=None)
+            if newest is not None and newest > orphan_cutoff:
+                report.kept_recent_orphans += 1
+                continue
+            stage_dir = self._stage_dir(namespace, key, stage)
+            report.removed_orphans.append(self._display(stage_dir))
+            report.bytes_freed += sum(f.size for f in stage_files)
+            if not report.dry_run:
+                self._discard_stage(stage_dir)
+        # Temp files of interrupted local commits.
+        entries_dir = self._entries_dir(namespace)
+        with self._io("list", entries_dir):
+            entry_files = self._backend.list_files(entries_dir)
+        for info in entry_files:
+            if os.path.basename(info.path).startswith(".tmp-") and info.mtime is not None and info.mtime <= orphan_cutoff:
+                report.removed_orphans.append(self._display(info.path))
+                report.bytes_freed += info.size
+                if not report.dry_run:
+                    with self._io("remove", info.path):
+                        self._backend.delete_file(info.path)
+
+    def _remove_entry(self, namespace: str, key: str, stage: str) -> None:
+        path = self._manifest_path(namespace, key)
+        with self._io("remove", path):
+            self._backend.delete_file(path)  # uncommit first: readers see a miss, never half an entry
+        self._discard_stage(self._stage_dir(namespace, key, stage))
+        if isinstance(self._backend, LocalBackend):
+            self._backend.remove_empty_dirs(os.path.dirname(path), self._layout_dir())
+
+    # TensorRT export
+
+    def export_trt_cache(
+        self,
+        key: str,
+        *,
+        trt_version: str | int | tuple[int, ...],
+        algorithm: str | None = None,
+        artifact: str = "calibration.cache",
+    ) -> bytes:
+        """The entry's TensorRT calibration cache with its header set for `trt_version` (e.g. "10.16.1").
+
+        `algorithm` (a trtcal method or TensorRT header name) sets the calibrator named in the
+        header; None keeps the stored one. Raises StorageError if there is no such entry.
+        """
+        entry = self.get(key, lazy=True)
+        if entry is None:
+            where = self.url + (f" (nor in {len(self._other_stores())} read-from store(s))" if self._other_stores() else "")
+            raise StorageError(f"no cache entry {key} in namespace {self.namespace} of {where}", url=self.url)
+        data = entry.read(artifact)
+        try:
+            return retarget_trt_cache(data, trt_version=trt_version, algorithm=algorithm)
+        except CacheFormatError as exc:
+            raise CacheFormatError(f"artifact {artifact!r} of entry {key} ({entry.artifact_url(artifact)}): {exc}") from None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
