@@ -69,6 +69,16 @@ def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[StoreRoot
         yield StoreRoot(kind, str(tmp_path / "store"))
     else:
         server = request.getfixturevalue("s3_server")
-        bucket = server.create_bucket()
+        bucket = request.getfixturevalue("contract_bucket")
         # 5 MiB parts, so an artifact of a few MiB already goes through a multipart upload.
-        yield StoreRoot(kind, f"s3://{bucket}/calib", server.storage_options(default_block_size=5 << 20))
+        yield StoreRoot(
+            kind,
+            f"s3://{bucket}/{uuid.uuid4().hex[:12]}/calib",
+            server.storage_options(default_block_size=5 << 20),
+        )
+
+
+@pytest.fixture(scope="session")
+def contract_bucket(s3_server: Any) -> str:
+    # One bucket, a fresh prefix per test: SeaweedFS takes ~0.2 s to set up each new bucket.
+    return str(s3_server.create_bucket())

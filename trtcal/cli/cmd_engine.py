@@ -18,9 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from trtcal.errors import ConfigError, DataError, ModelError, StorageError
+from trtcal.errors import ConfigError, ModelError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -165,43 +163,24 @@ def _model_input_names(model: Path) -> list[str]:
     return [value.name for value in graph.input if value.name not in initializers]
 
 
-def _read_arrow_batch(path: Path) -> dict[str, np.ndarray]:
-    # The calibration batch: one Arrow IPC record batch whose tensor columns are named after the inputs.
-    import pyarrow as pa
+def open_batch(path: Path, model: Path) -> Any:
+    """The calibration batch in `path`: trtcal's Arrow batch file, or .npz / .npy (one input)."""
+    from trtcal.workers.batch_format import batch_from_numpy
+    from trtcal.workers.batch_format import open_batch as open_arrow_batch
 
-    try:
-        with pa.memory_map(str(path), "r") as source:
-            table = pa.ipc.open_file(source).read_all()
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(f"--data: cannot read {path} as an Arrow IPC file: {exc}") from exc
-    arrays: dict[str, np.ndarray] = {}
-    for name in table.column_names:
-        column = table.column(name).combine_chunks()
-        if isinstance(column.type, pa.FixedShapeTensorType):
-            arrays[name] = column.to_numpy_ndarray()
-    if not arrays:
-        raise DataError(
-            f"--data: {path} has no tensor columns (fixed_shape_tensor); is it a calibration batch?"
-        )
-    return arrays
-
-
-def open_batch(path: Path, model: Path) -> dict[str, np.ndarray]:
-    """The calibration batch in `path` as input name -> array [N, ...]."""
     if not path.is_file():
         raise ConfigError(f"--data: {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
+        return batch_from_numpy(path)
     if suffix == ".npy":
         names = _model_input_names(model)
         if len(names) != 1:
             raise ConfigError(
                 f"--data: a .npy file feeds one input, but {model} has inputs {names}; use .npz"
             )
-        return {names[0]: np.load(path, allow_pickle=False, mmap_mode="r")}
-    return _read_arrow_batch(path)
+        return batch_from_numpy(path, input_name=names[0])
+    return open_arrow_batch(path)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -272,15 +251,18 @@ def run_build(args: argparse.Namespace) -> int:
 
         batch = open_batch(Path(args.data), model)
         progress = TqdmProgress(enabled=not getattr(args, "quiet", False))
-        with adapter.make_calibrator(
-            args.algorithm,
+        with (
             batch,
-            micro_batch=args.micro_batch,
-            partial_batch=args.partial_batch,
-            quantile=args.quantile,
-            regression_cutoff=args.regression_cutoff,
-            progress=progress,
-        ) as calibrator:
+            adapter.make_calibrator(
+                args.algorithm,
+                batch,
+                micro_batch=args.micro_batch,
+                partial_batch=args.partial_batch,
+                quantile=args.quantile,
+                regression_cutoff=args.regression_cutoff,
+                progress=progress,
+            ) as calibrator,
+        ):
             engine = adapter.build_engine(model, calibrator=calibrator, **build_options)
             cache_bytes = calibrator.calibration_cache
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -181,5 +182,6 @@ def run_eval(args: argparse.Namespace) -> int:
         if out_dir is not None:
             _write_json(out_dir, "fallback.json", {"method": chosen, **fb.to_dict()})
             if fb.model is not None:
-                save_model(fb.model, out_dir / f"model.{chosen}.fallback.qdq.onnx")
+                safe = re.sub(r"[^A-Za-z0-9._-]", "_", chosen)
+                save_model(fb.model, out_dir / f"model.{safe}.fallback.qdq.onnx")
     return 0

@@ -32,6 +32,7 @@ __all__ = [
     "histogram_svg",
     "render_report",
     "write_report",
+    "load_report_data",
 ]
 
 # One colour per method, fixed so the same method looks the same in every chart.
@@ -85,6 +86,18 @@ def _fmt(x: float) -> str:
     if isinstance(x, float) and math.isinf(x):
         return "∞"
     return f"{x:.6g}"
+
+
+def _db(x: Any) -> str:
+    if isinstance(x, str):
+        return "∞" if x == "inf" else html.escape(x)
+    if x is None or not isinstance(x, (int, float)) or math.isnan(x):
+        return "–"
+    return "∞" if math.isinf(x) else f"{x:.2f}"
+
+
+def _ratio(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "–"
 
 
 def _method_colours(methods: Sequence[str]) -> dict[str, str]:
@@ -184,7 +197,7 @@ def _evaluation_section(evaluation: EvaluationResult) -> list[str]:
     for r in evaluation.rows:
         m = r.metrics
         cls = "best" if r.label == best else ("fused" if not r.simulated else "")
-        cells = [f"{m.top1_agreement:.4f}", f"{m.top5_overlap:.4f}", _fmt(round(m.sqnr_db, 2)), f"{m.mean_kl:.5f}"]
+        cells = [f"{m.top1_agreement:.4f}", f"{m.top5_overlap:.4f}", _db(m.sqnr_db), f"{m.mean_kl:.5f}"]
         if has_acc:
             cells.append("–" if m.accuracy is None else f"{m.accuracy:.4f}")
         out.append(
@@ -208,7 +221,7 @@ def _sensitivity_section(sensitivity: SensitivityResult, fallback: Mapping[str, 
         width = 0 if not math.isfinite(r.noise_ratio) else int(200 * r.noise_ratio / worst)
         out.append(
             f"<tr><td>{k}</td><td class='l'>{html.escape(r.node)}</td><td class='l'>{html.escape(r.op_type)}</td>"
-            f"<td>{r.noise_ratio:.3e}</td><td>{_fmt(round(r.sqnr_db, 2))}</td><td>{r.top1_agreement:.4f}</td>"
+            f"<td>{r.noise_ratio:.3e}</td><td>{_db(r.sqnr_db)}</td><td>{r.top1_agreement:.4f}</td>"
             f"<td class='l'><span class='bar' style='width:{width}px'></span></td></tr>"
         )
     out.append("</table>")
@@ -223,8 +236,8 @@ def _sensitivity_section(sensitivity: SensitivityResult, fallback: Mapping[str, 
             f"Target top-1 agreement {fallback.get('target_agreement')}: {'met' if fallback.get('met') else 'NOT met'}. "
             f"{len(fallback.get('float_nodes', []))} of {fallback.get('quantized_layers')} quantized layers kept in float"
             + (f" ({100 * share:.1f}% of their MACs)" if isinstance(share, (int, float)) else "")
-            + f". Agreement {before.get('top1_agreement')} → {after.get('top1_agreement')}, SQNR "
-            f"{before.get('sqnr_db')} → {after.get('sqnr_db')} dB.</p>"
+            + f". Agreement {_ratio(before.get('top1_agreement'))} → {_ratio(after.get('top1_agreement'))}, SQNR "
+            f"{_db(before.get('sqnr_db'))} → {_db(after.get('sqnr_db'))} dB.</p>"
         )
         if fallback.get("float_nodes"):
             out.append("<p class='note'>Float layers: " + ", ".join(f"<code>{html.escape(n)}</code>" for n in fallback["float_nodes"]) + "</p>")
@@ -271,7 +284,7 @@ def _tensor_sections(tensors: Sequence[TensorReport], methods: Sequence[str], co
                 continue
             a = t.amax_by_method[m]
             sqnr = activation_sqnr_db(t.counts, t.hist_amax, a) if t.counts is not None and t.hist_amax else math.nan
-            cells.append(f"<tr><td class='l'>{html.escape(m)}</td><td>{_fmt(a)}</td><td>{_fmt(round(sqnr, 2) if math.isfinite(sqnr) else sqnr)}</td></tr>")
+            cells.append(f"<tr><td class='l'>{html.escape(m)}</td><td>{_fmt(a)}</td><td>{_db(sqnr)}</td></tr>")
         out.append("<table><tr><th class='l'>method</th><th>amax</th><th>activation SQNR (dB)</th></tr>" + "".join(cells) + "</table>")
     return out
 
@@ -327,3 +340,94 @@ def render_report(data: ReportData, *, top_layers: int = 40) -> str:
 def write_report(data: ReportData, path: str | os.PathLike[str]) -> Path:
     """Render and write atomically (a reader never sees half a page)."""
     return write_bytes_atomic(path, render_report(data).encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a result directory
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path} is not readable JSON ({exc})") from None
+
+
+def _histograms(root: Path, ranges: Any) -> dict[str, tuple[np.ndarray, float]]:
+    """{tensor: (counts, hist_amax)} from `trtcal.calibrate`'s histograms.npy and ranges.json.
+
+    histograms.npy holds the int64 counts, one row per tensor of ranges.json["histogram_tensors"];
+    each tensor's ranges.json entry gives its "histogram": {"row", "hist_amax", ...}.
+    """
+    if not isinstance(ranges, dict) or not ranges.get("histogram_file"):
+        return {}
+    path = root / str(ranges["histogram_file"])
+    if not path.is_file():
+        return {}
+    try:
+        counts = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is not a readable histogram file ({exc})") from None
+    tensors = ranges.get("tensors") if isinstance(ranges.get("tensors"), dict) else {}
+    out: dict[str, tuple[np.ndarray, float]] = {}
+    for name in ranges.get("histogram_tensors") or []:
+        summary = tensors.get(name, {}).get("histogram") if isinstance(tensors.get(name), dict) else None
+        if not isinstance(summary, dict) or "row" not in summary or "hist_amax" not in summary:
+            continue
+        row = int(summary["row"])
+        if counts.ndim != 2 or not 0 <= row < counts.shape[0]:
+            raise ConfigError(f"{path}: row {row} of tensor {name!r} is outside the file's shape {counts.shape}")
+        out[str(name)] = (np.array(counts[row], dtype=np.int64), float(summary["hist_amax"]))
+    return out
+
+
+def load_report_data(result_dir: str | os.PathLike[str], *, title: str | None = None) -> ReportData:
+    """ReportData from a `trtcal calibrate` output directory: ranges.json (required) and
+    histograms.npy, then evaluation.json, sensitivity.json, fallback.json and qdq_report.json when
+    present (`trtcal eval` writes them)."""
+    from trtcal.export.qdq import read_ranges
+
+    root = Path(result_dir)
+    if not root.is_dir():
+        problem = "is not a directory" if root.exists() else "does not exist"
+        raise ConfigError(f"result directory {str(root)!r} {problem}; give the output directory of `trtcal calibrate`")
+    ranges_path = root / "ranges.json"
+    if not ranges_path.is_file():
+        raise ConfigError(f"{root} has no ranges.json; give the output directory of `trtcal calibrate`")
+    table = read_ranges(ranges_path)
+    histograms = _histograms(root, _read_json(ranges_path))
+    names: list[str] = []
+    for by_tensor in table.values():
+        for name in by_tensor:
+            if name not in names:
+                names.append(name)
+    tensors = [
+        TensorReport(
+            name=name,
+            amax_by_method={m: table[m][name] for m in table if name in table[m]},
+            counts=histograms.get(name, (None, None))[0],
+            hist_amax=histograms.get(name, (None, None))[1],
+        )
+        for name in names
+    ]
+    evaluation = sensitivity = fallback = qdq = None
+    if (root / "evaluation.json").is_file():
+        evaluation = EvaluationResult.from_dict(_read_json(root / "evaluation.json"))
+    if (root / "sensitivity.json").is_file():
+        sensitivity = SensitivityResult.from_dict(_read_json(root / "sensitivity.json"))
+    if (root / "fallback.json").is_file():
+        fallback = _read_json(root / "fallback.json")
+    if (root / "qdq_report.json").is_file():
+        qdq = _read_json(root / "qdq_report.json")
+    notes = [] if histograms else ["No histograms were found in this result directory (histograms.npy)."]
+    return ReportData(
+        title=title or f"trtcal calibration report: {root.resolve().name}",
+        tensors=tuple(tensors),
+        evaluation=evaluation,
+        sensitivity=sensitivity,
+        fallback=fallback,
+        qdq=qdq,
+        notes=tuple(notes),
+    )

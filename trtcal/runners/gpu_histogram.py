@@ -447,6 +447,12 @@ class DeviceStatsCollector:
         flat = x.reshape(-1)
         if not flat.is_floating_point():
             flat = flat.to(torch.float64)
+        if not flat.is_cuda:  # CPU: a finite check costs no device sync, so take the one-pass route
+            lo, hi = torch.aminmax(flat)
+            if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+                self._fmin[row] = torch.minimum(self._fmin[row], lo.to(torch.float64))
+                self._fmax[row] = torch.maximum(self._fmax[row], hi.to(torch.float64))
+                return
         finite = torch.isfinite(flat)
         nan = torch.isnan(flat).sum()
         bad = flat.numel() - finite.sum()
@@ -570,18 +576,26 @@ class DeviceHistogramCollector:
         import torch
 
         flat = x.reshape(-1)
-        chunk = _TORCH_CHUNK_CUDA if flat.is_cuda else _TORCH_CHUNK_CPU
+        on_cpu = not flat.is_cuda
+        chunk = _TORCH_CHUNK_CPU if on_cpu else _TORCH_CHUNK_CUDA
         last = self.num_bins - 1
+        counts = self._counts[row]
         for start in range(0, flat.numel(), chunk):
             a = flat[start : start + chunk].to(torch.float32).abs()
-            finite = torch.isfinite(a)
-            a = a.clamp_max_(amax32)  # NaN stays NaN; it is masked out below
-            a = a.mul_(inv_w)  # float32 * float32 scalar (exactly representable): one rounding
-            idx = a.to(torch.int64).clamp_(0, last)  # truncation == floor for |x| >= 0
-            idx = torch.where(finite, idx, self.num_bins)  # non-finite -> an overflow bin, dropped
-            binned = torch.bincount(idx, minlength=self.num_bins + 1)
-            self._counts[row] += binned[: self.num_bins]
-            self._nonfinite[row, 0] += binned[self.num_bins]
+            if on_cpu and bool(torch.isfinite(a.max())):  # CPU: checking costs no device sync
+                bad: Any = 0
+            else:
+                bad = a.numel() - torch.isfinite(a).sum()
+                # NaN/Inf go to bin 0 here and are taken out of it below: exact, no masking pass.
+                torch.nan_to_num_(a, nan=0.0, posinf=0.0, neginf=0.0)
+            a.clamp_max_(amax32).mul_(inv_w)  # float32 * float32 scalar (exactly representable): one rounding
+            idx = a.to(torch.int64).clamp_max_(last)  # truncation == floor for |x| >= 0
+            if on_cpu:  # scatter_add is the fastest exact integer histogram on the CPU
+                counts.scatter_add_(0, idx, torch.ones_like(idx))
+            else:  # bincount accumulates in shared memory on the GPU
+                counts += torch.bincount(idx, minlength=self.num_bins)
+            counts[0] -= bad
+            self._nonfinite[row, 0] += bad
 
     def results(
         self, *, nonfinite: NonFinitePolicy = "error", stats: Mapping[str, TensorStats] | None = None

@@ -94,9 +94,10 @@ def _float_elem_types() -> dict[int, np.dtype[Any]]:
 def _elem_dtype(elem_type: int) -> np.dtype[Any] | None:
     onnx = _onnx()
     try:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+        dtype: np.dtype[Any] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
     except (KeyError, TypeError, ValueError):
         return None
+    return dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +266,8 @@ def select_tensors(model: onnx.ModelProto, selection: TensorSelection = "all") -
 
 def with_extra_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of `model` whose graph also outputs `names` (nothing else changes)."""
-    onnx = _onnx()
-    augmented = onnx.ModelProto()
+    onnx_module = _onnx()
+    augmented = model.__class__()
     augmented.CopyFrom(model)
     graph = augmented.graph
     existing = {o.name for o in graph.output} | {i.name for i in graph.input}
@@ -274,7 +275,7 @@ def with_extra_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.Mod
     for name in names:
         if name in existing:
             continue
-        vi = onnx.ValueInfoProto()
+        vi = onnx_module.ValueInfoProto()
         if name in typed:
             vi.CopyFrom(typed[name])
         else:
@@ -449,6 +450,8 @@ class OnnxRuntimeRunner:
         self.tensor_names: tuple[str, ...] = tuple(selected)
         # Graph inputs are read from the feed; everything else is fetched from the session.
         self._fetch = [n for n in self.tensor_names if n not in self.inputs]
+        self._reuse: tuple[Any, dict[str, npt.NDArray[Any]]] | None = None
+        self._binding_ok = self.providers == ["CPUExecutionProvider"]
 
     def _make_session(self, names: Sequence[str]) -> Any:
         ort = _ort()
@@ -497,7 +500,10 @@ class OnnxRuntimeRunner:
                 yield {n: a[0] for n, a in chunk.items()}, rows
 
     def run(self, feed: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        """One inference: the selected tensors' values for one feed (graph inputs come from the feed)."""
+        """One inference: the selected tensors' values for one feed (graph inputs come from the feed).
+
+        The arrays are the caller's to keep.
+        """
         try:
             values = self._session.run(self._fetch, dict(feed))
         except Exception as exc:
@@ -505,6 +511,44 @@ class OnnxRuntimeRunner:
         out = {n: np.asarray(feed[n]) for n in self.tensor_names if n in self.inputs}
         out.update(zip(self._fetch, values))
         return {n: out[n] for n in self.tensor_names}
+
+    def _run_reusing(self, feed: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """Like `run`, but the outputs land in buffers reused by the next call (valid until then).
+
+        A fresh output array per run costs more than the convolutions (the pages of ~50 MB per
+        EfficientNet-Lite0 image are faulted in and zeroed every time); ONNX Runtime writes into
+        the buffers of the previous run of the same feed shape instead (IOBinding). Only one set of
+        buffers is kept: the one for the most recent feed shape.
+        """
+        key = tuple((n, a.shape) for n, a in sorted(feed.items()))
+        if self._reuse is None or self._reuse[0] != key:
+            self._reuse = None  # drop the old buffers first: one set of activations at a time
+            values = self.run(feed)
+            fetched = [values[n] for n in self._fetch]
+            if self._binding_ok and all(a.flags.c_contiguous and a.flags.writeable for a in fetched):
+                self._reuse = (key, dict(zip(self._fetch, fetched)))
+            return values
+        buffers = self._reuse[1]
+        binding = self._session.io_binding()
+        try:
+            for name, arr in feed.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+            for name, buf in buffers.items():
+                binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+            self._session.run_with_iobinding(binding)
+        except Exception as exc:
+            # A data-dependent output shape (or anything else binding cannot express): run plainly.
+            logger.info("reusing output buffers failed (%s); falling back to plain runs", exc)
+            self._binding_ok = False
+            self._reuse = None
+            return self.run(feed)
+        out = {n: np.asarray(feed[n]) for n in self.tensor_names if n in self.inputs}
+        out.update(buffers)
+        return {n: out[n] for n in self.tensor_names}
+
+    def release_buffers(self) -> None:
+        """Free the reused output buffers (about one micro-batch of activations)."""
+        self._reuse = None
 
     def _row_range(self, batch: CalibrationBatch, start: int, stop: int | None) -> tuple[int, int]:
         stop = batch.num_rows if stop is None else stop
@@ -528,12 +572,15 @@ class OnnxRuntimeRunner:
         start, stop = self._row_range(batch, start, stop)
         stats = {n: TensorStats() for n in self.tensor_names}
         progress.start(stage, stop - start, "sample")
-        for feed, rows in self._feeds(batch, layout, start, stop, micro_batch):
-            values = self.run(feed)
-            for name in self.tensor_names:
-                stats[name] = merge_stats([stats[name], reduce_stats(values.pop(name), tensor=name, nonfinite=nonfinite)])
-            progress.advance(stage, rows)
-        progress.finish(stage)
+        try:
+            for feed, rows in self._feeds(batch, layout, start, stop, micro_batch):
+                values = self._run_reusing(feed)
+                for name in self.tensor_names:
+                    batch_stats = reduce_stats(values.pop(name), tensor=name, nonfinite=nonfinite)
+                    stats[name] = merge_stats([stats[name], batch_stats])
+                progress.advance(stage, rows)
+        finally:
+            progress.finish(stage)
         return stats
 
     def collect_counts(
@@ -557,12 +604,14 @@ class OnnxRuntimeRunner:
         start, stop = self._row_range(batch, start, stop)
         counts = {n: np.zeros(num_bins, dtype=np.int64) for n in self.tensor_names}
         progress.start(stage, stop - start, "sample")
-        for feed, rows in self._feeds(batch, layout, start, stop, micro_batch):
-            values = self.run(feed)
-            for name in self.tensor_names:
-                counts[name] += fill_counts(
-                    values.pop(name), num_bins, float(hist_amax[name]), tensor=name, nonfinite=nonfinite
-                )
-            progress.advance(stage, rows)
-        progress.finish(stage)
+        try:
+            for feed, rows in self._feeds(batch, layout, start, stop, micro_batch):
+                values = self._run_reusing(feed)
+                for name in self.tensor_names:
+                    counts[name] += fill_counts(
+                        values.pop(name), num_bins, float(hist_amax[name]), tensor=name, nonfinite=nonfinite
+                    )
+                progress.advance(stage, rows)
+        finally:
+            progress.finish(stage)
         return counts

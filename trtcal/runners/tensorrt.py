@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeGuard, TypeVar, cast, runtime_checkable
 
 import numpy as np
 
@@ -102,7 +102,17 @@ INSTALL_HINT = (
 
 STAGE = "tensorrt calibration"
 
-BatchSource = Mapping[str, Any] | Iterable[Mapping[str, Any]]
+
+class MicroBatchSource(Protocol):
+    """What trtcal's CalibrationBatch offers (trtcal.workers.batch_format)."""
+
+    @property
+    def num_rows(self) -> int: ...
+
+    def iter_micro_batches(self, size: int) -> Iterator[dict[str, np.ndarray]]: ...
+
+
+BatchSource = MicroBatchSource | Mapping[str, Any] | Iterable[Mapping[str, Any]]
 PartialBatchPolicy = Literal["error", "drop"]
 ShapeSpec = Sequence[int] | tuple[Sequence[int], Sequence[int], Sequence[int]]
 
@@ -218,7 +228,7 @@ class CalibratorConfig:
             )
         if self.micro_batch is not None and (
             isinstance(self.micro_batch, bool)
-            or int(self.micro_batch) != self.micro_batch
+            or not isinstance(self.micro_batch, int)
             or self.micro_batch < 1
         ):
             raise ConfigError(f"micro_batch must be a positive integer or None, got {self.micro_batch!r}")
@@ -315,16 +325,27 @@ def iter_micro_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Serve a calibration batch as micro-batches of exactly `micro_batch` samples, in order.
 
-    `source` is either one mapping input name -> array [N, ...] (sliced without copying), or an
-    iterable of such mappings of any sizes (re-cut into `micro_batch`-sized pieces; pieces that
-    straddle two items are concatenated). With `micro_batch=None` the items are served as they are.
+    `source` is a `trtcal.workers.batch_format.CalibrationBatch` (anything with
+    `iter_micro_batches(size)` and `num_rows`), one mapping input name -> array [N, ...] (sliced
+    without copying), or an iterable of such mappings of any sizes (re-cut into `micro_batch`-sized
+    pieces; pieces that straddle two items are concatenated). With `micro_batch=None` the items
+    (or the whole batch) are served as they are.
 
     Raises:
         DataError: an item is not a mapping of arrays, inputs disagree on names or sample counts,
             the source is empty, or (with partial_batch="error") the samples do not fill the
             last micro-batch.
     """
-    chunks: Iterable[Any] = [source] if isinstance(source, Mapping) else source
+    chunks: Iterable[Any]
+    if _is_calibration_batch(source):
+        rows_total = int(source.num_rows)
+        if rows_total == 0:
+            raise DataError("the calibration batch is empty: the batch source gave no samples")
+        chunks = source.iter_micro_batches(micro_batch or rows_total)
+    elif isinstance(source, Mapping):
+        chunks = [source]
+    else:
+        chunks = cast(Iterable[Any], source)
     names: tuple[str, ...] | None = None
     total = 0
     served = 0
@@ -385,16 +406,25 @@ def iter_micro_batches(
             )
 
 
+def _is_calibration_batch(source: Any) -> TypeGuard[MicroBatchSource]:
+    return callable(getattr(source, "iter_micro_batches", None)) and hasattr(source, "num_rows")
+
+
 def _count_micro_batches(
     source: BatchSource, micro_batch: int | None, partial_batch: PartialBatchPolicy
 ) -> int | None:
-    """Number of micro-batches when it is known without reading data (a mapping of arrays)."""
-    if not isinstance(source, Mapping) or micro_batch is None or not source:
+    """Number of micro-batches when it is known without reading data."""
+    if micro_batch is None:
         return None
-    try:
-        rows = _rows({n: np.asarray(a) for n, a in source.items()}, 0)
-    except (DataError, IndexError):
-        return None  # the iterator reports it properly
+    if _is_calibration_batch(source):
+        rows = int(source.num_rows)
+    elif isinstance(source, Mapping) and source:
+        try:
+            rows = _rows({n: np.asarray(a) for n, a in source.items()}, 0)
+        except (DataError, IndexError):
+            return None  # the iterator reports it properly
+    else:
+        return None
     full, rest = divmod(rows, micro_batch)
     if rest and partial_batch == "error":
         return None
@@ -1359,18 +1389,30 @@ def _range_bounds(name: str, value: Any) -> tuple[float, float]:
 
 
 def _apply_dynamic_ranges(network: Any, ranges: Mapping[str, Any]) -> int:
+    """Set ranges on the network's tensors; names TensorRT's network lacks are reported, not fatal.
+
+    A range table covers every ONNX activation, and TensorRT's parser folds some of them away
+    (constant subgraphs), so a few unknown names are expected; none matching is an error.
+    """
     tensors = _network_tensors(network)
-    missing = [name for name in ranges if name not in tensors]
-    if missing:
+    bounds = {name: _range_bounds(name, value) for name, value in ranges.items()}
+    missing = [name for name in bounds if name not in tensors]
+    if len(missing) == len(bounds):
         raise ConfigError(
-            f"dynamic_ranges names {len(missing)} tensor(s) this network does not have, e.g. {missing[:5]}; "
+            f"none of the {len(bounds)} dynamic_ranges names a tensor of this network (e.g. {missing[:5]}); "
             "names must be the ONNX tensor names"
         )
-    for name, value in ranges.items():
-        lo, hi = _range_bounds(name, value)
-        if not tensors[name].set_dynamic_range(lo, hi):
+    if missing:
+        log.warning(
+            "%d of %d dynamic ranges name tensors TensorRT's network does not have (folded or renamed), e.g. %s",
+            len(missing),
+            len(bounds),
+            missing[:5],
+        )
+    for name, (lo, hi) in bounds.items():
+        if name in tensors and not tensors[name].set_dynamic_range(lo, hi):
             raise ConfigError(f"TensorRT refused the dynamic range ({lo}, {hi}) of tensor {name!r}")
-    return len(ranges)
+    return len(bounds) - len(missing)
 
 
 def _calibration_dtype(trt_dtype: Any) -> np.dtype:
@@ -1411,7 +1453,8 @@ def build_engine(
             installed TensorRT and `replay_algorithm`, so TensorRT takes its scales as they are.
         calibrator: a live calibrator (e.g. from `make_calibrator`); exclusive with `cache`.
         dynamic_ranges: tensor name -> amax (range ±amax) or (min, max), set with
-            ITensor.set_dynamic_range; TensorRT lets them win over calibrated scales.
+            ITensor.set_dynamic_range; TensorRT lets them win over calibrated scales. Names
+            the network lacks are logged; none matching is a ConfigError.
         input_shapes: optimization-profile shapes of dynamic inputs (see resolve_profile_shapes).
         calibration_profile: input name -> shape TensorRT calibrates at (dynamic inputs only);
             default: the calibrator's first micro-batch, else the profile's opt shape.
@@ -1481,7 +1524,13 @@ def build_engine(
         inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
         network_shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
         live = isinstance(calibrator, ArrowBatchCalibrator)
-        served = calibrator.peek_shapes() if live else {}
+        served: dict[str, tuple[int, ...]] = {}
+        if live:
+            # A usable cache means TensorRT will not ask for data: then no data is read at all.
+            cached = calibrator.read_calibration_cache() is not None
+            calibrator.raise_if_failed()
+            if not cached:
+                served = calibrator.peek_shapes()
         profile_shapes = resolve_profile_shapes(
             network_shapes, input_shapes=input_shapes, calibration_shapes=calibration_profile or served
         )
@@ -1515,6 +1564,13 @@ def build_engine(
                 if not config.set_calibration_profile(calibration):
                     raise ConfigError(f"TensorRT refused the calibration profile {calibration_shapes}")
             if live:
+                for name, shape in served.items():
+                    if name in calibration_shapes and not _fits(calibration_shapes[name], shape):
+                        raise DataError(
+                            f"the calibration batch's micro-batches of input {name!r} are {list(shape)}, but "
+                            f"TensorRT calibrates it at {list(calibration_shapes[name])}; set micro_batch (or the "
+                            "calibration profile) to match"
+                        )
                 calibrator.set_input_metadata(
                     {
                         name: (calibration_shapes[name], _calibration_dtype(t.dtype))
@@ -1532,12 +1588,28 @@ def build_engine(
         finally:
             if live:
                 calibrator.close()
-    if calibrator is not None:
-        calibrator.raise_if_failed()
+    # Calibrators not made by trtcal (Polygraphy's, say) keep no errors.
+    raise_if_failed = getattr(calibrator, "raise_if_failed", None)
+    if callable(raise_if_failed):
+        raise_if_failed()
     if serialized is None:
         said = "; ".join(logger.errors[-5:]) or "see the TensorRT log"
         raise ModelError(f"TensorRT could not build an INT8 engine of {path}: {said}")
     return bytes(serialized)
+
+
+def _default_cache_key(model_path: str | os.PathLike[str], batch_source: Any) -> str | None:
+    fingerprint = getattr(batch_source, "fingerprint", None)
+    if not isinstance(fingerprint, str) or not fingerprint:
+        return None  # make_calibrator then asks for cache_key
+    digest = hashlib.sha256()
+    try:
+        with open(model_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise ModelError(f"cannot read ONNX model {model_path}: {exc}") from exc
+    return f"model:sha256:{digest.hexdigest()}|batch:{fingerprint}"
 
 
 def calibrate_with_tensorrt(
@@ -1566,11 +1638,15 @@ def calibrate_with_tensorrt(
     Args:
         trt_version: target TensorRT version for the returned cache's header; None keeps the
             installed version's header as TensorRT wrote it.
+        cache, cache_key: where TensorRT's cache is kept (see make_calibrator). With a store and
+            no `cache_key`, a CalibrationBatch's fingerprint and the model's sha256 make one.
         Others: see make_calibrator and build_engine.
 
     Raises:
         Everything make_calibrator and build_engine raise; ModelError if TensorRT wrote no cache.
     """
+    if cache_key is None and cache is not None and not isinstance(cache, (str, os.PathLike)):
+        cache_key = _default_cache_key(model_path, batch_source)
     with make_calibrator(
         algorithm,
         batch_source,

@@ -182,7 +182,7 @@ def _check_input_name(name: object) -> str:
 def _le_bytes_view(arr: npt.NDArray[Any]) -> memoryview:
     """The array's bytes, C order, little endian (copies only on big-endian machines)."""
     le = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
-    return memoryview(le.reshape(-1).view(np.uint8))
+    return le.reshape(-1).view(np.uint8).data
 
 
 def compute_fingerprint(
@@ -485,7 +485,7 @@ class BatchWriter:
                 raise DataError(f"sample id {s!r:.80} was already written; sample ids must be unique")
         for info in self._inputs:
             arr = np.ascontiguousarray(columns[info.name]).astype(np.dtype(info.dtype).newbyteorder("<"), copy=False)
-            self._files[info.name].write(memoryview(arr.reshape(-1).view(np.uint8)))
+            self._files[info.name].write(arr.reshape(-1).view(np.uint8).data)
         self._seen.update(ids)
         self._ids.extend(ids)
 
@@ -765,7 +765,8 @@ def _tensor_column(source: str, name: str, column: pa.Array) -> npt.NDArray[Any]
     shape = tuple(int(d) for d in column.type.shape)
     if len(column) == 0:
         return np.empty((0, *shape), dtype=dtype)
-    return column.to_numpy_ndarray().reshape(len(column), *shape)
+    values: npt.NDArray[Any] = column.to_numpy_ndarray()
+    return values.reshape(len(column), *shape)
 
 
 def _batch_from_ipc(buffer: Any, source: str, mapping: _FileMapping | None, verify: bool) -> CalibrationBatch:

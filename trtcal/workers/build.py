@@ -1,0 +1,687 @@
+"""`build_batch`: Ray tasks over a sharded dataset -> ONE calibration batch, identical whatever the parallelism.
+
+Stages (each a set of Ray tasks, at most `workers` in flight, consumed with ray.wait as they end):
+
+1. list     the driver plans shards with a few one-level listings (`sources.plan_shards`); one
+            task per shard lists it and keeps the sorted listing in the object store, sending
+            the driver only per-class counts.
+2. select   the driver draws positions (`selection.select_samples`: sorted, seeded PCG64) and one
+            task per shard turns them into sample references.
+3. process  chunks of samples, sorted by id, are read, decoded and transformed by tasks
+            (`preprocess`); each result streams into the `BatchWriter` (spooled to disk, rows placed
+            by sample id), so the driver holds about `workers` chunks at a time.
+4. write    the writer sorts, fingerprints and publishes the one record batch atomically (a temp
+            name then a rename locally, one PUT on object stores).
+
+A task whose worker dies (SIGKILL, OOM) is retried by Ray (`max_retries`); a chunk's result is a
+pure function of its samples, so a retry changes nothing in the batch. Bad inputs become
+`BadInput` records; `on_bad_input="fail"` (default) raises DataError listing all of them,
+"skip" leaves them out, lists them in the report and records their count in the batch's spec
+(``skipped_inputs``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from trtcal.errors import ConfigError, DataError, TrtcalError, WorkerError
+from trtcal.progress import NO_PROGRESS, ProgressCallback
+from trtcal.workers.preprocess import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    InputRejected,
+    PreprocessSpec,
+    output_shape,
+    parse_preprocess,
+    preprocess_array,
+    preprocess_image_bytes,
+)
+from trtcal.workers.ray_runtime import ray_session
+from trtcal.workers.selection import make_sample_id, parse_num_samples, select_samples
+from trtcal.workers.sources import (
+    Dataset,
+    SampleRef,
+    Shard,
+    ShardListing,
+    list_shard,
+    open_dataset,
+    plan_shards,
+    read_container_rows,
+    read_images,
+    resolve_selection,
+    storage_options_for,
+)
+
+__all__ = ["BatchBuildConfig", "BadInput", "BuildReport", "build_batch", "build_batch_from_config", "ON_BAD_INPUT"]
+
+logger = logging.getLogger(__name__)
+
+ON_BAD_INPUT = ("fail", "skip")
+_CHUNK_TARGET_BYTES = 8 << 20
+_DEFAULT_ROW_BYTES = 3 * 224 * 224 * 4
+_MAX_LISTED_IN_ERROR = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchBuildConfig:
+    """How to build a calibration batch. Validated on construction (ConfigError names the field).
+
+    Attributes:
+        num_samples: how many samples to draw; None for all of them.
+        seed: seeds the draw (numpy PCG64).
+        preprocess: the preprocessing spec.
+        stratify: draw evenly per class (first folder level, or a list's label column).
+        workers: tasks in flight at once; None for the cluster's CPUs.
+        on_bad_input: "fail" (raise, listing every bad input) or "skip" (leave them out, report them).
+        input_name: the model input the preprocessed arrays feed (functions may return several).
+        max_image_pixels: decompression-bomb limit (width x height) per image.
+        max_retries: how often Ray reruns a task whose worker died.
+        chunk_size: samples per task; None picks ~8 MiB of output per task.
+    """
+
+    num_samples: int | None = 500
+    seed: int = 0
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    stratify: bool = False
+    workers: int | None = None
+    on_bad_input: str = "fail"
+    input_name: str = "input"
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_retries: int = 3
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_samples", parse_num_samples(self.num_samples))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.preprocess, PreprocessSpec):
+            raise ConfigError(f"preprocess must be a PreprocessSpec, got {type(self.preprocess).__name__}")
+        if self.on_bad_input not in ON_BAD_INPUT:
+            raise ConfigError(f"on_bad_input must be one of {list(ON_BAD_INPUT)}, got {self.on_bad_input!r}")
+        for name, low in (("workers", 1), ("max_image_pixels", 1), ("max_retries", 0), ("chunk_size", 1)):
+            value = getattr(self, name)
+            if value is None and name in ("workers", "chunk_size"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.input_name, str) or not self.input_name or self.input_name == "sample_id":
+            raise ConfigError(f"input_name must be a non-empty string other than 'sample_id', got {self.input_name!r}")
+        if not isinstance(self.stratify, bool):
+            raise ConfigError(f"stratify must be True or False, got {self.stratify!r}")
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """A file (or row) that could not be used, and why (`reason` is one of preprocess.REJECT_REASONS)."""
+
+    sample_id: str
+    location: str
+    reason: str
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"sample_id": self.sample_id, "location": self.location, "reason": self.reason, "detail": self.detail}
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.reason} ({self.detail})"
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What `build_batch` published.
+
+    Attributes:
+        output_url, fingerprint, num_rows, inputs (name, shape, dtype), nbytes: the batch.
+        spec: the document stored as the batch's spec (``preprocess`` + ``skipped_inputs`` +
+            ``refused_entries``).
+        num_requested (None = all), num_candidates (samples in the dataset), num_selected.
+        skipped: selected inputs left out (on_bad_input="skip").
+        refused: entries refused while listing (links outside the root, unreadable containers, ...).
+        ignored_files: files ignored for their extension or a hidden name.
+        workers: tasks in flight at once.
+        wall_seconds: list / select / process / write / total, on the driver's clock.
+        worker_seconds: read / decode / transform, summed over tasks.
+        warnings: what the caller should be told (fewer samples than asked, ...).
+    """
+
+    output_url: str
+    fingerprint: str
+    num_rows: int
+    inputs: tuple[Any, ...]
+    nbytes: int
+    spec: Mapping[str, Any]
+    num_requested: int | None
+    num_candidates: int
+    num_selected: int
+    skipped: tuple[BadInput, ...]
+    refused: tuple[BadInput, ...]
+    ignored_files: int
+    workers: int
+    wall_seconds: Mapping[str, float]
+    worker_seconds: Mapping[str, float]
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output_url": self.output_url,
+            "fingerprint": self.fingerprint,
+            "num_rows": self.num_rows,
+            "inputs": [i.to_dict() for i in self.inputs],
+            "nbytes": self.nbytes,
+            "spec": dict(self.spec),
+            "num_requested": self.num_requested,
+            "num_candidates": self.num_candidates,
+            "num_selected": self.num_selected,
+            "skipped": [b.to_dict() for b in self.skipped],
+            "refused": [b.to_dict() for b in self.refused],
+            "ignored_files": self.ignored_files,
+            "workers": self.workers,
+            "wall_seconds": dict(self.wall_seconds),
+            "worker_seconds": dict(self.worker_seconds),
+            "warnings": list(self.warnings),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Task bodies (plain functions; wrapped with ray.remote at build time)
+
+
+@dataclass(frozen=True)
+class _ShardSummary:
+    counts: dict[str, int]
+    kind: str
+    refused: list[tuple[str, str]]
+    ignored: int
+    inputs: dict[str, tuple[tuple[int, ...], str]]
+
+
+def _list_task(dataset: Dataset, shard: Shard, stratify: bool) -> tuple[_ShardSummary, ShardListing]:
+    listing = list_shard(dataset, shard)
+    summary = _ShardSummary(
+        counts=listing.class_counts(stratify), kind=listing.kind, refused=listing.refused,
+        ignored=listing.ignored, inputs=listing.inputs,
+    )
+    return summary, listing
+
+
+def _resolve_task(listing: ShardListing, chosen: Mapping[str, npt.NDArray[np.int64]], stratify: bool) -> list[SampleRef]:
+    return resolve_selection(listing, chosen, stratify)
+
+
+@dataclass
+class _ChunkResult:
+    """Valid rows grouped by signature (ids, stacked arrays), rejected rows, and stage seconds."""
+
+    groups: list[tuple[list[str], dict[str, npt.NDArray[Any]]]]
+    rejected: list[tuple[str, str, str, str]]  # (sample_id, path, reason, detail)
+    timings: dict[str, float]
+
+
+def _signature(arrays: Mapping[str, npt.NDArray[Any]]) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    return tuple((name, tuple(int(d) for d in a.shape), a.dtype.name) for name, a in sorted(arrays.items()))
+
+
+def _process_task(
+    dataset: Dataset, refs: Sequence[SampleRef], spec: PreprocessSpec, input_name: str, max_pixels: int
+) -> _ChunkResult:
+    """Read, decode and transform one chunk of samples; never raises for a bad input."""
+    fs = dataset.filesystem()
+    timings = {"read": 0.0, "decode": 0.0, "transform": 0.0}
+    rows: list[tuple[str, dict[str, npt.NDArray[Any]]]] = []
+    rejected: list[tuple[str, str, str, str]] = []
+
+    def reject(ref: SampleRef, exc: InputRejected) -> None:
+        rejected.append((ref.sample_id, ref.path, exc.reason, exc.detail))
+
+    def run_image(ref: SampleRef, data: bytes) -> None:
+        try:
+            rows.append((ref.sample_id, preprocess_image_bytes(
+                data, spec, input_name=input_name, max_pixels=max_pixels, timings=timings
+            )))
+        except InputRejected as exc:
+            reject(ref, exc)
+
+    images = [r for r in refs if r.kind == "image"]
+    t0 = time.perf_counter()
+    encoded = read_images(dataset, fs, images)
+    timings["read"] += time.perf_counter() - t0
+    for ref in images:
+        value = encoded.pop(ref.sample_id)
+        if isinstance(value, InputRejected):
+            reject(ref, value)
+        else:
+            run_image(ref, value)
+    by_file: dict[str, list[SampleRef]] = {}
+    for ref in refs:
+        if ref.kind != "image":
+            by_file.setdefault(ref.path, []).append(ref)
+    for path, file_refs in by_file.items():
+        kind = file_refs[0].kind
+        by_row = {int(r.row or 0): r for r in file_refs}
+        done: set[int] = set()
+        try:
+            t0 = time.perf_counter()
+            for row, value in read_container_rows(fs, path, kind, list(by_row), input_name):
+                timings["read"] += time.perf_counter() - t0
+                ref = by_row[row]
+                done.add(row)
+                if kind == "parquet":
+                    run_image(ref, value)
+                else:
+                    try:
+                        rows.append((ref.sample_id, preprocess_array(value, spec, timings=timings)))
+                    except InputRejected as exc:
+                        reject(ref, exc)
+                t0 = time.perf_counter()
+        except InputRejected as exc:
+            for row, ref in by_row.items():
+                if row not in done:
+                    reject(ref, exc)
+    groups: dict[Any, tuple[list[str], list[dict[str, npt.NDArray[Any]]]]] = {}
+    for sample_id, arrays in rows:
+        ids, members = groups.setdefault(_signature(arrays), ([], []))
+        ids.append(sample_id)
+        members.append(arrays)
+    stacked = [
+        (ids, {name: np.stack([m[name] for m in members]) for name in members[0]}) for ids, members in groups.values()
+    ]
+    return _ChunkResult(groups=stacked, rejected=rejected, timings=timings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+class _BuildBatchWriter:
+    """BatchWriter whose spec is completed just before publishing (the skipped count is known only
+    then). Uses BatchWriter's private `_spec_json`: see the report to the batch-format owner."""
+
+    def __init__(self, output_url: str, storage_options: Mapping[str, Any]) -> None:
+        from trtcal.workers.batch_format import BatchWriter
+
+        self.writer = BatchWriter(output_url, spec={}, **dict(storage_options))
+
+    def close_with_spec(self, spec: Mapping[str, Any]) -> Any:
+        from trtcal.workers.batch_format import canonical_spec_json
+
+        self.writer._spec_json = canonical_spec_json(spec)
+        return self.writer.close()
+
+
+def _as_spec(preprocess: PreprocessSpec | str) -> PreprocessSpec:
+    if isinstance(preprocess, PreprocessSpec):
+        return preprocess
+    if isinstance(preprocess, str):
+        return parse_preprocess(preprocess)
+    raise ConfigError(f"preprocess must be a PreprocessSpec or a preset/function name, got {type(preprocess).__name__}")
+
+
+def build_batch(
+    data_url: str | os.PathLike[str],
+    output_url: str | os.PathLike[str],
+    *,
+    num_samples: int | str | None,
+    seed: int,
+    preprocess: PreprocessSpec | str,
+    workers: int | None = None,
+    address: str | None = None,
+    on_bad_input: str = "fail",
+    input_name: str = "input",
+    progress: ProgressCallback = NO_PROGRESS,
+    storage_options: Mapping[str, Any] | None = None,
+    output_storage_options: Mapping[str, Any] | None = None,
+    stratify: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    runtime_env: Mapping[str, Any] | None = None,
+) -> BuildReport:
+    """Build ONE calibration batch from a dataset URL and publish it at `output_url`.
+
+    Args:
+        data_url: folder/prefix, list file, Parquet/.npy/.npz file (see `trtcal.workers.sources`).
+        output_url: where the `.arrow` batch goes (local path or fsspec URL); published atomically.
+        num_samples: how many samples (an int), or "all"/None.
+        seed: seeds the sample draw.
+        preprocess: a PreprocessSpec, a preset name, or "package.module:function".
+        workers: tasks in flight at once (default: the cluster's CPUs).
+        address: a Ray cluster to run on; None starts (and stops) an embedded Ray unless one is
+            already initialised in this process.
+        on_bad_input: "fail" or "skip" (see the module doc).
+        input_name: the model input the arrays feed.
+        progress: receives "list", "preprocess" (images) and "write" stages.
+        storage_options: fsspec options for the dataset (and the output, unless
+            `output_storage_options` is given).
+        stratify: draw evenly per class.
+        max_image_pixels: decompression-bomb limit per image.
+        runtime_env: a Ray runtime_env for the tasks (e.g. to ship the module of a preprocessing
+            function to a cluster).
+
+    Raises:
+        ConfigError: invalid arguments.  DataError: bad inputs under "fail", no valid samples,
+        too few samples under "fail".  StorageError: dataset or output unreachable.
+        WorkerError: Ray failed (after retries).
+    """
+    config = BatchBuildConfig(
+        num_samples=num_samples,  # type: ignore[arg-type]  # parsed in __post_init__
+        seed=seed,
+        preprocess=_as_spec(preprocess),
+        stratify=stratify,
+        workers=workers,
+        on_bad_input=on_bad_input,
+        input_name=input_name,
+        max_image_pixels=max_image_pixels,
+    )
+    return build_batch_from_config(
+        data_url, output_url, config, address=address, progress=progress, storage_options=storage_options,
+        output_storage_options=output_storage_options, runtime_env=runtime_env,
+    )
+
+
+def build_batch_from_config(
+    data_url: str | os.PathLike[str],
+    output_url: str | os.PathLike[str],
+    config: BatchBuildConfig,
+    *,
+    address: str | None = None,
+    progress: ProgressCallback = NO_PROGRESS,
+    storage_options: Mapping[str, Any] | None = None,
+    output_storage_options: Mapping[str, Any] | None = None,
+    runtime_env: Mapping[str, Any] | None = None,
+) -> BuildReport:
+    """`build_batch` with a validated config (what the orchestrator calls)."""
+    started = time.perf_counter()
+    dataset = open_dataset(data_url, storage_options)
+    output_url = os.fspath(output_url)
+    out_options = storage_options_for(
+        output_url, output_storage_options if output_storage_options is not None else storage_options
+    )
+    with ray_session(address, num_cpus=config.workers) as session:
+        import ray
+
+        workers = config.workers or max(1, session.num_cpus)
+        run = _Runner(ray, workers, config.max_retries, runtime_env)
+        return _build(run, dataset, output_url, out_options, config, workers, progress, started)
+
+
+class _Runner:
+    """Runs task bodies on Ray with at most `workers` in flight, results consumed as they finish."""
+
+    def __init__(self, ray: Any, workers: int, max_retries: int, runtime_env: Mapping[str, Any] | None) -> None:
+        self.ray = ray
+        self.workers = workers
+        options: dict[str, Any] = {"num_cpus": 1, "max_retries": max_retries, "retry_exceptions": False}
+        if runtime_env:
+            options["runtime_env"] = dict(runtime_env)
+        self.list_task = ray.remote(_list_task).options(num_returns=2, **options)
+        self.resolve_task = ray.remote(_resolve_task).options(**options)
+        self.process_task = ray.remote(_process_task).options(**options)
+
+    def map_unordered(
+        self, submit: Callable[[Any], Any], items: Iterable[Any], on_result: Callable[[Any, Any], None]
+    ) -> None:
+        """submit(item) -> ObjectRef for each item, at most `workers` pending; on_result(item, value)."""
+        pending: dict[Any, Any] = {}
+        queue = iter(items)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(pending) < self.workers:
+                    try:
+                        item = next(queue)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    pending[submit(item)] = item
+                if not pending:
+                    return
+                ready, _ = self.ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    item = pending.pop(ref)
+                    on_result(item, self.get(ref))
+        except BaseException:
+            for ref in pending:
+                try:
+                    self.ray.cancel(ref, force=True)
+                except Exception:  # best effort: it may have finished meanwhile
+                    pass
+            raise
+
+    def get(self, ref: Any) -> Any:
+        ray = self.ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, TrtcalError):
+                raise cause from None
+            raise WorkerError(f"a trtcal task failed: {cause!r}" if cause is not None else f"a trtcal task failed: {exc}") from exc
+        except ray.exceptions.RayError as exc:
+            raise WorkerError(
+                f"a trtcal task was lost even after Ray's retries ({type(exc).__name__}: {exc}); "
+                "check worker memory and node health"
+            ) from exc
+
+
+def _split_refused(dataset: Dataset, entries: Iterable[tuple[str, str]]) -> list[BadInput]:
+    out: list[BadInput] = []
+    for rel, text in entries:
+        reason, _, detail = text.partition(": ")
+        out.append(BadInput(make_sample_id(rel), _location(dataset, rel), reason, detail))
+    return out
+
+
+def _location(dataset: Dataset, path_or_rel: str) -> str:
+    if dataset.is_local:
+        return path_or_rel if os.path.isabs(path_or_rel) else os.path.join(dataset.root, path_or_rel)
+    full = path_or_rel if path_or_rel.startswith(dataset.root) else dataset.join(path_or_rel)
+    return f"{dataset.protocol}://{full}"
+
+
+def _bad_input_message(what: str, bad: Sequence[BadInput], advice: str) -> str:
+    counts: dict[str, int] = {}
+    for b in bad:
+        counts[b.reason] = counts.get(b.reason, 0) + 1
+    summary = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+    lines = [f"  {b}" for b in bad[:_MAX_LISTED_IN_ERROR]]
+    if len(bad) > _MAX_LISTED_IN_ERROR:
+        lines.append(f"  ... and {len(bad) - _MAX_LISTED_IN_ERROR} more")
+    return f"{what}: {len(bad)} bad input(s) ({summary}):\n" + "\n".join(lines) + f"\n{advice}"
+
+
+def _chunks(refs: Sequence[SampleRef], size: int) -> list[list[SampleRef]]:
+    return [list(refs[i : i + size]) for i in range(0, len(refs), size)]
+
+
+def _build(
+    run: _Runner,
+    dataset: Dataset,
+    output_url: str,
+    out_options: Mapping[str, Any],
+    config: BatchBuildConfig,
+    workers: int,
+    progress: ProgressCallback,
+    started: float,
+) -> BuildReport:
+    spec = config.preprocess
+    skip = config.on_bad_input == "skip"
+    wall: dict[str, float] = {}
+    warnings: list[str] = []
+
+    # 1. list
+    t0 = time.perf_counter()
+    shards, planning_refused = plan_shards(dataset)
+    progress.start("list", total=len(shards), unit="shard")
+    summaries: dict[int, _ShardSummary] = {}
+    listings: dict[int, Any] = {}
+
+    def submit_list(index: int) -> Any:
+        summary_ref, listing_ref = run.list_task.remote(dataset, shards[index], config.stratify)
+        listings[index] = listing_ref
+        return summary_ref
+
+    def on_listed(index: int, summary: _ShardSummary) -> None:
+        summaries[index] = summary
+        progress.advance("list")
+
+    run.map_unordered(submit_list, range(len(shards)), on_listed)
+    progress.finish("list")
+    ordered = [summaries[i] for i in range(len(shards))]
+    refused = _split_refused(dataset, planning_refused)
+    for summary in ordered:
+        refused.extend(_split_refused(dataset, summary.refused))
+    ignored = sum(s.ignored for s in ordered)
+    kinds = {s.kind for s in ordered if s.kind}
+    families = {"tensor" if k in ("npy", "npz") else "image" for k in kinds}
+    if len(families) > 1 or ({"npy", "npz"} <= kinds):
+        raise DataError(f"dataset {dataset.display_url} mixes {sorted(kinds)} files; a calibration batch needs one kind")
+    tensor_inputs = [s.inputs for s in ordered if s.inputs]
+    if any(inputs != tensor_inputs[0] for inputs in tensor_inputs):
+        raise DataError(f"dataset {dataset.display_url}: tensor files disagree on their inputs: {tensor_inputs[0]} vs others")
+    if "tensor" in families and not (spec.is_passthrough or spec.function is not None):
+        raise ConfigError(
+            "preprocess: tensor data (.npy/.npz) is fed as it is; use the 'raw' preset (optionally with a dtype) "
+            "or a preprocessing function"
+        )
+    if refused and not skip:
+        raise DataError(_bad_input_message(
+            f"dataset {dataset.display_url}", refused,
+            "Fix or remove these entries, or pass on_bad_input='skip' (--on-bad-input skip) to leave them out.",
+        ))
+    if refused:
+        logger.warning("%d dataset entries refused while listing (see the report)", len(refused))
+    if ignored:
+        logger.info("ignored %d files with other extensions or hidden names", ignored)
+    wall["list"] = time.perf_counter() - t0
+
+    # 2. select
+    t0 = time.perf_counter()
+    selection = select_samples(
+        [s.counts for s in ordered], num_samples=config.num_samples, seed=config.seed, allow_fewer=skip
+    )
+    if selection.shortfall > 0:
+        warnings.append(
+            f"asked for {selection.num_requested} samples but the dataset holds only {selection.num_candidates}; "
+            "using all of them"
+        )
+    refs: list[SampleRef] = []
+    chosen_shards = [i for i, chosen in enumerate(selection.per_shard) if chosen]
+
+    def submit_resolve(index: int) -> Any:
+        return run.resolve_task.remote(listings[index], selection.per_shard[index], config.stratify)
+
+    run.map_unordered(submit_resolve, chosen_shards, lambda _i, shard_refs: refs.extend(shard_refs))
+    listings.clear()  # the listings leave the object store
+    refs.sort(key=lambda r: r.sample_id)
+    for a, b in zip(refs, refs[1:]):
+        if a.sample_id == b.sample_id:
+            raise DataError(f"two dataset entries map to the same sample id {a.sample_id!r}: {a.path!r} and {b.path!r}")
+    wall["select"] = time.perf_counter() - t0
+    logger.info("selected %d of %d samples from %d shards", len(refs), selection.num_candidates, len(shards))
+
+    # 3. process (streamed into the writer), 4. write
+    expected_shape = output_shape(spec) if "image" in families else None
+    expected = None if expected_shape is None else ((config.input_name, expected_shape, spec.dtype),)
+    row_bytes = _DEFAULT_ROW_BYTES if expected_shape is None else int(np.prod(expected_shape)) * np.dtype(spec.dtype).itemsize
+    size = config.chunk_size or max(1, min(64, _CHUNK_TARGET_BYTES // row_bytes))
+    size = max(1, min(size, math.ceil(len(refs) / (workers * 4))))
+    chunks = _chunks(refs, size)
+    paths = {r.sample_id: r.path for r in refs}
+    skipped: list[BadInput] = []
+    worker_seconds = {"read": 0.0, "decode": 0.0, "transform": 0.0}
+    write_seconds = 0.0
+    state: dict[str, Any] = {"expected": expected}
+
+    t_process = time.perf_counter()
+    writer = _BuildBatchWriter(output_url, out_options)
+    try:
+        progress.start("preprocess", total=len(refs), unit="img")
+
+        def on_chunk(chunk: list[SampleRef], result: _ChunkResult) -> None:
+            nonlocal write_seconds
+            for key, value in result.timings.items():
+                worker_seconds[key] = worker_seconds.get(key, 0.0) + value
+            for sample_id, path, reason, detail in result.rejected:
+                skipped.append(BadInput(sample_id, _location(dataset, path), reason, detail))
+            for ids, arrays in result.groups:
+                signature = _signature_rows(arrays)
+                if state["expected"] is None:
+                    state["expected"] = signature
+                if signature != state["expected"]:
+                    detail = f"{_describe(signature)} differs from the batch's {_describe(state['expected'])}"
+                    skipped.extend(BadInput(s, _location(dataset, paths[s]), "shape-mismatch", detail) for s in ids)
+                    continue
+                if skipped and not skip:
+                    continue  # the build will fail: do not spool rows for nothing
+                t_write = time.perf_counter()
+                writer.writer.write(arrays, ids)
+                write_seconds += time.perf_counter() - t_write
+            progress.advance("preprocess", len(chunk))
+
+        submit = lambda chunk: run.process_task.remote(  # noqa: E731
+            dataset, chunk, spec, config.input_name, config.max_image_pixels
+        )
+        remaining = chunks
+        if state["expected"] is None:
+            # The batch's shape is that of the first valid sample in id order: probe chunk by chunk.
+            while remaining and state["expected"] is None:
+                run.map_unordered(submit, remaining[:1], on_chunk)
+                remaining = remaining[1:]
+        run.map_unordered(submit, remaining, on_chunk)
+        progress.finish("preprocess")
+        wall["process"] = time.perf_counter() - t_process
+
+        skipped.sort(key=lambda b: b.sample_id)
+        if skipped and not skip:
+            raise DataError(_bad_input_message(
+                f"cannot build a calibration batch from {dataset.display_url}", skipped,
+                "Fix or remove these files, or pass on_bad_input='skip' (--on-bad-input skip) to leave them out.",
+            ))
+        if writer.writer.num_rows == 0:
+            raise DataError(_bad_input_message(
+                f"no valid samples remain in {dataset.display_url} (all {len(refs)} selected were bad)",
+                skipped, "Check the dataset and the preprocessing.",
+            ))
+        if skipped:
+            warnings.append(
+                f"{len(skipped)} of {len(refs)} selected inputs were skipped; the batch holds {writer.writer.num_rows}"
+                + (f" instead of {config.num_samples}" if config.num_samples is not None else "")
+            )
+        document = {
+            "preprocess": spec.to_dict(),
+            "skipped_inputs": len(skipped),
+            "refused_entries": len(refused),
+        }
+        t_close = time.perf_counter()
+        progress.start("write", total=None, unit="")
+        info = writer.close_with_spec(document)
+        progress.finish("write")
+        wall["write"] = write_seconds + (time.perf_counter() - t_close)
+    except BaseException:
+        writer.writer.abort()
+        raise
+    for message in warnings:
+        logger.warning("%s", message)
+    wall["total"] = time.perf_counter() - started
+    return BuildReport(
+        output_url=info.path, fingerprint=info.fingerprint, num_rows=info.num_rows, inputs=info.inputs,
+        nbytes=info.nbytes, spec=document, num_requested=config.num_samples,
+        num_candidates=selection.num_candidates, num_selected=len(refs), skipped=tuple(skipped),
+        refused=tuple(sorted(refused, key=lambda b: b.sample_id)), ignored_files=ignored, workers=workers,
+        wall_seconds=wall, worker_seconds=worker_seconds, warnings=tuple(warnings),
+    )
+
+
+def _signature_rows(arrays: Mapping[str, npt.NDArray[Any]]) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    """Per-sample signature of stacked arrays (the row axis dropped)."""
+    return tuple((name, tuple(int(d) for d in a.shape[1:]), a.dtype.name) for name, a in sorted(arrays.items()))
+
+
+def _describe(signature: Any) -> str:
+    return ", ".join(f"{name} {list(shape)} {dtype}" for name, shape, dtype in signature)
