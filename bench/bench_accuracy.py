@@ -38,9 +38,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_MODEL = ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"
 
-# Disjoint photo sets (the stereo motorcycle pair is one scene: only its left view is used).
-CALIBRATION_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "brick", "grass", "moon", "page")
-EVALUATION_PHOTOS = ("coffee", "chelsea", "motorcycle_left", "retina", "coins", "clock", "gravel", "text", "cell")
+# Disjoint photo sets (the stereo motorcycle pair is one scene: only its left view is used). The
+# evaluation photos are the ones showing objects an ImageNet classifier can name; textures and
+# micrographs (gravel, cell: FP32 top-1 probability < 0.1, logits that are mostly noise) calibrate
+# but are not judged. Run with --eval-photos all to judge on them too.
+CALIBRATION_PHOTOS = (
+    "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "brick", "grass", "moon", "page",
+    "gravel", "cell",
+)
+EVALUATION_PHOTOS = ("coffee", "chelsea", "motorcycle_left", "retina", "coins", "clock", "text")
 METHODS = (
     ("entropy2", "entropy2", {}),
     ("minmax", "minmax", {}),
@@ -98,23 +104,32 @@ def views(names: tuple[str, ...], count: int, seed: int) -> np.ndarray:
 # Calibrators
 
 
-def trtcal_ranges(model: str, calib: np.ndarray) -> tuple[dict[str, dict[str, float]], dict[str, tuple[np.ndarray, float]], float]:
-    """amax per method per tensor from trtcal's runner (two exact passes) and core scale search."""
+def trtcal_ranges(model: str, calib: np.ndarray) -> tuple[dict[str, dict[str, float]], dict, float]:
+    """amax per method per tensor from `trtcal.calibrate` (one statistics collection for all methods).
+
+    calibrate() computes one percentile; the other two come from the same histograms.
+    """
+    import trtcal
     from trtcal.core import compute_amax
-    from trtcal.runners.onnxruntime import OnnxRuntimeRunner
-    from trtcal.workers.batch_format import batch_from_arrays
 
     t0 = time.perf_counter()
-    runner = OnnxRuntimeRunner(model, tensors="quantizable")
-    batch = batch_from_arrays({"input": calib})
-    stats = runner.collect_stats(batch, micro_batch=25)
-    hist_amax = {n: s.amax for n, s in stats.items()}
-    counts = runner.collect_counts(batch, hist_amax, num_bins=2048, micro_batch=25)
-    table = {
-        label: {n: compute_amax(counts[n], hist_amax[n], method, **params) for n in runner.tensor_names}
-        for label, method, params in METHODS
-    }
-    return table, {n: (counts[n], hist_amax[n]) for n in runner.tensor_names}, time.perf_counter() - t0
+    result = trtcal.calibrate(
+        model,
+        {"input": calib},
+        algorithms=("entropy2", "minmax", "percentile", "mse"),
+        method_params={"percentile": {"percentile": 99.99}},
+        tensors="quantizable",
+        micro_batch=25,
+    )
+    table: dict[str, dict[str, float]] = {}
+    for label, method, params in METHODS:
+        if method != "percentile" or params["percentile"] == 99.99:
+            table[label] = dict(result.amax[method])
+        else:
+            table[label] = {
+                n: compute_amax(h.counts, h.hist_amax, "percentile", **params) for n, h in result.histograms.items()
+            }
+    return table, result.histograms, time.perf_counter() - t0
 
 
 def ort_minmax(model: str, calib: np.ndarray, out: Path) -> float:
@@ -197,8 +212,12 @@ def main() -> int:
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--calib", type=int, default=500, help="calibration views")
     parser.add_argument("--eval", type=int, default=200, help="evaluation views")
+    parser.add_argument("--eval-photos", choices=("objects", "all"), default="objects",
+                        help="judge on object photos only (default) or also on the texture/micrograph photos")
     parser.add_argument("--modelopt-python", default="", help="a Python with nvidia-modelopt (and torch) installed")
     parser.add_argument("--fused", action="store_true", help="also run ORT's fused int8 kernels (labelled apart)")
+    parser.add_argument("--no-fallback", action="store_true", help="skip the sensitivity ranking and fallback")
+    parser.add_argument("--report", default="", help="also write trtcal's HTML report of this run here")
     parser.add_argument("--write", default="", help="write the results as Markdown to this file")
     parser.add_argument("--json", default="", help="write the raw numbers as JSON to this file")
     args = parser.parse_args()
@@ -209,14 +228,16 @@ def main() -> int:
     from trtcal.export.qdq import QdqConfig, activation_scales, build_qdq
 
     t_start = time.perf_counter()
-    calib = views(CALIBRATION_PHOTOS, args.calib, seed=1)
-    evalset = views(EVALUATION_PHOTOS, args.eval, seed=2)
-    print(f"data: {len(calib)} calibration views of {len(CALIBRATION_PHOTOS)} photos, {len(evalset)} evaluation views "
-          f"of {len(EVALUATION_PHOTOS)} other photos", flush=True)
+    calib_photos = CALIBRATION_PHOTOS if args.eval_photos == "objects" else CALIBRATION_PHOTOS[:-2]
+    eval_photos = EVALUATION_PHOTOS if args.eval_photos == "objects" else EVALUATION_PHOTOS + CALIBRATION_PHOTOS[-2:]
+    calib = views(calib_photos, args.calib, seed=1)
+    evalset = views(eval_photos, args.eval, seed=2)
+    print(f"data: {len(calib)} calibration views of {len(calib_photos)} photos, {len(evalset)} evaluation views "
+          f"of {len(eval_photos)} other photos", flush=True)
 
     timings: dict[str, float] = {}
-    table, _histograms, timings["trtcal statistics + all scale searches"] = trtcal_ranges(args.model, calib)
-    print(f"trtcal calibration: {timings['trtcal statistics + all scale searches']:.1f} s", flush=True)
+    table, histograms, timings["trtcal.calibrate (statistics + all scale searches)"] = trtcal_ranges(args.model, calib)
+    print(f"trtcal calibration: {timings['trtcal.calibrate (statistics + all scale searches)']:.1f} s", flush=True)
 
     models: dict[str, object] = {}
     for label in table:
@@ -259,6 +280,47 @@ def main() -> int:
     goal_ort = best.sqnr_db >= ort.sqnr_db + 0.3 and best.top1_agreement >= ort.top1_agreement
     goal_mo = None if mo is None else (best.sqnr_db >= mo.sqnr_db and best.top1_agreement >= mo.top1_agreement)
 
+    fallback_lines: list[str] = []
+    ranking = fallback = None
+    if not args.no_fallback:
+        from trtcal.export.sensitivity import SensitivityConfig, fallback_auto, rank_sensitivity
+
+        method_label = best_label[len("trtcal "):]
+        scales = activation_scales(table[method_label])
+        t0 = time.perf_counter()
+        ranking = rank_sensitivity(args.model, scales, evalset, config=SensitivityConfig(max_inputs=16, batch_size=16))
+        timings["sensitivity ranking (16 inputs)"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fallback = fallback_auto(
+            args.model, scales, evalset, ranking=ranking, config=SensitivityConfig(batch_size=20, target_agreement=0.99)
+        )
+        timings["fallback search"] = time.perf_counter() - t0
+        fallback_lines = [
+            f"Sensitivity ({ranking.method}, {ranking.num_inputs} evaluation inputs, method {method_label}), "
+            "most harmful first: "
+            + "; ".join(f"{r.node} (SQNR alone {r.sqnr_db:.1f} dB)" for r in ranking.ranking[:5]) + ".",
+            "",
+            f"Fallback to top-1 agreement >= 0.99 on all {len(evalset)} evaluation inputs: "
+            f"{'met' if fallback.met else 'NOT met'} with {len(fallback.float_nodes)} of {fallback.quantized_layers} "
+            f"layers in float ({100 * (fallback.float_mac_fraction or 0):.1f}% of the quantized MACs: "
+            f"{', '.join(fallback.float_nodes) or 'none'}); agreement {fallback.before.top1_agreement:.4f} -> "
+            f"{fallback.after.top1_agreement:.4f}, SQNR {fallback.before.sqnr_db:.2f} -> {fallback.after.sqnr_db:.2f} dB; "
+            f"{len(fallback.steps)} evaluations.",
+            "",
+        ]
+    if args.report:
+        from trtcal.export.report import ReportData, TensorReport, write_report
+
+        tensors = [
+            TensorReport(name=n, amax_by_method={m: table[m][n] for m in table}, counts=h.counts, hist_amax=h.hist_amax)
+            for n, h in histograms.items()
+        ]
+        write_report(
+            ReportData(title="EfficientNet-Lite0: trtcal calibration methods", tensors=tensors, evaluation=result,
+                       sensitivity=ranking, fallback=None if fallback is None else fallback.to_dict()),
+            args.report,
+        )
+
     command = "python " + " ".join(sys.argv)
     lines = [
         "# INT8 accuracy: trtcal vs ONNX Runtime quantize_static vs ModelOpt (EfficientNet-Lite0)",
@@ -269,9 +331,9 @@ def main() -> int:
         f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}. Total wall time "
         f"{time.perf_counter() - t_start:.0f} s.",
         "",
-        f"Calibration: {len(calib)} seeded views (random-resized crops, flips) of {len(CALIBRATION_PHOTOS)} real "
-        f"scikit-image photos ({', '.join(CALIBRATION_PHOTOS)}). Evaluation: {len(evalset)} views of "
-        f"{len(EVALUATION_PHOTOS)} OTHER photos ({', '.join(EVALUATION_PHOTOS)}). Every Q/DQ model is simulated "
+        f"Calibration: {len(calib)} seeded views (random-resized crops, flips) of {len(calib_photos)} real "
+        f"scikit-image photos ({', '.join(calib_photos)}). Evaluation: {len(evalset)} views of "
+        f"{len(eval_photos)} OTHER photos ({', '.join(eval_photos)}). Every Q/DQ model is simulated "
         "exactly (ONNX Runtime, GraphOptimizationLevel.ORT_DISABLE_ALL) and compared with the FP32 model on the "
         "same inputs.",
         "",
@@ -287,7 +349,8 @@ def main() -> int:
             f"- vs ModelOpt ONNX PTQ entropy: {best.sqnr_db - mo.sqnr_db:+.2f} dB, agreement "
             f"{best.top1_agreement - mo.top1_agreement:+.4f} (goal: not lower in either): {'MET' if goal_mo else 'NOT MET'}."
         )
-    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + ".", ""]
+    lines += [""] + fallback_lines
+    lines += ["Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + ".", ""]
     lines += [f"- {n}" for n in notes]
     lines += [
         "- trtcal rows keep the last smoothing layer (the classifier Gemm) in float, TensorRT's implicit-mode "

@@ -164,3 +164,22 @@ def test_bad_input_gives_a_clear_error_and_no_output(bad_inputs: Path, efficient
     assert rc == 2
     assert "trtcal: error: " in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # not even a temp dir
+
+
+def test_basic_graph_optimisations_would_not_change_any_value(efficientnet_path: Path, photo_arrays: Any) -> None:
+    """Backs the runner's documented choice: ORT_DISABLE_ALL is used so every tensor keeps its graph
+    name and value; ORT_ENABLE_BASIC is measured to give bitwise the same values on this model."""
+    from trtcal.runners.onnxruntime import select_tensors, with_extra_outputs
+
+    arrays, _ids = photo_arrays
+    model = onnx.load(str(efficientnet_path))
+    names = [n for n in select_tensors(model) if n != INPUT_NAME]
+    augmented = with_extra_outputs(model, names).SerializeToString()
+    values = {}
+    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC"):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        session = ort.InferenceSession(augmented, options, providers=["CPUExecutionProvider"])
+        values[level] = session.run(names, {INPUT_NAME: np.ascontiguousarray(arrays[:8])})
+    different = [n for n, a, b in zip(names, values["ORT_DISABLE_ALL"], values["ORT_ENABLE_BASIC"]) if not np.array_equal(a, b)]
+    assert different == []

@@ -31,6 +31,7 @@ import pytest
 
 from trtcal.errors import ConfigError
 from trtcal.orchestrator import jobs
+from trtcal.orchestrator.pipeline import calibrate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = REPO_ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"
@@ -88,6 +89,14 @@ def test_token_sources_in_order(tmp_path: Path) -> None:
     )
     assert jobs.resolve_token(None, None, environ={}, home=home) == "from-home"
     assert jobs.resolve_token(None, None, environ={}, home=tmp_path / "nobody") is None
+
+
+def test_token_file_with_a_tilde_is_in_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "cluster_token").write_text("tilde\n")
+    assert jobs.resolve_token(None, "~/cluster_token", environ={}, home=tmp_path / "elsewhere") == "tilde"
 
 
 def test_unreadable_token_file_is_a_clear_error_without_the_token(tmp_path: Path) -> None:
@@ -284,7 +293,9 @@ def _stop_head(head: RayHead) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert not left, f"Ray processes of this test's head outlived it (killed now): {sorted(left)} of {sorted(started)}"
+    assert not left, (
+        f"Ray processes of this test's head outlived it (killed now): {sorted(left)} of {sorted(started)}"
+    )
 
 
 def trtcal(
@@ -310,6 +321,28 @@ def connection(head: RayHead) -> list[str]:
 
 def _job_id() -> str:
     return f"trtcal-test-{uuid.uuid4().hex[:12]}"
+
+
+def _calibrate_args(model: Path, data: Path, output: Path) -> list[str]:
+    """`trtcal calibrate` as a cluster job runs it: joining the job's cluster when the command can."""
+    args = ["calibrate", str(model), "--data", str(data), "--output", str(output), "--algorithm", "entropy2"]
+    from trtcal.cli import build_parser
+
+    calibrate_parser = build_parser()._subparsers._group_actions[0].choices["calibrate"]  # type: ignore[union-attr]
+    if "--address" in calibrate_parser._option_string_actions:
+        args += ["--address", "auto"]  # inside a Ray job RAY_ADDRESS names this cluster
+    return args
+
+
+@pytest.fixture(scope="module")
+def photo_npy(tmp_path_factory: pytest.TempPathFactory, photo_arrays: tuple[object, list[str]]) -> Path:
+    """Eight preprocessed real-photo views (skimage.data) as the .npy batch `trtcal calibrate --data` takes."""
+    import numpy as np
+
+    arrays, _ = photo_arrays
+    path = tmp_path_factory.mktemp("job-data") / "views.npy"
+    np.save(path, np.ascontiguousarray(arrays[:8]))  # type: ignore[index]
+    return path
 
 
 # --------------------------------------------------------------------------- against the head
@@ -351,9 +384,25 @@ def test_unknown_job_and_unreachable_cluster(ray_head: RayHead) -> None:
     assert unknown.returncode == 2
     assert "no job 'no-such-job'" in unknown.stderr
 
-    nobody = trtcal("jobs", "status", "x", "--address", f"http://127.0.0.1:{_free_port()}", head=ray_head)
+    dead = f"http://127.0.0.1:{_free_port()}"
+    nobody = trtcal("jobs", "status", "x", "--address", dead, head=ray_head)
     assert nobody.returncode == 2
     assert "cannot reach the Ray dashboard" in nobody.stderr and "Traceback" not in nobody.stderr
+
+    # Ray's client would silently prefer these variables over its address argument; --address wins.
+    overridden = {"RAY_ADDRESS": dead, "RAY_API_SERVER_ADDRESS": dead}
+    explicit = trtcal("jobs", "list", *connection(ray_head), head=ray_head, env=overridden)
+    assert explicit.returncode == 0, explicit.stderr
+    # Without --address, an http:// RAY_API_SERVER_ADDRESS names the cluster.
+    implicit = trtcal(
+        "jobs",
+        "list",
+        "--token-file",
+        str(ray_head.token_file),
+        head=ray_head,
+        env={"RAY_API_SERVER_ADDRESS": ray_head.url},
+    )
+    assert implicit.returncode == 0, implicit.stderr
 
 
 @pytest.mark.integration
@@ -463,3 +512,74 @@ def test_no_follow_then_jobs_stop(ray_head: RayHead) -> None:
     assert "STOPPED" in stopped.stdout
     listed = trtcal("jobs", "list", *connection(ray_head), "--json", head=ray_head)
     assert {j["job_id"]: j["status"] for j in json.loads(listed.stdout)}[job_id] == "STOPPED"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_calibration_job_succeeds_with_the_same_bytes_as_a_local_run(
+    ray_head: RayHead, photo_npy: Path, tmp_path: Path
+) -> None:
+    job_id = _job_id()
+    out = tmp_path / "from-job"
+    submitted = trtcal(
+        "submit",
+        *connection(ray_head),
+        "--launcher",
+        LAUNCHER,
+        "--submission-id",
+        job_id,
+        "--",
+        *_calibrate_args(MODEL, photo_npy, out),
+        head=ray_head,
+    )
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    # The job's own output streamed back: the calibration summary.
+    assert f"artifacts in {out}" in submitted.stdout
+    assert "calibrated " in submitted.stdout and "calibration.cache" in submitted.stdout
+    assert f"job {job_id} SUCCEEDED" in submitted.stderr
+    assert ray_head.token not in submitted.stdout + submitted.stderr
+    assert "WebSocket closed" not in submitted.stderr  # Ray client chatter stays behind -v
+
+    status = trtcal("jobs", "status", job_id, *connection(ray_head), "--json", head=ray_head)
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["status"] == "SUCCEEDED" and info["driver_exit_code"] == 0
+    assert info["entrypoint"].startswith(f"{LAUNCHER} calibrate ")
+
+    logs = trtcal("jobs", "logs", job_id, *connection(ray_head), head=ray_head)
+    assert logs.returncode == 0
+    assert f"artifacts in {out}" in logs.stdout
+
+    # The job computed exactly what a local run computes.
+    local = tmp_path / "local"
+    calibrate(MODEL, photo_npy, output_dir=local, algorithms=("entropy2",))
+    names = ["calibration.cache", "calibration.entropy2.cache", "ranges.json", "histograms.npy"]
+    assert {n: (out / n).read_bytes() for n in names} == {n: (local / n).read_bytes() for n in names}
+
+
+@pytest.mark.integration
+def test_failing_job_exits_1_with_its_logs(ray_head: RayHead, photo_npy: Path, tmp_path: Path) -> None:
+    job_id = _job_id()
+    missing = tmp_path / "no-such-model.onnx"
+    failed = trtcal(
+        "submit",
+        *connection(ray_head),
+        "--launcher",
+        LAUNCHER,
+        "--submission-id",
+        job_id,
+        "--",
+        *_calibrate_args(missing, photo_npy, tmp_path / "out"),
+        head=ray_head,
+    )
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert f"trtcal: error: ONNX model '{missing}' does not exist" in failed.stdout  # the job's logs
+    assert f"job {job_id} FAILED, driver exit code 2" in failed.stderr
+    assert not (tmp_path / "out").exists()
+
+    status = trtcal("jobs", "status", job_id, *connection(ray_head), head=ray_head)
+    assert status.returncode == 1
+    assert "FAILED" in status.stdout
+    logs = trtcal("jobs", "logs", job_id, *connection(ray_head), "--json", head=ray_head)
+    assert logs.returncode == 1
+    assert "does not exist" in json.loads(logs.stdout)["logs"]

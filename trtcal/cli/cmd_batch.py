@@ -130,11 +130,13 @@ def run_build(args: argparse.Namespace) -> int:
             json.dump(report.to_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
     seconds = report.wall_seconds.get("total", 0.0)
-    rate = report.num_selected / seconds if seconds > 0 else 0.0
+    process = report.wall_seconds.get("process", 0.0)
+    rate = report.num_selected / process if process > 0 else 0.0
     shapes = ", ".join(f"{i.name} {list(i.shape)} {i.dtype}" for i in report.inputs)
     print(
         f"wrote {report.output_url}: {report.num_rows} rows ({shapes}), {report.fingerprint}, "
-        f"{report.nbytes / 2**20:.1f} MiB, {seconds:.1f} s ({rate:.1f} images/s, {report.workers} workers)"
+        f"{report.nbytes / 2**20:.1f} MiB in {seconds:.1f} s ({rate:.1f} images/s preprocessing, "
+        f"{report.workers} workers)"
     )
     for bad in report.refused:
         print(f"refused {bad}", file=sys.stderr)

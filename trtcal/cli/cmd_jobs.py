@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from trtcal.cli.cmd_submit import add_connection_args, stream_to
+from trtcal.cli.cmd_submit import add_connection_args, quiet_ray_client, stream_to
 
 
 def register(subparsers: Any) -> None:
@@ -32,13 +32,18 @@ def register(subparsers: Any) -> None:
     logs = actions.add_parser("logs", parents=[common], help="the job's logs (--follow: until it ends)")
     logs.add_argument("job_id", metavar="JOB")
     logs.add_argument(
-        "--follow", action="store_true", default=None, help="keep streaming until the job ends (Ctrl-C detaches, the job keeps running)"
+        "--follow",
+        action="store_true",
+        default=None,
+        help="keep streaming until the job ends (Ctrl-C detaches, the job keeps running)",
     )
     logs.set_defaults(func=run_logs)
 
     stop = actions.add_parser("stop", parents=[common], help="stop the job; nothing half-published remains")
     stop.add_argument("job_id", metavar="JOB")
-    stop.add_argument("--no-wait", action="store_true", default=None, help="return without waiting for it to end")
+    stop.add_argument(
+        "--no-wait", action="store_true", default=None, help="return without waiting for it to end"
+    )
     stop.set_defaults(func=run_stop)
 
     listing = actions.add_parser("list", parents=[common], help="every job the cluster remembers")
@@ -64,11 +69,14 @@ def run_status(args: argparse.Namespace) -> int:
 def run_logs(args: argparse.Namespace) -> int:
     from trtcal.orchestrator import jobs
 
+    quiet_ray_client(args)
     as_json = bool(args.json)
     chunks: list[str] = []
     sink = chunks.append if as_json else stream_to(sys.stdout)
     try:
-        info = jobs.job_logs(args.address, args.job_id, follow=bool(args.follow), log_sink=sink, token_file=args.token_file)
+        info = jobs.job_logs(
+            args.address, args.job_id, follow=bool(args.follow), log_sink=sink, token_file=args.token_file
+        )
     except KeyboardInterrupt:
         print(
             f"trtcal: stopped following; job {args.job_id} keeps running (stop it with `trtcal jobs stop {args.job_id}`)",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
@@ -35,9 +36,14 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_connection_args(parser)
-    parser.add_argument("--working-dir", default=None, metavar="DIR", help="local directory uploaded as the job's working dir")
     parser.add_argument(
-        "--runtime-env", default=None, metavar="FILE", help="Ray runtime env (YAML or JSON): pip, env_vars, working_dir, …"
+        "--working-dir", default=None, metavar="DIR", help="local directory uploaded as the job's working dir"
+    )
+    parser.add_argument(
+        "--runtime-env",
+        default=None,
+        metavar="FILE",
+        help="Ray runtime env (YAML or JSON): pip, env_vars, working_dir, …",
     )
     parser.add_argument(
         "--launcher",
@@ -45,9 +51,15 @@ def register(subparsers: Any) -> None:
         metavar="CMD",
         help="how the head starts trtcal (default: 'python -m trtcal'; e.g. 'trtcal' or '/opt/venv/bin/python -m trtcal')",
     )
-    parser.add_argument("--submission-id", default=None, metavar="ID", help="job id to use (default: Ray picks one)")
-    parser.add_argument("--no-follow", action="store_true", default=None, help="submit, print the job id and return")
-    parser.add_argument("--json", action="store_true", default=None, help="print the result as JSON (logs go to stderr)")
+    parser.add_argument(
+        "--submission-id", default=None, metavar="ID", help="job id to use (default: Ray picks one)"
+    )
+    parser.add_argument(
+        "--no-follow", action="store_true", default=None, help="submit, print the job id and return"
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=None, help="print the result as JSON (logs go to stderr)"
+    )
     parser.add_argument(
         "job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND …", help="the trtcal command to run"
     )
@@ -62,8 +74,22 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
         help="the head's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS if a URL)",
     )
     parser.add_argument(
-        "--token-file", default=None, metavar="FILE", help="file holding the cluster's Ray auth token (see below)"
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the cluster's Ray auth token (see below)",
     )
+
+
+def quiet_ray_client(args: argparse.Namespace) -> None:
+    """Ray's job client logs at INFO on its own handler ("WebSocket closed …"); show that only with -v."""
+    if getattr(args, "verbose", 0):
+        return
+    try:  # the module sets its logger to INFO when imported: import it first, then lower it
+        import ray.dashboard.modules.job.sdk as sdk
+    except ImportError:
+        return
+    sdk.logger.setLevel(logging.WARNING)
 
 
 def stream_to(stream: Any) -> Any:
@@ -77,6 +103,7 @@ def stream_to(stream: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     from trtcal.orchestrator import jobs
 
+    quiet_ray_client(args)
     command = list(args.job_command or [])
     if command and command[0] == "--":
         command = command[1:]

@@ -13,7 +13,8 @@ Two modes:
 Bin rule (shared with the GPU kernels, so both give identical counts): with
 `inv_width = float32(num_bins) / float32(hist_amax)` computed in float32,
 `bin(x) = min(floor(float32(|x|) * inv_width), num_bins - 1)`; values equal to `hist_amax`
-land in the last bin. If `hist_amax == 0` every value lands in bin 0.
+land in the last bin. If `hist_amax == 0`, or it is so small (< ~1e-35) that `inv_width`
+overflows float32, the range is degenerate and every value lands in bin 0.
 """
 
 from __future__ import annotations
@@ -155,17 +156,23 @@ def merge_stats(stats: Iterable[TensorStats]) -> TensorStats:
     return out
 
 
-def _inv_width(num_bins: int, hist_amax: float) -> np.float32:
-    inv: np.float32 = np.float32(num_bins) / np.float32(hist_amax)
-    return inv
+def _inv_width(num_bins: int, hist_amax: float) -> np.float32 | None:
+    """float32(num_bins) / float32(hist_amax), or None for a degenerate (zero or denormal-tiny) range."""
+    amax32 = np.float32(hist_amax)
+    if not amax32 > 0:
+        return None
+    with np.errstate(over="ignore"):
+        inv: np.float32 = np.float32(num_bins) / amax32
+    return inv if np.isfinite(inv) else None
 
 
 def bin_indices(abs_x: npt.NDArray[np.float32], num_bins: int, hist_amax: float) -> npt.NDArray[np.intp]:
     """Bin index of each |x| (float32) under the module's bin rule. Pure; does not mutate."""
-    if hist_amax <= 0.0:
+    inv_width = _inv_width(num_bins, hist_amax)
+    if inv_width is None:
         return np.zeros(abs_x.shape, dtype=np.intp)
-    scaled = abs_x * _inv_width(num_bins, hist_amax)  # float32 multiply: identical on CPU and GPU
-    idx = scaled.astype(np.intp)  # truncation == floor for non-negative values
+    scaled = np.minimum(abs_x, np.float32(hist_amax)) * inv_width  # float32 multiply: identical on CPU and GPU
+    idx: npt.NDArray[np.intp] = scaled.astype(np.intp)  # truncation == floor for non-negative values
     np.minimum(idx, num_bins - 1, out=idx)
     return idx
 
@@ -192,13 +199,13 @@ def fill_counts(
     counts = np.zeros(num_bins, dtype=np.int64)
     if flat.size == 0:
         return counts
-    if hist_amax <= 0.0:
+    inv_width = _inv_width(num_bins, hist_amax)
+    if inv_width is None:
         finite = int(np.count_nonzero(np.isfinite(flat)))
         if finite != flat.size and nonfinite == "error":
             reduce_stats(flat, tensor=tensor, nonfinite="error")
         counts[0] = finite
         return counts
-    inv_width = _inv_width(num_bins, hist_amax)
     buf = np.empty(min(_CHUNK, flat.size), dtype=np.float32)
     for start in range(0, flat.size, _CHUNK):
         chunk = flat[start : start + _CHUNK]

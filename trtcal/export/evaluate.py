@@ -156,7 +156,8 @@ def _finite(d: dict[str, Any]) -> dict[str, Any]:
 
 def _log_softmax(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     shifted = x - x.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    out: npt.NDArray[np.float64] = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return out
 
 
 def _top_k(x: npt.NDArray[Any], k: int) -> npt.NDArray[np.intp]:

@@ -232,7 +232,8 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
 
 def serialize_model(model: onnx.ModelProto) -> bytes:
     """Deterministic bytes of a model (same model, same bytes)."""
-    return model.SerializeToString(deterministic=True)
+    data: bytes = model.SerializeToString(deterministic=True)
+    return data
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -584,13 +585,14 @@ def _scalar_initializer(name: str, value: float | int, dtype: type[np.generic]) 
 def _quantize_weight(weight: np.ndarray, scales: np.ndarray, axis: int | None) -> np.ndarray:
     """int8 weights: round-half-even(W / s) clipped to [-128, 127], as QuantizeLinear computes it."""
     w = weight.astype(np.float32, copy=False)
-    if axis is None:
-        ratio = w / scales.astype(np.float32)
-    else:
+    s = scales.astype(np.float32)
+    if axis is not None:
         shape = [1] * w.ndim
         shape[axis] = -1
-        ratio = w / scales.astype(np.float32).reshape(shape)
-    return np.clip(np.rint(ratio), -128, 127).astype(np.int8)
+        s = s.reshape(shape)
+    ratio = w / s
+    q: np.ndarray = np.clip(np.rint(ratio), -128, 127).astype(np.int8)
+    return q
 
 
 def apply_plan(model: onnx.ModelProto, plan: QdqPlan, scale_by_tensor: Mapping[str, float]) -> onnx.ModelProto:
@@ -648,10 +650,11 @@ def apply_plan(model: onnx.ModelProto, plan: QdqPlan, scale_by_tensor: Mapping[s
         new_initializers.append(numpy_helper.from_array(_quantize_weight(weight, scales, axis), q_name))
         new_initializers.append(numpy_helper.from_array(scales, scale_name))
         new_initializers.append(numpy_helper.from_array(np.zeros(scales.shape, dtype=np.int8), zp_name))
-        attrs = {} if axis is None else {"axis": axis}
         node = helper.make_node(
-            "DequantizeLinear", [q_name, scale_name, zp_name], [dq_out], name=names.fresh(f"{tensor}_DequantizeLinear"), **attrs
+            "DequantizeLinear", [q_name, scale_name, zp_name], [dq_out], name=names.fresh(f"{tensor}_DequantizeLinear")
         )
+        if axis is not None:
+            node.attribute.append(helper.make_attribute("axis", axis))
         pair_output[key] = dq_out
         return dq_out, [node]
 
@@ -813,7 +816,15 @@ def read_ranges(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
 
     if isinstance(data, dict) and "tensors" in data:
         tensors = data["tensors"]
-        items = tensors.items() if isinstance(tensors, dict) else [(t.get("name"), t) for t in tensors if isinstance(t, dict)]
+        items: list[tuple[str, Any]] = (
+            [(str(k), v) for k, v in tensors.items()]
+            if isinstance(tensors, dict)
+            else [(str(t.get("name")), t) for t in tensors if isinstance(t, dict) and t.get("name")]
+        )
+        order = data.get("tensor_order")
+        if isinstance(order, list):  # trtcal.calibrate writes sorted keys and the graph order apart
+            rank = {name: k for k, name in enumerate(order)}
+            items.sort(key=lambda item: rank.get(item[0], len(rank)))
         for name, entry in items:
             amax = entry.get("amax") if isinstance(entry, dict) else None
             if isinstance(amax, dict):
@@ -822,7 +833,8 @@ def read_ranges(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
             elif amax is not None:
                 put(str(entry.get("method", data.get("method", "ranges"))), name, amax)
     elif isinstance(data, dict) and isinstance(data.get("methods", data.get("amax")), dict):
-        for method, by_tensor in data.get("methods", data.get("amax")).items():
+        by_method: dict[str, Any] = data["methods"] if isinstance(data.get("methods"), dict) else data["amax"]
+        for method, by_tensor in by_method.items():
             if not isinstance(by_tensor, dict):
                 raise ConfigError(f"{source}: method {method!r} must map tensor names to amax values")
             for name, value in by_tensor.items():
@@ -830,6 +842,10 @@ def read_ranges(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
     elif isinstance(data, dict) and data and all(isinstance(v, (int, float)) for v in data.values()):
         for name, value in data.items():
             put("ranges", name, value)
+    algorithms = data.get("algorithms") if isinstance(data, dict) else None
+    if isinstance(algorithms, list):  # the order the methods were asked for
+        rank = {str(m): k for k, m in enumerate(algorithms)}
+        table = dict(sorted(table.items(), key=lambda item: rank.get(item[0], len(rank))))
     if not table:
         raise ConfigError(
             f"{source}: no ranges found; expected a trtcal ranges.json "

@@ -370,7 +370,7 @@ def _histograms(root: Path, ranges: Any) -> dict[str, tuple[np.ndarray, float]]:
         counts = np.load(path, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path} is not a readable histogram file ({exc})") from None
-    tensors = ranges.get("tensors") if isinstance(ranges.get("tensors"), dict) else {}
+    tensors: dict[str, Any] = ranges["tensors"] if isinstance(ranges.get("tensors"), dict) else {}
     out: dict[str, tuple[np.ndarray, float]] = {}
     for name in ranges.get("histogram_tensors") or []:
         summary = tensors.get(name, {}).get("histogram") if isinstance(tensors.get(name), dict) else None

@@ -142,12 +142,18 @@ def build_entrypoint(entrypoint_args: Sequence[str], launcher: Sequence[str] | s
     if args and args[0] == "trtcal":
         args = args[1:]
     if not args:
-        raise ConfigError("entrypoint_args: give the trtcal command to run on the cluster, e.g. `-- calibrate MODEL --data URL`")
+        raise ConfigError(
+            "entrypoint_args: give the trtcal command to run on the cluster, e.g. `-- calibrate MODEL --data URL`"
+        )
     if args[0].startswith("-"):
-        raise ConfigError(f"entrypoint_args: must start with a trtcal subcommand such as `calibrate`, got {args[0]!r}")
+        raise ConfigError(
+            f"entrypoint_args: must start with a trtcal subcommand such as `calibrate`, got {args[0]!r}"
+        )
     words = shlex.split(launcher) if isinstance(launcher, str) else list(launcher)
     if not words or any(not w for w in words):
-        raise ConfigError(f"launcher: must name a command (e.g. 'python -m trtcal' or 'trtcal'), got {launcher!r}")
+        raise ConfigError(
+            f"launcher: must name a command (e.g. 'python -m trtcal' or 'trtcal'), got {launcher!r}"
+        )
     return shlex.join([*words, *args])
 
 
@@ -203,10 +209,13 @@ def resolve_token(
 
 
 def _read_token_file(path: Path, source: str) -> str:
+    path = path.expanduser()
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ConfigError(f"{source}: cannot read the Ray auth token file {path}: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"{source}: cannot read the Ray auth token file {path}: {exc.strerror or exc}"
+        ) from None
     if not text:
         raise ConfigError(f"{source}: the Ray auth token file {path} is empty")
     return text
@@ -227,21 +236,29 @@ def load_runtime_env(path: str | os.PathLike[str]) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError: both name line and column
-        raise ConfigError(f"runtime_env: {file} is not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {exc}") from None
+        raise ConfigError(
+            f"runtime_env: {file} is not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {exc}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"runtime_env: {file} must hold a mapping (pip, env_vars, working_dir, …), got {type(data).__name__}")
+        raise ConfigError(
+            f"runtime_env: {file} must hold a mapping (pip, env_vars, working_dir, …), got {type(data).__name__}"
+        )
     return data
 
 
-def merged_runtime_env(runtime_env: Mapping[str, Any] | None, working_dir: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+def merged_runtime_env(
+    runtime_env: Mapping[str, Any] | None, working_dir: str | os.PathLike[str] | None
+) -> dict[str, Any] | None:
     """`runtime_env` with `working_dir` set; a local working dir must exist (Ray uploads it)."""
     env = dict(runtime_env or {})
     if working_dir is not None:
         text = os.fspath(working_dir)
         if "://" not in text and not Path(text).is_dir():
-            raise ConfigError(f"working_dir: {text} is not a directory (Ray uploads a local directory, or give a remote URI)")
+            raise ConfigError(
+                f"working_dir: {text} is not a directory (Ray uploads a local directory, or give a remote URI)"
+            )
         if "working_dir" in env and env["working_dir"] != text:
             raise ConfigError(
                 f"working_dir: given both as {text!r} and in the runtime env as {env['working_dir']!r}; keep one"
@@ -265,11 +282,18 @@ def _explicit_address() -> Iterator[None]:
             os.environ.update(saved)
 
 
-def _client(address: str, token: str | None, token_file: str | os.PathLike[str] | None, headers: Mapping[str, str] | None) -> Any:
+def _client(
+    address: str,
+    token: str | None,
+    token_file: str | os.PathLike[str] | None,
+    headers: Mapping[str, str] | None,
+) -> Any:
     try:
         from ray.job_submission import JobSubmissionClient
     except ImportError as exc:  # pragma: no cover - ray[default] is a dependency
-        raise BackendUnavailableError(f"Ray Jobs needs `ray[default]`: pip install 'ray[default]' ({exc})") from None
+        raise BackendUnavailableError(
+            f"Ray Jobs needs `ray[default]`: pip install 'ray[default]' ({exc})"
+        ) from None
     url = resolve_address(address)
     all_headers = dict(headers or {})
     if not any(k.lower() == "authorization" for k in all_headers):
@@ -301,14 +325,23 @@ def _as_trtcal_error(exc: BaseException, address: str, action: str, job_id: str)
             "Give its token with --token-file FILE, or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH, or put it in "
             "~/.ray/auth_token (on the head: `ray get-auth-token`; on KubeRay: the cluster's auth Secret)."
         )
-    if isinstance(exc, ConnectionError) or name in ("ConnectionError", "ConnectTimeout", "ReadTimeout", "ClientConnectorError"):
+    if isinstance(exc, ConnectionError) or name in (
+        "ConnectionError",
+        "ConnectTimeout",
+        "ReadTimeout",
+        "ClientConnectorError",
+    ):
         return BackendUnavailableError(
             f"cannot reach the Ray dashboard at {address} ({action}): is the head running and is the address "
             "its dashboard (port 8265 by default)?"
         )
     if job_id and "status code 404" in text:
-        return ConfigError(f"job: no job {job_id!r} on the Ray cluster at {address} (list them with `trtcal jobs list`)")
-    return BackendUnavailableError(f"Ray Jobs request to {address} failed ({action}{' ' + job_id if job_id else ''}): {text}")
+        return ConfigError(
+            f"job: no job {job_id!r} on the Ray cluster at {address} (list them with `trtcal jobs list`)"
+        )
+    return BackendUnavailableError(
+        f"Ray Jobs request to {address} failed ({action}{' ' + job_id if job_id else ''}): {text}"
+    )
 
 
 def _info(details: Any) -> JobInfo:
@@ -329,7 +362,9 @@ def _get_info(client: Any, address: str, job_id: str) -> JobInfo:
         return _info(client.get_job_info(job_id))
 
 
-def _wait_terminal(client: Any, address: str, job_id: str, *, timeout_s: float | None, poll_s: float) -> JobInfo:
+def _wait_terminal(
+    client: Any, address: str, job_id: str, *, timeout_s: float | None, poll_s: float
+) -> JobInfo:
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         info = _get_info(client, address, job_id)
@@ -427,7 +462,14 @@ def submit_job(
     log.info("submitted job %s to %s: %s", job_id, url, entrypoint)
     if not follow:
         info = _get_info(client, url, job_id)
-        return JobResult(job_id=job_id, address=url, entrypoint=entrypoint, status=info.status, message=info.message, followed=False)
+        return JobResult(
+            job_id=job_id,
+            address=url,
+            entrypoint=entrypoint,
+            status=info.status,
+            message=info.message,
+            followed=False,
+        )
     try:
         _follow_logs(client, url, job_id, log_sink, poll_interval_s)
         info = _wait_terminal(client, url, job_id, timeout_s=None, poll_s=poll_interval_s)
@@ -529,4 +571,3 @@ def stop_job(
     if wait:
         return _wait_terminal(client, url, job_id, timeout_s=timeout_s, poll_s=0.5)
     return _get_info(client, url, job_id)
-

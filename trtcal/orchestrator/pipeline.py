@@ -36,7 +36,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -50,6 +50,10 @@ from trtcal.core.weights import SAFE_SCALE
 from trtcal.errors import ConfigError, DataError
 from trtcal.orchestrator.config import CalibrationConfig
 from trtcal.progress import NO_PROGRESS, ProgressCallback
+
+if TYPE_CHECKING:
+    from trtcal.runners.onnxruntime import LoadedModel, OnnxRuntimeRunner
+    from trtcal.workers.batch_format import CalibrationBatch
 
 __all__ = ["CalibrationResult", "calibrate", "SAFE_AMAX", "ARTIFACT_NAMES", "resolve_batch"]
 
@@ -379,6 +383,23 @@ def calibrate(
 
     t0 = time.perf_counter()
     cal_batch = resolve_batch(batch, sorted(runner.inputs))
+    try:
+        return _calibrate_open_batch(cfg, loaded, runner, cal_batch, out_path, progress, timings, t0)
+    finally:
+        if cal_batch is not batch:
+            cal_batch.close()  # opened here: unmap it now rather than at garbage collection
+
+
+def _calibrate_open_batch(
+    cfg: CalibrationConfig,
+    loaded: LoadedModel,
+    runner: OnnxRuntimeRunner,
+    cal_batch: CalibrationBatch,
+    out_path: Path | None,
+    progress: ProgressCallback,
+    timings: dict[str, float],
+    t0: float,
+) -> CalibrationResult:
     if cal_batch.num_rows == 0:
         raise DataError(f"calibration batch {cal_batch.source!r} holds no rows; calibration needs at least one sample")
     layout = runner.layout(cal_batch)

@@ -21,7 +21,7 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +29,9 @@ import numpy.typing as npt
 from trtcal.core.histogram import DEFAULT_NUM_BINS, NonFinitePolicy, TensorStats, merge_stats
 from trtcal.errors import ConfigError, WorkerError
 from trtcal.progress import NO_PROGRESS, ProgressCallback
+
+if TYPE_CHECKING:
+    from trtcal.workers.batch_format import CalibrationBatch
 
 __all__ = [
     "StatisticsRunner",
@@ -55,12 +58,31 @@ class StatisticsRunner(Protocol):
 
     tensor_names: tuple[str, ...]
 
-    def collect_stats(self, batch: Any, *, start: int, stop: int | None, micro_batch: int,
-                      nonfinite: NonFinitePolicy, **kw: Any) -> dict[str, TensorStats]: ...  # fmt: skip
+    def collect_stats(
+        self,
+        batch: CalibrationBatch,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        micro_batch: int = 32,
+        nonfinite: NonFinitePolicy = "error",
+        progress: ProgressCallback = NO_PROGRESS,
+        stage: str = "statistics",
+    ) -> dict[str, TensorStats]: ...
 
-    def collect_counts(self, batch: Any, hist_amax: Mapping[str, float], *, num_bins: int, start: int,
-                       stop: int | None, micro_batch: int, nonfinite: NonFinitePolicy,
-                       **kw: Any) -> dict[str, npt.NDArray[np.int64]]: ...  # fmt: skip
+    def collect_counts(
+        self,
+        batch: CalibrationBatch,
+        hist_amax: Mapping[str, float],
+        *,
+        num_bins: int,
+        start: int = 0,
+        stop: int | None = None,
+        micro_batch: int = 32,
+        nonfinite: NonFinitePolicy = "error",
+        progress: ProgressCallback = NO_PROGRESS,
+        stage: str = "histograms",
+    ) -> dict[str, npt.NDArray[np.int64]]: ...
 
 
 def plan_slices(num_rows: int, num_workers: int, micro_batch: int) -> list[tuple[int, int]]:
@@ -240,6 +262,12 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
     """One worker: open runner and batch once, then serve pass-1 / pass-2 requests."""
     try:
         started = time.perf_counter()
+        if spec.device.startswith("cuda") and spec.runner != "onnxruntime":
+            import torch
+
+            # This process works on one GPU: make it the current one, so that every library
+            # (PyTorch, CuPy, ONNX Runtime) allocates and launches there by default.
+            torch.cuda.set_device(torch.device(spec.device))
         runner = open_runner(spec)
         batch = open_batch_for(spec)
         conn.send(("ready", {"device": spec.device, "seconds": time.perf_counter() - started, "rows": batch.num_rows}))
@@ -296,7 +324,7 @@ class DataParallelStatistics:
         if not devices:
             raise ConfigError("devices: give at least one device")
         self.devices = list(devices)
-        ctx = multiprocessing.get_context(start_method)
+        ctx: Any = multiprocessing.get_context(start_method)
         self._conns: list[Any] = []
         self._procs: list[Any] = []
         self.ready_seconds: list[float] = []

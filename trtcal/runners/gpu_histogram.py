@@ -81,8 +81,8 @@ def hist_inv_width(num_bins: int, hist_amax: float, *, tensor: str = "tensor") -
     `inv_width` is 0.0 when `hist_amax` is 0 (every finite value lands in bin 0, as on the CPU).
 
     Raises:
-        ConfigError: `num_bins` < 1, `hist_amax` negative or not finite, or so small that
-            float32(num_bins) / float32(hist_amax) overflows (below about num_bins / 3.4e38).
+        ConfigError: `num_bins` < 1, `hist_amax` negative or not finite. A range so small that
+            float32(num_bins) / float32(hist_amax) overflows is degenerate (bin 0), as in trtcal.core.
     """
     if num_bins < 1:
         raise ConfigError(f"num_bins must be >= 1, got {num_bins}")
@@ -93,11 +93,8 @@ def hist_inv_width(num_bins: int, hist_amax: float, *, tensor: str = "tensor") -
     with np.errstate(over="ignore", divide="ignore"):
         amax32 = np.float32(hist_amax)  # may round to inf above float32's range: inv_width 0, as on the CPU
         inv = np.float32(num_bins) / amax32
-    if not np.isfinite(inv):
-        raise ConfigError(
-            f"hist_amax {hist_amax!r} of tensor {tensor!r} is too small for {num_bins} float32 bins "
-            f"(float32({num_bins}) / float32(hist_amax) overflows); treat this tensor's range as 0"
-        )
+    if not (amax32 > 0 and np.isfinite(inv)):
+        return 0.0, 0.0  # degenerate range, as trtcal.core: every finite value lands in bin 0
     return float(amax32), float(inv)
 
 
@@ -577,11 +574,17 @@ class DeviceHistogramCollector:
 
         flat = x.reshape(-1)
         on_cpu = not flat.is_cuda
-        chunk = _TORCH_CHUNK_CPU if on_cpu else _TORCH_CHUNK_CUDA
+        chunk = min(flat.numel(), _TORCH_CHUNK_CPU if on_cpu else _TORCH_CHUNK_CUDA)
         last = self.num_bins - 1
         counts = self._counts[row]
+        # Scratch reused across chunks: fresh large CPU allocations cost page faults on every chunk.
+        buf = torch.empty(chunk, dtype=torch.float32, device=flat.device)
+        idx_buf = torch.empty(chunk, dtype=torch.int64, device=flat.device)
+        ones = torch.ones(chunk, dtype=torch.int64, device=flat.device) if on_cpu else None
         for start in range(0, flat.numel(), chunk):
-            a = flat[start : start + chunk].to(torch.float32).abs()
+            part = flat[start : start + chunk]
+            a, idx = buf[: part.numel()], idx_buf[: part.numel()]
+            torch.abs(part.to(torch.float32), out=a)
             if on_cpu and bool(torch.isfinite(a.max())):  # CPU: checking costs no device sync
                 bad: Any = 0
             else:
@@ -589,9 +592,9 @@ class DeviceHistogramCollector:
                 # NaN/Inf go to bin 0 here and are taken out of it below: exact, no masking pass.
                 torch.nan_to_num_(a, nan=0.0, posinf=0.0, neginf=0.0)
             a.clamp_max_(amax32).mul_(inv_w)  # float32 * float32 scalar (exactly representable): one rounding
-            idx = a.to(torch.int64).clamp_max_(last)  # truncation == floor for |x| >= 0
-            if on_cpu:  # scatter_add is the fastest exact integer histogram on the CPU
-                counts.scatter_add_(0, idx, torch.ones_like(idx))
+            idx.copy_(a).clamp_max_(last)  # float -> int64 truncates; == floor for |x| >= 0
+            if ones is not None:  # scatter_add is the fastest exact integer histogram on the CPU
+                counts.scatter_add_(0, idx, ones[: idx.numel()])
             else:  # bincount accumulates in shared memory on the GPU
                 counts += torch.bincount(idx, minlength=self.num_bins)
             counts[0] -= bad

@@ -517,18 +517,54 @@ class OnnxRuntimeRunner:
 
         A fresh output array per run costs more than the convolutions (the pages of ~50 MB per
         EfficientNet-Lite0 image are faulted in and zeroed every time); ONNX Runtime writes into
-        the buffers of the previous run of the same feed shape instead (IOBinding). Only one set of
-        buffers is kept: the one for the most recent feed shape.
+        the buffers of an earlier run instead (IOBinding). Only one set of buffers is kept. A
+        shorter last micro-batch writes into the leading rows of the same buffers when every
+        output's first axis is the batch axis; ONNX Runtime checks the bound shapes, and anything
+        that does not fit falls back to a plain run.
         """
-        key = tuple((n, a.shape) for n, a in sorted(feed.items()))
-        if self._reuse is None or self._reuse[0] != key:
-            self._reuse = None  # drop the old buffers first: one set of activations at a time
-            values = self.run(feed)
-            fetched = [values[n] for n in self._fetch]
-            if self._binding_ok and all(a.flags.c_contiguous and a.flags.writeable for a in fetched):
-                self._reuse = (key, dict(zip(self._fetch, fetched)))
-            return values
-        buffers = self._reuse[1]
+        shapes = {n: a.shape for n, a in feed.items()}
+        if self._reuse is not None and self._binding_ok:
+            reuse_shapes, buffers = self._reuse
+            if shapes == reuse_shapes:
+                bound = self._bind_and_run(feed, buffers)
+            else:
+                bound = self._bind_and_run(feed, self._leading_rows(shapes, reuse_shapes, buffers))
+            if bound is not None:
+                out = {n: np.asarray(feed[n]) for n in self.tensor_names if n in self.inputs}
+                out.update(bound)
+                return {n: out[n] for n in self.tensor_names}
+        self._reuse = None  # drop the old buffers first: one set of activations at a time
+        values = self.run(feed)
+        fetched = [values[n] for n in self._fetch]
+        if self._binding_ok and all(a.flags.c_contiguous and a.flags.writeable for a in fetched):
+            self._reuse = (shapes, dict(zip(self._fetch, fetched)))
+        return values
+
+    @staticmethod
+    def _leading_rows(
+        shapes: Mapping[str, tuple[int, ...]],
+        reuse_shapes: Mapping[str, tuple[int, ...]],
+        buffers: Mapping[str, npt.NDArray[Any]],
+    ) -> dict[str, npt.NDArray[Any]] | None:
+        """Views of the first `rows` rows of each buffer, when the feed is a shorter micro-batch."""
+        if set(shapes) != set(reuse_shapes):
+            return None
+        leading = {s[0] for s in shapes.values() if s} | {-1 for s in shapes.values() if not s}
+        full = {s[0] for s in reuse_shapes.values() if s} | {-1 for s in reuse_shapes.values() if not s}
+        if len(leading) != 1 or len(full) != 1:
+            return None
+        rows, full_rows = leading.pop(), full.pop()
+        if not 0 < rows < full_rows or any(shapes[n][1:] != reuse_shapes[n][1:] for n in shapes):
+            return None
+        if any(b.ndim == 0 or b.shape[0] != full_rows for b in buffers.values()):
+            return None
+        return {n: b[:rows] for n, b in buffers.items()}
+
+    def _bind_and_run(
+        self, feed: Mapping[str, npt.NDArray[Any]], buffers: Mapping[str, npt.NDArray[Any]] | None
+    ) -> Mapping[str, npt.NDArray[Any]] | None:
+        if buffers is None:
+            return None
         binding = self._session.io_binding()
         try:
             for name, arr in feed.items():
@@ -537,14 +573,10 @@ class OnnxRuntimeRunner:
                 binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
             self._session.run_with_iobinding(binding)
         except Exception as exc:
-            # A data-dependent output shape (or anything else binding cannot express): run plainly.
-            logger.info("reusing output buffers failed (%s); falling back to plain runs", exc)
-            self._binding_ok = False
-            self._reuse = None
-            return self.run(feed)
-        out = {n: np.asarray(feed[n]) for n in self.tensor_names if n in self.inputs}
-        out.update(buffers)
-        return {n: out[n] for n in self.tensor_names}
+            # A data-dependent output shape, or a first axis that is not the batch axis: run plainly.
+            logger.debug("writing into reused output buffers failed (%s); running plainly", exc)
+            return None
+        return buffers
 
     def release_buffers(self) -> None:
         """Free the reused output buffers (about one micro-batch of activations)."""

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -77,17 +77,17 @@ def _torch() -> Any:
 
 def torch_device(device: str) -> torch.device:
     """Parse "cpu" / "cuda" / "cuda:N"; BackendUnavailableError if CUDA is asked for but absent."""
-    torch = _torch()
+    th = _torch()
     if not isinstance(device, str) or not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
         raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
+        return cast("torch.device", th.device("cpu"))
+    if not th.cuda.is_available():
         raise BackendUnavailableError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU; use device='cpu'")
-    index = int(device.partition(":")[2] or torch.cuda.current_device())
-    if index >= torch.cuda.device_count():
-        raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return torch.device("cuda", index)
+    index = int(device.partition(":")[2] or th.cuda.current_device())
+    if index >= th.cuda.device_count():
+        raise ConfigError(f"device {device!r}: only {th.cuda.device_count()} CUDA device(s) are visible")
+    return cast("torch.device", th.device("cuda", index))
 
 
 @contextlib.contextmanager

@@ -12,18 +12,12 @@ Public API:
 See docs/storage.md for the layout, the commit protocol and the security rules.
 """
 
+from trtcal.storage.entry import Entry
 from trtcal.storage.keys import KeyInputs, canonical_json, compute_cache_key
 from trtcal.storage.names import DEFAULT_NAMESPACE
-from trtcal.storage.store import (
-    CacheStore,
-    Entry,
-    EntryFilter,
-    EntryInfo,
-    GcReport,
-    StoreConfig,
-    VerifyResult,
-    retarget_trt_cache,
-)
+from trtcal.storage.records import EntryFilter, EntryInfo, GcReport, StoreConfig, VerifyResult
+from trtcal.storage.store import CacheStore
+from trtcal.storage.trt_export import retarget_trt_cache
 
 __all__ = [
     "DEFAULT_NAMESPACE",

@@ -232,7 +232,7 @@ class LocalBackend(Backend):
     def list_names(self, path: str) -> list[str]:
         try:
             return sorted(os.listdir(path))
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             return []
 
 
@@ -272,7 +272,7 @@ class FsspecBackend(Backend):
     def url(self, path: str) -> str:
         if self.protocol == "memory":
             return "memory://" + path.lstrip("/")
-        return f"{self.protocol}://{path}"
+        return str(self.fs.unstrip_protocol(path))
 
     def read_bytes(self, path: str) -> bytes:
         return bytes(self.fs.cat_file(path))

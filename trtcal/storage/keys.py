@@ -142,7 +142,7 @@ def key_inputs_dict(inputs: KeyInputs | Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"key inputs must be a KeyInputs or a mapping, got {type(inputs).__name__}")
     if not inputs:
         raise ConfigError("key inputs are empty; a key must cover everything that determines the artifacts")
-    plain = _plain(inputs)
+    plain: dict[str, Any] = _plain(inputs)
     plain.setdefault("format_version", FORMAT_VERSION)
     return plain
 

@@ -21,12 +21,10 @@ import contextlib
 import hashlib
 import logging
 import os
-import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from trtcal.errors import (
     CacheFormatError,
@@ -38,6 +36,7 @@ from trtcal.errors import (
 )
 from trtcal.storage._backends import CHUNK_BYTES, Backend, FileInfo, FsspecBackend, LocalBackend
 from trtcal.storage._redact import Scrubber, redact_url, secret_values
+from trtcal.storage.entry import Entry, Problem, check_bytes
 from trtcal.storage.keys import canonical_json, compute_cache_key, key_inputs_dict
 from trtcal.storage.manifest import ArtifactRecord, Manifest, parse_manifest
 from trtcal.storage.names import (
@@ -49,397 +48,30 @@ from trtcal.storage.names import (
     is_namespace,
     is_stage_id,
     new_stage_id,
+    stage_id_time,
 )
+from trtcal.storage.records import (
+    EntryFilter,
+    EntryInfo,
+    GcReport,
+    OnCorrupt,
+    StoreConfig,
+    VerifyResult,
+    aware,
+)
+from trtcal.storage.trt_export import retarget_trt_cache
 
-__all__ = [
-    "CacheStore",
-    "Entry",
-    "EntryFilter",
-    "EntryInfo",
-    "GcReport",
-    "StoreConfig",
-    "VerifyResult",
-    "retarget_trt_cache",
-]
+__all__ = ["CacheStore", "DEFAULT_ORPHAN_GRACE", "KEEP_VERIFIED_BYTES", "LAYOUT"]
 
 log = logging.getLogger(__name__)
 
 LAYOUT = "v1"
-ON_CORRUPT = ("fail", "recompute")
 # get() keeps artifacts up to this size in memory after verifying them, so Entry.read does not fetch twice.
 KEEP_VERIFIED_BYTES = 64 << 20
 DEFAULT_ORPHAN_GRACE = timedelta(hours=24)
 _COMMIT_ATTEMPTS = 3
 
-OnCorrupt = Literal["fail", "recompute"]
 ArtifactSource = bytes | bytearray | memoryview | os.PathLike  # type: ignore[type-arg]
-
-
-# Configuration and small records
-
-
-@dataclass(frozen=True, kw_only=True)
-class StoreConfig:
-    """Everything needed to open a CacheStore (e.g. to ship it to a Ray worker).
-
-    Args:
-        url: store root: a local path, `file://…`, `s3://bucket/prefix` or `memory://name`.
-        namespace: the namespace entries are read from and published to (e.g. a team name).
-        read_only: refuse every write (publish, gc).
-        read_from: other store roots searched, in order, after a miss here. `URL#namespace`
-            picks a namespace there (default: the same namespace).
-        on_corrupt: "fail" raises CorruptEntryError for a corrupt entry; "recompute" logs it,
-            treats it as a miss, and lets the next publish replace it.
-        storage_options: passed to fsspec (credentials, endpoint_url, ...). Never logged.
-    """
-
-    url: str
-    namespace: str = DEFAULT_NAMESPACE
-    read_only: bool = False
-    read_from: tuple[str, ...] = ()
-    on_corrupt: OnCorrupt = "fail"
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.url, str) or not self.url.strip():
-            raise ConfigError("url must be a non-empty store URL or path")
-        if any(c in self.url for c in "\x00\n\r"):
-            raise ConfigError("url must not contain NUL or newline characters")
-        check_namespace(self.namespace)
-        if not isinstance(self.read_only, bool):
-            raise ConfigError(f"read_only must be True or False, got {self.read_only!r}")
-        if self.on_corrupt not in ON_CORRUPT:
-            raise ConfigError(f"on_corrupt must be one of {list(ON_CORRUPT)}, got {self.on_corrupt!r}")
-        if isinstance(self.read_from, str) or not all(isinstance(u, str) and u for u in self.read_from):
-            raise ConfigError("read_from must be a sequence of store URLs")
-        object.__setattr__(self, "read_from", tuple(self.read_from))
-        if not isinstance(self.storage_options, Mapping):
-            raise ConfigError("storage_options must be a mapping")
-
-    def __repr__(self) -> str:  # storage_options hold credentials: never show them
-        return (
-            f"StoreConfig(url={redact_url(self.url)!r}, namespace={self.namespace!r}, read_only={self.read_only}, "
-            f"read_from={tuple(redact_url(u) for u in self.read_from)!r}, on_corrupt={self.on_corrupt!r}, "
-            f"storage_options=<{len(self.storage_options)} hidden>)"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "namespace": self.namespace,
-            "read_only": self.read_only,
-            "read_from": list(self.read_from),
-            "on_corrupt": self.on_corrupt,
-            "storage_options": dict(self.storage_options),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> StoreConfig:
-        values = dict(data)
-        values["read_from"] = tuple(values.get("read_from", ()))
-        return cls(**values)
-
-
-def _aware(moment: datetime | None, name: str) -> datetime | None:
-    if moment is not None and (not isinstance(moment, datetime) or moment.tzinfo is None):
-        raise ConfigError(f"{name} must be a timezone-aware datetime, got {moment!r}")
-    return moment
-
-
-def _hex_prefix(value: str | None, name: str) -> str | None:
-    if value is not None and (not isinstance(value, str) or not value or any(c not in "0123456789abcdef" for c in value) or len(value) > 64):
-        raise ConfigError(f"{name} must be 1-64 lower-case hex digits, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True, kw_only=True)
-class EntryFilter:
-    """Which entries `ls`, `verify` and `gc` look at. A field left None does not filter.
-
-    model_sha256 and key_prefix match prefixes; created_before/after compare the manifest's
-    `created_at` (timezone-aware datetimes).
-    """
-
-    namespace: str | None = None
-    key_prefix: str | None = None
-    model_sha256: str | None = None
-    algorithm: str | None = None
-    created_before: datetime | None = None
-    created_after: datetime | None = None
-
-    def __post_init__(self) -> None:
-        if self.namespace is not None:
-            check_namespace(self.namespace)
-        _hex_prefix(self.key_prefix, "key_prefix")
-        _hex_prefix(self.model_sha256, "model_sha256")
-        if self.algorithm is not None and (not isinstance(self.algorithm, str) or not self.algorithm):
-            raise ConfigError(f"algorithm must be a non-empty string, got {self.algorithm!r}")
-        _aware(self.created_before, "created_before")
-        _aware(self.created_after, "created_after")
-
-    def matches(self, info: EntryInfo) -> bool:
-        if self.namespace is not None and info.namespace != self.namespace:
-            return False
-        if self.key_prefix is not None and not info.key.startswith(self.key_prefix):
-            return False
-        if self.model_sha256 is not None and not (info.model_sha256 or "").startswith(self.model_sha256):
-            return False
-        if self.algorithm is not None and info.algorithm != self.algorithm:
-            return False
-        if self.created_before is not None and (info.created_at is None or info.created_at >= self.created_before):
-            return False
-        if self.created_after is not None and (info.created_at is None or info.created_at <= self.created_after):
-            return False
-        return True
-
-    @property
-    def reads_manifests(self) -> bool:
-        return any(v is not None for v in (self.model_sha256, self.algorithm, self.created_before, self.created_after))
-
-
-@dataclass(frozen=True)
-class EntryInfo:
-    """One line of `ls`: what a manifest says, without verifying the artifacts."""
-
-    key: str
-    namespace: str
-    url: str
-    created_at: datetime | None = None
-    model_sha256: str | None = None
-    algorithm: str | None = None
-    size: int | None = None
-    artifacts: tuple[str, ...] = ()
-    problem: str | None = None  # set when the manifest cannot be read or is malformed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "namespace": self.namespace,
-            "url": self.url,
-            "created_at": None if self.created_at is None else self.created_at.isoformat(),
-            "model_sha256": self.model_sha256,
-            "algorithm": self.algorithm,
-            "size": self.size,
-            "artifacts": list(self.artifacts),
-            "problem": self.problem,
-        }
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    key: str
-    namespace: str
-    url: str
-    problem: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.problem is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "namespace": self.namespace, "url": self.url, "ok": self.ok, "problem": self.problem}
-
-
-@dataclass
-class GcReport:
-    removed_entries: list[str] = field(default_factory=list)  # "<namespace>/<key>"
-    removed_orphans: list[str] = field(default_factory=list)  # staging directory / temp file URLs
-    kept_recent_orphans: int = 0  # unreferenced but younger than the grace period (maybe being written)
-    unreadable_manifests: list[str] = field(default_factory=list)  # left alone; see `verify`
-    bytes_freed: int = 0
-    dry_run: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "removed_entries": self.removed_entries,
-            "removed_orphans": self.removed_orphans,
-            "kept_recent_orphans": self.kept_recent_orphans,
-            "unreadable_manifests": self.unreadable_manifests,
-            "bytes_freed": self.bytes_freed,
-            "dry_run": self.dry_run,
-        }
-
-
-class _Corrupt(Exception):
-    """Internal: an entry failed verification (`missing` when an artifact is absent)."""
-
-    def __init__(self, reason: str, url: str, *, missing: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.url = url
-        self.missing = missing
-
-
-# Entries
-
-
-class Entry:
-    """A committed, verified cache entry. Every byte handed out has been checked against the manifest.
-
-    Attributes:
-        key, namespace: where it lives.
-        manifest: the parsed manifest as a dict (see trtcal.storage.manifest).
-        url: URL of its manifest (no credentials).
-        store_url: URL of the store that holds it (a read-from store on a read-through hit).
-    """
-
-    def __init__(self, store: CacheStore, manifest: Manifest, *, verified: Mapping[str, bytes] | None = None) -> None:
-        self._store = store
-        self._manifest = manifest
-        self._verified = dict(verified or {})
-        self.key = manifest.key
-        self.namespace = manifest.namespace
-        self.url = store._display(store._manifest_path(manifest.namespace, manifest.key))
-        self.store_url = store.url
-
-    def __repr__(self) -> str:
-        return f"Entry(key={self.key!r}, namespace={self.namespace!r}, artifacts={self.names!r}, url={self.url!r})"
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self._manifest.to_dict()
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self._manifest.artifacts)
-
-    @property
-    def key_inputs(self) -> dict[str, Any]:
-        return dict(self._manifest.key_inputs)
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        return dict(self._manifest.extra)
-
-    @property
-    def created_at(self) -> datetime:
-        return self._manifest.created_at
-
-    @property
-    def size(self) -> int:
-        return self._manifest.total_size
-
-    def artifact_url(self, name: str) -> str:
-        return self._store._display(self._path(name))
-
-    def _record(self, name: str) -> ArtifactRecord:
-        record = self._manifest.artifacts.get(name)
-        if record is None:
-            raise ConfigError(f"cache entry {self.key} has no artifact {name!r}; it has {self.names}")
-        return record
-
-    def _path(self, name: str) -> str:
-        m = self._manifest
-        return self._store._artifact_path(m.namespace, m.key, m.stage, name)
-
-    def _corrupt_error(self, problem: _Corrupt) -> CorruptEntryError:
-        return CorruptEntryError(
-            f"cache entry {self.key} (namespace {self.namespace}) is corrupt at {problem.url}: {problem.reason}; "
-            "it was not used. Run `trtcal cache verify` on the store; recompute with --on-corrupt recompute",
-            url=problem.url,
-            key=self.key,
-        )
-
-    def read(self, name: str) -> bytes:
-        """The bytes of one artifact, verified against its sha256. Raises CorruptEntryError on mismatch."""
-        record = self._record(name)
-        if name in self._verified:
-            return self._verified[name]
-        path = self._path(name)
-        try:
-            with self._store._io("read", path):
-                data = self._store._backend.read_bytes(path)
-        except FileNotFoundError:
-            raise self._corrupt_error(_Corrupt("artifact is missing", self._store._display(path), missing=True)) from None
-        try:
-            _check_bytes(data, record, self._store._display(path))
-        except _Corrupt as problem:
-            raise self._corrupt_error(problem) from None
-        return data
-
-    def download(self, name: str, dest: str | os.PathLike[str]) -> Path:
-        """Stream one artifact to a local file (or into a directory), verified before it appears there.
-
-        The bytes go to a temporary file next to the destination; only a file whose sha256 matches
-        is renamed into place, so a corrupt artifact never shows up at `dest`.
-        """
-        record = self._record(name)
-        target = Path(dest)
-        if target.is_dir():
-            target = target / name
-        path = self._path(name)
-        url = self._store._display(path)
-        temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            out = open(temp, "xb")  # noqa: SIM115 (closed below)
-        except OSError as exc:
-            raise StorageError(f"cannot write {target}: {exc.strerror or exc}", url=str(target)) from None
-        digest, size = hashlib.sha256(), 0
-        try:
-            with out:
-                source = iter([self._verified[name]]) if name in self._verified else self._store._backend.iter_chunks(path)
-                while True:
-                    try:
-                        with self._store._io("read", path):
-                            chunk = next(source, None)
-                    except FileNotFoundError:
-                        raise self._corrupt_error(_Corrupt("artifact is missing", url, missing=True)) from None
-                    if chunk is None:
-                        break
-                    digest.update(chunk)
-                    size += len(chunk)
-                    try:
-                        out.write(chunk)
-                    except OSError as exc:
-                        raise StorageError(f"cannot write {target}: {exc.strerror or exc}", url=str(target)) from None
-                out.flush()
-                os.fsync(out.fileno())
-            if size != record.size or digest.hexdigest() != record.sha256:
-                raise self._corrupt_error(
-                    _Corrupt(f"{size} bytes with sha256 {digest.hexdigest()}; manifest says {record.size} bytes with {record.sha256}", url)
-                )
-            os.replace(temp, target)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
-        return target
-
-    def verify(self) -> None:
-        """Re-read every artifact and check it. Raises CorruptEntryError naming the first bad one."""
-        try:
-            self._store._verify_artifacts(self._manifest, full=True, keep=False)
-        except _Corrupt as problem:
-            raise self._corrupt_error(problem) from None
-
-
-def _check_bytes(data: bytes, record: ArtifactRecord, url: str) -> None:
-    if len(data) != record.size:
-        raise _Corrupt(f"{len(data)} bytes, manifest says {record.size} (truncated or replaced)", url)
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != record.sha256:
-        raise _Corrupt(f"sha256 {digest} does not match the manifest's {record.sha256}", url)
-
-
-def retarget_trt_cache(data: bytes, *, trt_version: str | int | tuple[int, ...], algorithm: str | None = None) -> bytes:
-    """A TensorRT calibration cache with its header set for another TensorRT version (and calibrator).
-
-    Scales keep their exact bits (re-deriving them from amax would move ~3% of them by one ulp).
-    `algorithm` is a trtcal method or a TensorRT header name; None keeps the cache's own.
-    """
-    from trtcal.core.cache_format import header_algorithm, read_trt_cache, scale_to_hex, trt_version_int
-
-    cache = read_trt_cache(data)
-    if algorithm is None:
-        if cache.algorithm is None:
-            raise ConfigError("the stored cache has the legacy '1' header with no calibrator name; pass algorithm=")
-        algorithm = cache.algorithm
-    lines = [f"TRT-{trt_version_int(trt_version)}-{header_algorithm(algorithm)}"]
-    lines.extend(f"{name}: {scale_to_hex(scale)}" for name, scale in cache.scale.items())
-    return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-# The store
 
 
 def _split_read_from(spec: str) -> tuple[str, str | None]:
@@ -595,7 +227,7 @@ class CacheStore:
         """Turn backend exceptions into StorageError with scrubbed text; FileNotFoundError passes if missing_ok."""
         try:
             yield
-        except (TrtcalError, _Corrupt):
+        except (TrtcalError, Problem):
             raise
         except FileNotFoundError as exc:
             if missing_ok:
@@ -629,7 +261,7 @@ class CacheStore:
                 url=self.url,
             )
 
-    def _report_corrupt(self, key: str, namespace: str, problem: _Corrupt) -> None:
+    def _report_corrupt(self, key: str, namespace: str, problem: Problem) -> None:
         message = f"cache entry {key} (namespace {namespace}) is corrupt at {problem.url}: {problem.reason}; it was not used"
         log.warning("%s", message)
         if self.on_corrupt == "fail":
@@ -642,7 +274,7 @@ class CacheStore:
     # reading
 
     def _verify_artifacts(self, manifest: Manifest, *, full: bool, keep: bool) -> dict[str, bytes]:
-        """Check the artifacts of `manifest`; return the verified bytes kept in memory. Raises _Corrupt."""
+        """Check the artifacts of `manifest`; return the verified bytes kept in memory. Raises Problem."""
         ns, key, stage = manifest.namespace, manifest.key, manifest.stage
         paths = {name: self._artifact_path(ns, key, stage, name) for name in manifest.artifacts}
         if not full:
@@ -652,9 +284,9 @@ class CacheStore:
             for name, record in manifest.artifacts.items():
                 info = listed.get(name)
                 if info is None:
-                    raise _Corrupt("artifact is missing", self._display(paths[name]), missing=True)
+                    raise Problem("artifact is missing", self._display(paths[name]), missing=True)
                 if info.size != record.size:
-                    raise _Corrupt(f"{info.size} bytes, manifest says {record.size} (truncated or replaced)", self._display(paths[name]))
+                    raise Problem(f"{info.size} bytes, manifest says {record.size} (truncated or replaced)", self._display(paths[name]))
             return {}
         kept: dict[str, bytes] = {}
         small = [n for n, r in sorted(manifest.artifacts.items()) if r.size <= KEEP_VERIFIED_BYTES]
@@ -663,12 +295,12 @@ class CacheStore:
         for name in small:
             value = fetched[paths[name]]
             if isinstance(value, FileNotFoundError):
-                raise _Corrupt("artifact is missing", self._display(paths[name]), missing=True)
+                raise Problem("artifact is missing", self._display(paths[name]), missing=True)
             if isinstance(value, BaseException):
                 with self._io("read", paths[name]):
                     raise value
             assert isinstance(value, bytes)
-            _check_bytes(value, manifest.artifacts[name], self._display(paths[name]))
+            check_bytes(value, manifest.artifacts[name], self._display(paths[name]))
             if keep:
                 kept[name] = value
         for name, record in sorted(manifest.artifacts.items()):
@@ -681,11 +313,11 @@ class CacheStore:
                         digest.update(chunk)
                         size += len(chunk)
             except FileNotFoundError:
-                raise _Corrupt("artifact is missing", self._display(paths[name]), missing=True) from None
+                raise Problem("artifact is missing", self._display(paths[name]), missing=True) from None
             if size != record.size:
-                raise _Corrupt(f"{size} bytes, manifest says {record.size} (truncated or replaced)", self._display(paths[name]))
+                raise Problem(f"{size} bytes, manifest says {record.size} (truncated or replaced)", self._display(paths[name]))
             if digest.hexdigest() != record.sha256:
-                raise _Corrupt(f"sha256 {digest.hexdigest()} does not match the manifest's {record.sha256}", self._display(paths[name]))
+                raise Problem(f"sha256 {digest.hexdigest()} does not match the manifest's {record.sha256}", self._display(paths[name]))
         return kept
 
     def _relative(self, path: str, directory: str) -> str:
@@ -701,7 +333,7 @@ class CacheStore:
         except FileNotFoundError:
             return None
 
-    def _load(self, namespace: str, key: str, *, full: bool, keep: bool) -> tuple[Entry | None, _Corrupt | None]:
+    def _load(self, namespace: str, key: str, *, full: bool, keep: bool) -> tuple[Entry | None, Problem | None]:
         """(entry, None) when verified, (None, None) when absent, (None, problem) when corrupt."""
         data = self._read_manifest_bytes(namespace, key)
         if data is None:
@@ -710,10 +342,10 @@ class CacheStore:
         try:
             manifest = parse_manifest(data, key=key, namespace=namespace)
         except CacheFormatError as exc:
-            return None, _Corrupt(f"bad manifest: {exc}", url)
+            return None, Problem(f"bad manifest: {exc}", url)
         try:
             verified = self._verify_artifacts(manifest, full=full, keep=keep)
-        except _Corrupt as problem:
+        except Problem as problem:
             # An artifact vanished because the entry was removed (gc, replace) while we read: a miss.
             if problem.missing and self._read_manifest_bytes(namespace, key) != data:
                 return None, None
@@ -868,7 +500,7 @@ class CacheStore:
         digest = hashlib.sha256()
         size = 0
 
-        def chunks() -> Iterator[bytes]:
+        def chunks() -> Generator[bytes, None, None]:
             nonlocal size
             if isinstance(source, bytes):
                 digest.update(source)
@@ -881,8 +513,12 @@ class CacheStore:
                     size += len(chunk)
                     yield chunk
 
-        with self._io("write", path, missing_ok=False):
-            self._backend.write_stream(path, chunks())
+        stream = chunks()
+        try:
+            with self._io("write", path, missing_ok=False):
+                self._backend.write_stream(path, stream)
+        finally:
+            stream.close()  # closes the source file now, even when the upload failed half-way
         return ArtifactRecord(sha256=digest.hexdigest(), size=size)
 
     def _discard_stage(self, stage_dir: str) -> None:
@@ -998,11 +634,11 @@ class CacheStore:
         see it half-deleted. Entries whose manifest cannot be parsed are left alone (see `verify`).
         """
         self._check_writable("gc")
-        now = _aware(now, "now") or datetime.now(timezone.utc)
+        now = aware(now, "now") or datetime.now(timezone.utc)
         if isinstance(older_than, timedelta):
             cutoff: datetime | None = now - older_than
         else:
-            cutoff = _aware(older_than, "older_than")
+            cutoff = aware(older_than, "older_than")
         if not isinstance(orphan_grace, timedelta) or orphan_grace < timedelta(0):
             raise ConfigError(f"orphan_grace must be a non-negative timedelta, got {orphan_grace!r}")
         report = GcReport(dry_run=dry_run)
@@ -1029,15 +665,16 @@ class CacheStore:
         with self._io("list", artifacts_dir):
             files = self._backend.list_files(artifacts_dir)
         stages: dict[tuple[str, str], list[FileInfo]] = {}
-        for info in files:
-            parts = self._relative(info.path, artifacts_dir).replace(os.sep, "/").split("/")
+        for file in files:
+            parts = self._relative(file.path, artifacts_dir).replace(os.sep, "/").split("/")
             if len(parts) >= 4 and is_key(parts[1]) and parts[0] == parts[1][:2] and is_stage_id(parts[2]):
-                stages.setdefault((parts[1], parts[2]), []).append(info)
+                stages.setdefault((parts[1], parts[2]), []).append(file)
         for (key, stage), stage_files in sorted(stages.items()):
             if key in referenced and (referenced[key] is None or referenced[key] == stage):
                 continue
-            newest = max((f.mtime for f in stage_files if f.mtime is not None), default=None)
-            if newest is not None and newest > orphan_cutoff:
+            # Age of the newest file (a writer may still be adding files); the staging id's time if unknown.
+            newest = max((f.mtime for f in stage_files if f.mtime is not None), default=None) or stage_id_time(stage)
+            if newest > orphan_cutoff:
                 report.kept_recent_orphans += 1
                 continue
             stage_dir = self._stage_dir(namespace, key, stage)
@@ -1049,13 +686,13 @@ class CacheStore:
         entries_dir = self._entries_dir(namespace)
         with self._io("list", entries_dir):
             entry_files = self._backend.list_files(entries_dir)
-        for info in entry_files:
-            if os.path.basename(info.path).startswith(".tmp-") and info.mtime is not None and info.mtime <= orphan_cutoff:
-                report.removed_orphans.append(self._display(info.path))
-                report.bytes_freed += info.size
+        for file in entry_files:
+            if os.path.basename(file.path).startswith(".tmp-") and file.mtime is not None and file.mtime <= orphan_cutoff:
+                report.removed_orphans.append(self._display(file.path))
+                report.bytes_freed += file.size
                 if not report.dry_run:
-                    with self._io("remove", info.path):
-                        self._backend.delete_file(info.path)
+                    with self._io("remove", file.path):
+                        self._backend.delete_file(file.path)
 
     def _remove_entry(self, namespace: str, key: str, stage: str) -> None:
         path = self._manifest_path(namespace, key)

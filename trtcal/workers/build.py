@@ -516,7 +516,8 @@ def _build(
 
     # 1. list
     t0 = time.perf_counter()
-    shards, planning_refused = plan_shards(dataset)
+    plan = plan_shards(dataset)
+    shards = plan.shards
     progress.start("list", total=len(shards), unit="shard")
     summaries: dict[int, _ShardSummary] = {}
     listings: dict[int, Any] = {}
@@ -533,10 +534,10 @@ def _build(
     run.map_unordered(submit_list, range(len(shards)), on_listed)
     progress.finish("list")
     ordered = [summaries[i] for i in range(len(shards))]
-    refused = _split_refused(dataset, planning_refused)
+    refused = _split_refused(dataset, plan.refused)
     for summary in ordered:
         refused.extend(_split_refused(dataset, summary.refused))
-    ignored = sum(s.ignored for s in ordered)
+    ignored = plan.ignored + sum(s.ignored for s in ordered)
     kinds = {s.kind for s in ordered if s.kind}
     families = {"tensor" if k in ("npy", "npz") else "image" for k in kinds}
     if len(families) > 1 or ({"npy", "npz"} <= kinds):
@@ -659,8 +660,9 @@ def _build(
             "refused_entries": len(refused),
         }
         t_close = time.perf_counter()
-        progress.start("write", total=None, unit="")
+        progress.start("write", total=1, unit="batch")
         info = writer.close_with_spec(document)
+        progress.advance("write")
         progress.finish("write")
         wall["write"] = write_seconds + (time.perf_counter() - t_close)
     except BaseException:

@@ -64,7 +64,8 @@ def default_object_store_memory(num_cpus: int) -> int:
 def cluster_cpus() -> int:
     import ray
 
-    return int(ray.cluster_resources().get("CPU", 0))
+    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    return int(resources.get("CPU", 0))
 
 
 def _import_ray(loopback: bool) -> Any:

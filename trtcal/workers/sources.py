@@ -47,6 +47,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "Dataset",
     "Shard",
+    "ShardPlan",
     "ShardListing",
     "SampleRef",
     "open_dataset",
@@ -229,12 +230,13 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _ls(dataset: Dataset, fs: Any, relprefix: str) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-    """(subfolders, files, refused) directly below a prefix, as paths relative to the root."""
+def _ls(dataset: Dataset, fs: Any, relprefix: str) -> tuple[list[str], list[str], list[tuple[str, str]], int]:
+    """(subfolders, files, refused, hidden) directly below a prefix, as paths relative to the root."""
     directory = dataset.join(relprefix) if relprefix else dataset.root
     folders: list[str] = []
     files: list[str] = []
     refused: list[tuple[str, str]] = []
+    hidden = 0
     if dataset.is_local:
         root_real = os.path.realpath(dataset.root)
         try:
@@ -244,6 +246,7 @@ def _ls(dataset: Dataset, fs: Any, relprefix: str) -> tuple[list[str], list[str]
         for entry in entries:
             rel = f"{relprefix}/{entry.name}" if relprefix else entry.name
             if _hidden(entry.name):
+                hidden += 1
                 continue
             if entry.is_symlink():
                 verdict = _check_local_link(entry.path, root_real)
@@ -257,11 +260,11 @@ def _ls(dataset: Dataset, fs: Any, relprefix: str) -> tuple[list[str], list[str]
                 folders.append(rel)
             elif entry.is_file():
                 files.append(rel)
-        return folders, files, refused
+        return folders, files, refused, hidden
     try:
         entries = fs.ls(directory, detail=True)
     except FileNotFoundError:
-        return [], [], []
+        return [], [], [], 0
     except OSError as exc:
         raise StorageError(f"cannot list {_redact(dataset.url)} at {relprefix!r}: {exc}", url=dataset.display_url) from None
     for entry in entries:
@@ -270,12 +273,13 @@ def _ls(dataset: Dataset, fs: Any, relprefix: str) -> tuple[list[str], list[str]
             continue
         rel = dataset.relative(name)
         if _hidden(posixpath.basename(rel)):
+            hidden += 1
             continue
         if entry.get("type") == "directory":
             folders.append(rel)
         else:
             files.append(rel)
-    return folders, files, refused
+    return folders, files, refused, hidden
 
 
 def _check_local_link(path: str, root_real: str) -> str | None:
@@ -286,18 +290,29 @@ def _check_local_link(path: str, root_real: str) -> str | None:
     return None
 
 
-def plan_shards(dataset: Dataset, *, target_shards: int = TARGET_SHARDS) -> tuple[list[Shard], list[tuple[str, str]]]:
-    """The shards of a dataset, in global order, and the entries refused while planning.
+@dataclass(frozen=True)
+class ShardPlan:
+    """The shards of a dataset in global order, and what planning refused or ignored."""
+
+    shards: list[Shard]
+    refused: list[tuple[str, str]]
+    ignored: int
+
+
+def plan_shards(dataset: Dataset, *, target_shards: int = TARGET_SHARDS) -> ShardPlan:
+    """The shards of a dataset, in global order.
 
     Lists the root, then one level deeper while there are fewer than `target_shards` folders (at
-    most MAX_PLAN_DEPTH levels). Files met on the way are grouped into "files" shards.
+    most MAX_PLAN_DEPTH levels); each `ls` covers one prefix. Files met on the way are grouped into
+    "files" shards. Neither choice changes the selection: shards concatenate in global order.
     """
     if dataset.layout == "list":
-        return [Shard(kind="list", files=(posixpath.basename(dataset.target),))], []
+        return ShardPlan([Shard(kind="list", files=(posixpath.basename(dataset.target),))], [], 0)
     if dataset.layout == "file":
-        return [Shard(kind="files", files=(posixpath.basename(dataset.target),))], []
+        return ShardPlan([Shard(kind="files", files=(posixpath.basename(dataset.target),))], [], 0)
     fs = dataset.filesystem()
     refused: list[tuple[str, str]] = []
+    ignored = 0
     # An ordered frontier of ("folder", rel) / ("file", rel) items, in global order.
     frontier: list[tuple[str, str]] = [("folder", "")]
     for _depth in range(MAX_PLAN_DEPTH):
@@ -309,8 +324,9 @@ def plan_shards(dataset: Dataset, *, target_shards: int = TARGET_SHARDS) -> tupl
             if kind != "folder":
                 expanded.append((kind, rel))
                 continue
-            sub_folders, files, sub_refused = _ls(dataset, fs, rel)
+            sub_folders, files, sub_refused, hidden = _ls(dataset, fs, rel)
             refused.extend(sub_refused)
+            ignored += hidden
             children = [("folder", f) for f in sub_folders] + [("file", f) for f in files]
             expanded.extend(sorted(children, key=lambda item: path_sort_key(item[1])))
         frontier = expanded
@@ -329,7 +345,7 @@ def plan_shards(dataset: Dataset, *, target_shards: int = TARGET_SHARDS) -> tupl
         shards.append(Shard(kind="find", prefix=rel))
     if run:
         shards.append(Shard(kind="files", files=tuple(run)))
-    return shards, sorted(refused, key=lambda item: path_sort_key(item[0]))
+    return ShardPlan(shards, sorted(refused, key=lambda item: path_sort_key(item[0])), ignored)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,8 +465,8 @@ def _read_list(dataset: Dataset, fs: Any) -> tuple[list[str], list[str], list[st
             named = [i for i, cell in enumerate(header) if cell in _PATH_COLUMNS]
             if named:
                 path_col = named[0]
-                labels = [i for i, cell in enumerate(header) if cell in _LABEL_COLUMNS]
-                label_col = labels[0] if labels else -1
+                label_cols = [i for i, cell in enumerate(header) if cell in _LABEL_COLUMNS]
+                label_col = label_cols[0] if label_cols else -1
                 start = 1
         for row in rows[start:]:
             if not row or not row[path_col].strip():

@@ -122,3 +122,11 @@ def test_growing_rebinning_is_lossless_pairwise():
     assert after[0] == before[0] + before[1]
     assert after[1] == before[2] + before[3] + 0
     assert after.sum() == 6
+
+
+def test_tiny_range_is_degenerate_not_a_crash():
+    x = np.array([1e-38, 0.0], dtype=np.float32)
+    counts = fill_counts(x, 2048, 1e-38)
+    assert counts[0] == 2 and counts.sum() == 2
+    h = histogram_of(x)
+    assert h.counts.sum() == 2

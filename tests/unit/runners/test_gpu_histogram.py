@@ -235,8 +235,6 @@ def test_config_errors() -> None:
         DeviceHistogramCollector({"a": float("nan")}, device="cpu")
     with pytest.raises(ConfigError, match="hist_amax"):
         DeviceHistogramCollector({"a": -1.0}, device="cpu")
-    with pytest.raises(ConfigError, match="too small"):
-        DeviceHistogramCollector({"a": 1e-37}, device="cpu")  # float32(2048) / float32(1e-37) overflows
     with pytest.raises(ConfigError, match="unique"):
         DeviceStatsCollector(["a", "a"], device="cpu")
     collector = DeviceStatsCollector(["a"], device="cpu")
@@ -267,3 +265,12 @@ def test_property_cpu_path_equals_core(x: np.ndarray, num_bins: int, amax_scale:
     with np.errstate(over="ignore", divide="ignore"):
         assume(hist_amax == 0.0 or np.isfinite(F32(num_bins) / F32(hist_amax)))
     assert_same_as_core(x, num_bins, hist_amax, to_tensor=cpu_tensor, backend="torch", nonfinite="ignore")
+
+
+def test_degenerate_tiny_range_matches_core() -> None:
+    # float32(2048) / float32(1e-37) overflows: degenerate range, every value in bin 0, as trtcal.core does.
+    x = np.array([1e-37, 0.0, 5e-38], dtype=np.float32)
+    collector = DeviceHistogramCollector({"a": 1e-37}, device="cpu")
+    collector.update("a", torch.from_numpy(x))
+    got = collector.results()["a"].counts
+    assert np.array_equal(got, fill_counts(x, 2048, 1e-37))

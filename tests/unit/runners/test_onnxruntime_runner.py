@@ -190,3 +190,15 @@ def test_model_hash_is_of_the_file_bytes(tmp_path: Path) -> None:
     onnx.save(model, path)
     assert load_model(path).sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert load_model(path.read_bytes()).sha256 == load_model(path).sha256
+
+
+def test_outputs_without_a_leading_batch_axis_survive_a_short_last_micro_batch() -> None:
+    x = tiny_models.small_int_inputs(10, [4], seed=5)
+    runner = OnnxRuntimeRunner(tiny_models.transposing_model())
+    for micro_batch in (4, 10, 3):  # 4+4+2 and 3+3+3+1 end on a short micro-batch
+        stats = runner.collect_stats(_batch(x), micro_batch=micro_batch)
+        # Transpose and Reshape only move values: their stats are those of x whatever the grouping.
+        assert stats["x"] == stats["t"] == stats["f"] == reduce_stats(x), micro_batch
+        # The Gram output is per micro-batch: the merge of its blocks.
+        blocks = [x[i : i + micro_batch] @ x[i : i + micro_batch].T for i in range(0, 10, micro_batch)]
+        assert stats["g"] == merge_stats(reduce_stats(b) for b in blocks), micro_batch

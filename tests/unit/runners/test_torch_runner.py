@@ -3,8 +3,6 @@ trtcal.core on the same activations (CPU; the GPU runs are in tests/gpu/)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
@@ -15,6 +13,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     pytest.fail("these tests need torch (the CPU wheel is enough): add it to the dev extra", pytrace=False)
 
+from tests.fixtures.data import INPUT_NAME, MODEL_PATH, photo_views
 from trtcal.core import fill_counts, merge_stats, reduce_stats
 from trtcal.errors import ConfigError, ModelError, NonFiniteError
 from trtcal.runners.data_parallel import collect_sliced, plan_slices
@@ -22,7 +21,7 @@ from trtcal.runners.onnxruntime import OnnxRuntimeRunner
 from trtcal.runners.torch_runner import SUPPORTED_OPS, OrtDeviceRunner, TorchRunner
 from trtcal.workers.batch_format import batch_from_arrays
 
-MODEL = Path(__file__).resolve().parents[3].parent / "shared" / "models" / "efficientnet_lite0.onnx"
+MODEL = MODEL_PATH
 F32 = np.float32
 
 
@@ -178,18 +177,9 @@ def test_cuda_without_a_gpu_is_a_clear_error() -> None:
 
 @pytest.fixture(scope="module")
 def photos_batch():
-    """Six real photos from scikit-image, preprocessed as the model expects (nearest resize)."""
-    from skimage import data
-
-    images = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.chelsea()[:, ::-1], data.coffee()[::-1]]
-    rows = []
-    for img in images:
-        h, w = img.shape[:2]
-        ys = (np.arange(224) * h / 224).astype(int)
-        xs = (np.arange(224) * w / 224).astype(int)
-        crop = img[ys][:, xs, :3].astype(F32)
-        rows.append(((crop - 127.0) / 128.0).transpose(2, 0, 1))
-    return batch_from_arrays({"input": np.stack(rows)})
+    """Five real photos from scikit-image, preprocessed as the model expects."""
+    arrays, ids = photo_views(5)
+    return batch_from_arrays({INPUT_NAME: arrays}, ids)
 
 
 @pytest.fixture(scope="module")
@@ -214,12 +204,12 @@ def test_efficientnet_lite0_every_tensor_matches_onnxruntime(lite0_torch, lite0_
 
 def test_device_passes_equal_core_on_the_same_activations(lite0_torch, photos_batch) -> None:
     runner = lite0_torch
-    stats = runner.collect_stats(photos_batch, micro_batch=4)  # micro-batches of 4 and 2 rows
-    acts = [runner.run(photos_batch.rows(a, min(a + 4, 6))) for a in (0, 4)]
+    stats = runner.collect_stats(photos_batch, micro_batch=3)  # micro-batches of 3 and 2 rows
+    acts = [runner.run(photos_batch.rows(a, min(a + 3, 5))) for a in (0, 3)]
     for name in runner.tensor_names:
         assert stats[name] == merge_stats(reduce_stats(a[name], tensor=name) for a in acts)
     amax = {n: s.amax for n, s in stats.items()}
-    counts = runner.collect_counts(photos_batch, amax, num_bins=2048, micro_batch=4)
+    counts = runner.collect_counts(photos_batch, amax, num_bins=2048, micro_batch=3)
     for name in runner.tensor_names:
         want = sum(fill_counts(a[name], 2048, amax[name], tensor=name) for a in acts)
         assert np.array_equal(counts[name], want), name
@@ -246,9 +236,9 @@ def test_ort_device_runner_equals_onnxruntime_runner_bit_for_bit(lite0_ort, phot
 
 def test_slices_on_micro_batch_boundaries_merge_bit_for_bit(lite0_torch, photos_batch) -> None:
     runner = lite0_torch
-    whole = collect_sliced(runner, photos_batch, [(0, 6)], micro_batch=2, num_bins=2048)
+    whole = collect_sliced(runner, photos_batch, [(0, 5)], micro_batch=2, num_bins=2048)
     for workers in (2, 3):
-        slices = plan_slices(6, workers, 2)
+        slices = plan_slices(5, workers, 2)
         parts = collect_sliced(runner, photos_batch, slices, micro_batch=2, num_bins=2048)
         assert parts[0] == whole[0]
         assert all(np.array_equal(parts[1][n], whole[1][n]) for n in whole[1])

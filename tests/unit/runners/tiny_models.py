@@ -100,3 +100,20 @@ def zeros_model() -> onnx.ModelProto:
 
 def small_int_inputs(n: int, shape: Sequence[int], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(-8, 9, (n, *shape)).astype(np.float32)
+
+
+def transposing_model() -> onnx.ModelProto:
+    """x[N,4] -> Transpose -> t[4,N]; x -> Reshape(-1) -> f[4N]; Gram = MatMul(x, t) -> g[N,N].
+
+    None of these outputs has the batch as its first axis, so output buffers of one micro-batch
+    size cannot be reused, even in part, for another.
+    """
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    g = helper.make_tensor_value_info("g", TensorProto.FLOAT, ["N", "N"])
+    f = helper.make_tensor_value_info("f", TensorProto.FLOAT, [None])
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0]),
+        helper.make_node("Reshape", ["x", "flat"], ["f"]),
+        helper.make_node("MatMul", ["x", "t"], ["g"]),
+    ]
+    return _model(nodes, [x], [g, f], [("flat", np.array([-1], np.int64))])

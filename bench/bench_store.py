@@ -1,0 +1,209 @@
+"""CacheStore on a local S3 server (SeaweedFS on 127.0.0.1), with its anchors timed in the same run.
+
+1. Cache hit of a typical entry: lookup + verify (sha256 of every byte) + fetch of
+   calibration.cache (all 95 tensors of EfficientNet-Lite0), ranges.json, report.json and a
+   18.5 MB model (the real efficientnet_lite0.onnx bytes, standing in for model.qdq.onnx).
+   Anchor A: fetching the same four objects with plain s3fs (no manifest, no hashing).
+   Anchor B: what a cache hit saves: the FP32 forward pass of EfficientNet-Lite0 (ONNX Runtime,
+   CPU) over a calibration batch, a lower bound on any calibration's cost.
+2. `ls` over 10,000 entries (every manifest read, concurrently), with a filter, and `verify`
+   of all of them; the same on a local directory store.
+
+Run:  .venv/bin/python bench/bench_store.py [--entries 10000] [--images 32]
+      (starts its own SeaweedFS, or uses TRTCAL_TEST_S3_ENDPOINT/_KEY/_SECRET when set)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from tests.fixtures.s3 import S3Server, running_server, server_from_env  # noqa: E402
+from trtcal.core import write_trt_cache  # noqa: E402
+from trtcal.storage import CacheStore, EntryFilter, KeyInputs, compute_cache_key  # noqa: E402
+
+MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "efficientnet_lite0.onnx"
+if not MODEL.exists():
+    MODEL = Path("/work/shared/models/efficientnet_lite0.onnx")
+
+
+def typical_entry(i: int = 0) -> tuple[KeyInputs, dict[str, bytes]]:
+    import onnx
+
+    model_bytes = MODEL.read_bytes()
+    graph = onnx.load_from_string(model_bytes).graph
+    tensors = [t.name for t in graph.input] + [o for node in graph.node for o in node.output]
+    rng = np.random.default_rng(i)
+    amax = {name: float(rng.uniform(0.5, 20.0)) for name in tensors}
+    inputs = KeyInputs(
+        model_sha256=hashlib.sha256(model_bytes).hexdigest(),
+        batch_fingerprint=hashlib.sha256(f"batch-{i}".encode()).hexdigest(),
+        preprocessing={"preset": "imagenet-lite", "resize": 256, "crop": 224},
+        algorithm="entropy2",
+        algorithm_params={"num_bins": 2048},
+        runner="onnxruntime-cpu",
+        runner_version="1.32.0",
+    )
+    artifacts = {
+        "calibration.cache": write_trt_cache(amax, trt_version="10.16.1", algorithm="entropy2"),
+        "ranges.json": json.dumps({n: {"amax": a, "method": "entropy2"} for n, a in amax.items()}, indent=1).encode(),
+        "report.json": json.dumps({"tensors": len(amax), "seconds": {"pass1": 1.0, "pass2": 2.0}}).encode(),
+        "model.qdq.onnx": model_bytes,
+    }
+    return inputs, artifacts
+
+
+def timed(fn: Any, repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def ms(values: list[float]) -> str:
+    v = sorted(values)
+    return f"median {statistics.median(v) * 1e3:.1f} ms, p90 {v[int(0.9 * (len(v) - 1))] * 1e3:.1f} ms (n={len(v)})"
+
+
+@contextlib.contextmanager
+def s3() -> Iterator[S3Server]:
+    external = server_from_env()
+    if external is not None:
+        yield external
+        return
+    with running_server(graceful=False) as server:
+        yield server
+
+
+def bench_hit(server: S3Server, repeat: int, images: int) -> None:
+    bucket = server.create_bucket()
+    store = CacheStore(f"s3://{bucket}/calib", **server.storage_options())
+    inputs, artifacts = typical_entry()
+    key = compute_cache_key(inputs)
+    size = sum(len(v) for v in artifacts.values())
+    print(f"typical entry: {len(artifacts)} artifacts, {size / 1e6:.2f} MB ({', '.join(f'{k} {len(v):,} B' for k, v in artifacts.items())})")
+
+    t_miss = timed(lambda: store.get(key), repeat)
+    t0 = time.perf_counter()
+    store.publish(key, artifacts, key_inputs=inputs)
+    t_publish = time.perf_counter() - t0
+
+    def hit() -> None:
+        entry = CacheStore(f"s3://{bucket}/calib", **server.storage_options()).get(key)
+        assert entry is not None
+        for name in artifacts:
+            assert len(entry.read(name)) == len(artifacts[name])
+
+    def hit_small() -> None:  # what a TensorRT-cache consumer needs: lazy lookup + the cache file only
+        entry = CacheStore(f"s3://{bucket}/calib", **server.storage_options()).get(key, lazy=True)
+        assert entry is not None and entry.read("calibration.cache") == artifacts["calibration.cache"]
+
+    hit()  # warm the client's connection pool
+    t_hit = timed(hit, repeat)
+    t_small = timed(hit_small, repeat)
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(f"s3://{bucket}/calib", **server.storage_options())
+    paths = [p for p in fs.find(root) if not p.endswith(".json") or "/artifacts/" in p]
+
+    def raw() -> None:
+        fs.cat(paths)
+
+    t_raw = timed(raw, repeat)
+    print(f"publish (4 artifacts + create-only manifest commit): {t_publish * 1e3:.1f} ms")
+    print(f"miss (absent key):                 {ms(t_miss)}")
+    print(f"HIT, lookup+verify+fetch all:      {ms(t_hit)}")
+    print(f"hit, lazy + calibration.cache only: {ms(t_small)}")
+    print(f"anchor A, plain s3fs fetch of the same {len(paths)} objects, no checks: {ms(t_raw)}"
+          f"  -> hit costs {statistics.median(t_hit) / statistics.median(t_raw):.2f}x a bare fetch")
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    batch = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
+    session.run(None, {"input": batch})
+    t0 = time.perf_counter()
+    for _ in range(images // 8):
+        session.run(None, {"input": batch})
+    t_fwd = time.perf_counter() - t0
+    per_image = t_fwd / (images // 8 * 8)
+    print(f"anchor B, FP32 forward of EfficientNet-Lite0 (ONNX Runtime CPU, batch 8): {per_image * 1e3:.1f} ms/image, "
+          f"{images // 8 * 8} images in {t_fwd:.2f} s")
+    for n in (100, 500):
+        print(f"  a {n}-image calibration needs at least {n * per_image:.1f} s of forward passes "
+              f"= {n * per_image / statistics.median(t_hit):.0f}x the cache hit")
+
+
+def fill(store: CacheStore, count: int, workers: int) -> float:
+    cache = write_trt_cache({"input": 2.0, "conv": 3.0}, trt_version="10.16.1", algorithm="entropy2")
+
+    def one(i: int) -> None:
+        inputs = {"model_sha256": hashlib.sha256(f"m{i % 50}".encode()).hexdigest(),
+                  "algorithm": ("entropy2", "minmax", "percentile")[i % 3], "i": i}
+        store.publish(compute_cache_key(inputs), {"calibration.cache": cache}, key_inputs=inputs)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, range(count)))
+    return time.perf_counter() - t0
+
+
+def bench_ls(server: S3Server, count: int) -> None:
+    bucket = server.create_bucket()
+    stores = {
+        "S3 (SeaweedFS)": CacheStore(f"s3://{bucket}/calib", **server.storage_options()),
+        "local dir": CacheStore(tempfile.mkdtemp(prefix="trtcal-bench-store-")),
+    }
+    model = hashlib.sha256(b"m7").hexdigest()
+    for label, store in stores.items():
+        t_fill = fill(store, count, workers=8)
+        print(f"[{label}] filled {count:,} entries in {t_fill:.1f} s ({count / t_fill:.0f} publishes/s, 8 threads)")
+        t0 = time.perf_counter()
+        listed = store.ls()
+        t_ls = time.perf_counter() - t0
+        assert len(listed) == count, len(listed)
+        t0 = time.perf_counter()
+        some = store.ls(EntryFilter(model_sha256=model[:8], algorithm="minmax"))
+        t_filter = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results = store.verify()
+        t_verify = time.perf_counter() - t0
+        assert all(r.ok for r in results) and len(results) == count
+        print(f"[{label}] ls of {count:,} entries: {t_ls:.2f} s; ls --model/--algorithm ({len(some)} hits): {t_filter:.2f} s; "
+              f"verify all: {t_verify:.2f} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--images", type=int, default=32)
+    args = parser.parse_args()
+    print(f"{platform.machine()} {platform.python_version()}, {platform.processor() or ''}".strip(", "))
+    with s3() as server:
+        print(f"S3 endpoint {server.endpoint_url} ({'started here' if server.owned else 'external'})")
+        bench_hit(server, args.repeat, args.images)
+        bench_ls(server, args.entries)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
