@@ -344,6 +344,29 @@ def test_ls_lists_every_namespace_and_filters(backend: StoreRoot) -> None:
     assert info.size == sum(len(v) for v in make_artifacts(1).values())
 
 
+def test_ls_reads_manifests_when_the_listing_index_is_missing_or_odd(backend: StoreRoot) -> None:
+    store = backend.store()
+    keys = [publish(store, i, inputs=make_inputs(i, algorithm=("entropy2", "minmax")[i % 2]))[0] for i in range(4)]
+    expected = {(i.key, i.created_at, i.algorithm, i.model_sha256, i.size, i.artifact_count) for i in store.ls()}
+    assert len(expected) == 4
+    markers = [p for p in backend.files() if "/index/" in f"/{p}"]
+    assert sorted(m.split("/")[-1].split("~")[0] for m in markers) == sorted(keys)
+    root = backend.url.rstrip("/") + "/"
+    backend.delete(root + markers[0])  # missing
+    backend.write(root + markers[1] + "x", b"")  # duplicated
+    backend.write(root + markers[2].rsplit("/", 1)[0] + "/" + keys[2] + "~garbage", b"")  # malformed extra name
+    again = {(i.key, i.created_at, i.algorithm, i.model_sha256, i.size, i.artifact_count) for i in store.ls()}
+    assert again == expected
+    assert {i.key for i in store.ls(EntryFilter(algorithm="minmax"))} == {keys[1], keys[3]}
+    # gc leaves markers of live entries alone and removes those of entries that are gone.
+    report = store.gc(orphan_grace=timedelta(0))
+    assert report.removed_orphans == []
+    backend.delete(store.get(keys[3]).url)
+    report = store.gc(orphan_grace=timedelta(0))
+    assert len(report.removed_orphans) == 2  # the staging directory and the index marker of keys[3]
+    assert not any(keys[3] in p for p in backend.files())
+
+
 def test_ls_shows_unreadable_manifests_and_verify_reports_every_problem(backend: StoreRoot) -> None:
     store = backend.store()
     good, _ = publish(store, 1)
@@ -353,9 +376,17 @@ def test_ls_shows_unreadable_manifests_and_verify_reports_every_problem(backend:
     backend.write(url, flip_byte(backend.read(url)))
     backend.write(entry_manifest.url, b"garbage")
 
+    # ls trusts the listing index for display: the entry is listed as before.
+    listed = {i.key: i for i in store.ls()}
+    assert set(listed) == {good, bad_bytes, bad_manifest}
+    assert all(i.problem is None for i in listed.values())
+    # Without its index marker ls reads the manifest, and says it is unreadable.
+    for marker in [p for p in backend.files() if p.split("/")[-1].startswith(bad_manifest + "~")]:
+        backend.delete(backend.url.rstrip("/") + "/" + marker)
     listed = {i.key: i for i in store.ls()}
     assert set(listed) == {good, bad_bytes, bad_manifest}
     assert listed[bad_manifest].problem is not None and listed[good].problem is None
+    assert [i.key for i in store.ls(EntryFilter(algorithm="entropy2"))] == [good, bad_bytes]  # needs fields it lacks
 
     results = {r.key: r for r in store.verify()}
     assert results[good].ok

@@ -84,8 +84,17 @@ def _storage_options(pairs: list[str] | None) -> dict[str, Any]:
         if key == "endpoint_url":
             options.setdefault("client_kwargs", {})["endpoint_url"] = value
         else:
-            options[key] = value
+            options[key] = _option_value(value)
     return options
+
+
+def _option_value(text: str) -> Any:
+    """'true'/'false'/numbers as JSON values (s3fs wants anon=False, not the string 'false'); else the text."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, (bool, int, float)) else text
 
 
 def build_config_from_args(args: argparse.Namespace) -> Any:

@@ -282,7 +282,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             i.algorithm or "-",
             (i.model_sha256 or "-")[:12],
             _size(i.size),
-            ",".join(i.artifacts) if i.problem is None else f"UNREADABLE: {i.problem}",
+            str(i.artifact_count) if i.problem is None else f"UNREADABLE: {i.problem}",
         ]
         for i in infos
     ]

@@ -138,7 +138,7 @@ class EntryFilter:
 
 @dataclass(frozen=True)
 class EntryInfo:
-    """One line of `ls`: what a manifest says, without verifying the artifacts."""
+    """One line of `ls`: what the listing index (or, failing it, the manifest) says; nothing verified."""
 
     key: str
     namespace: str
@@ -147,8 +147,8 @@ class EntryInfo:
     model_sha256: str | None = None
     algorithm: str | None = None
     size: int | None = None
-    artifacts: tuple[str, ...] = ()
-    problem: str | None = None  # set when the manifest cannot be read or is malformed
+    artifact_count: int | None = None
+    problem: str | None = None  # set when the manifest had to be read and is unreadable or malformed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -159,7 +159,7 @@ class EntryInfo:
             "model_sha256": self.model_sha256,
             "algorithm": self.algorithm,
             "size": self.size,
-            "artifacts": list(self.artifacts),
+            "artifact_count": self.artifact_count,
             "problem": self.problem,
         }
 

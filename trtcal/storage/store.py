@@ -37,6 +37,7 @@ from trtcal.errors import (
 from trtcal.storage._backends import CHUNK_BYTES, Backend, FileInfo, FsspecBackend, LocalBackend
 from trtcal.storage._redact import Scrubber, redact_url, secret_values
 from trtcal.storage.entry import Entry, Problem, check_bytes
+from trtcal.storage.index import IndexRecord, index_name, parse_index_name
 from trtcal.storage.keys import canonical_json, compute_cache_key, key_inputs_dict
 from trtcal.storage.manifest import ArtifactRecord, Manifest, parse_manifest
 from trtcal.storage.names import (
@@ -207,6 +208,9 @@ class CacheStore:
 
     def _entries_dir(self, namespace: str) -> str:
         return self._backend.join(LAYOUT, namespace, "entries")
+
+    def _index_dir(self, namespace: str) -> str:
+        return self._backend.join(LAYOUT, namespace, "index")
 
     def _artifacts_dir(self, namespace: str) -> str:
         return self._backend.join(LAYOUT, namespace, "artifacts")
@@ -456,6 +460,7 @@ class CacheStore:
                     committed = self._backend.create_only(path, data)
                 if committed:
                     log.info("published %s (namespace %s) to %s", key, namespace, self.url)
+                    self._write_index(manifest)
                     return Entry(self, manifest, verified=verified)
                 existing, problem = self._load(namespace, key, full=True, keep=True)
                 if existing is not None:
@@ -467,6 +472,7 @@ class CacheStore:
                 log.warning("replacing corrupt entry %s (namespace %s)", key, namespace)
                 with self._io("remove", path):
                     self._backend.delete_file(path)
+                self._delete_index(namespace, key)
             raise StorageError(
                 f"could not commit {key} to {self.url} after {_COMMIT_ATTEMPTS} attempts; entries kept changing under us",
                 url=self.url,
@@ -579,23 +585,74 @@ class CacheStore:
                 model_sha256=_str_or_none(m.key_inputs.get("model_sha256")),
                 algorithm=_str_or_none(m.key_inputs.get("algorithm")),
                 size=m.total_size,
-                artifacts=tuple(sorted(m.artifacts)),
+                artifact_count=len(m.artifacts),
             )
             out.append((info, m))
         return out
 
+    def _index_files(self, namespace: str, key_prefix: str | None = None) -> dict[str, list[tuple[IndexRecord, FileInfo]]]:
+        """key -> its listing-index markers (normally exactly one)."""
+        index_dir = self._index_dir(namespace)
+        if key_prefix is not None and len(key_prefix) >= 2:
+            index_dir = self._backend.join(LAYOUT, namespace, "index", key_prefix[:2])
+        with self._io("list", index_dir):
+            files = self._backend.list_files(index_dir)
+        out: dict[str, list[tuple[IndexRecord, FileInfo]]] = {}
+        for file in files:
+            record = parse_index_name(file.path.replace(os.sep, "/").rsplit("/", 1)[-1])
+            if record is not None:
+                out.setdefault(record.key, []).append((record, file))
+        return out
+
+    def _write_index(self, manifest: Manifest) -> None:
+        path = self._backend.join(LAYOUT, manifest.namespace, "index", manifest.key[:2], index_name(manifest))
+        try:
+            with self._io("write", path, missing_ok=False):
+                self._backend.write_stream(path, [b""])
+        except (StorageError, FileExistsError) as exc:  # the entry is fine; `ls` reads its manifest instead
+            log.warning("could not write the listing index of %s: %s", manifest.key, exc)
+
+    def _delete_index(self, namespace: str, key: str) -> None:
+        for _record, file in self._index_files(namespace, key).get(key, []):
+            with self._io("remove", file.path):
+                self._backend.delete_file(file.path)
+
     def ls(self, flt: EntryFilter | None = None) -> list[EntryInfo]:
         """Committed entries matching `flt` (all namespaces unless it names one), oldest first.
 
-        Manifests are read (concurrently on S3) but artifacts are not verified; see `verify`.
-        Entries whose manifest is unreadable are listed with `problem` set, unless the filter
-        needs manifest fields (model, algorithm, dates) they cannot show.
+        Two listings per namespace (manifests, and the listing index whose marker names carry
+        each entry's time, size, model and algorithm); a manifest is read only for an entry
+        whose marker is missing or malformed. Nothing is verified here; see `verify`. Entries
+        whose manifest had to be read and is unreadable are listed with `problem` set, unless
+        the filter needs fields they cannot show.
         """
         flt = flt or EntryFilter()
         out: list[EntryInfo] = []
         for namespace in self._namespaces(flt.namespace):
             keys = sorted(k for k in self._manifest_files(namespace) if flt.key_prefix is None or k.startswith(flt.key_prefix))
-            for info, _manifest in self._scan(namespace, keys):
+            index = self._index_files(namespace, flt.key_prefix) if keys else {}
+            infos: list[EntryInfo] = []
+            unindexed: list[str] = []
+            for key in keys:
+                records = index.get(key, [])
+                if len(records) != 1:
+                    unindexed.append(key)
+                    continue
+                record = records[0][0]
+                infos.append(
+                    EntryInfo(
+                        key=key,
+                        namespace=namespace,
+                        url=self._display(self._manifest_path(namespace, key)),
+                        created_at=record.created_at,
+                        model_sha256=record.model_sha256,
+                        algorithm=record.algorithm,
+                        size=record.size,
+                        artifact_count=record.artifact_count,
+                    )
+                )
+            infos.extend(info for info, _manifest in self._scan(namespace, unindexed))
+            for info in infos:
                 if info.problem is not None:
                     if not flt.reads_manifests:
                         out.append(info)
@@ -682,6 +739,17 @@ class CacheStore:
             report.bytes_freed += sum(f.size for f in stage_files)
             if not report.dry_run:
                 self._discard_stage(stage_dir)
+        # Listing-index markers of entries that are gone (a gc interrupted between the two deletes).
+        for key, markers in sorted(self._index_files(namespace).items()):
+            if key in referenced:
+                continue
+            for _record, file in markers:
+                if file.mtime is not None and file.mtime > orphan_cutoff:
+                    continue  # maybe written right after a commit this scan did not see
+                report.removed_orphans.append(self._display(file.path))
+                if not report.dry_run:
+                    with self._io("remove", file.path):
+                        self._backend.delete_file(file.path)
         # Temp files of interrupted local commits.
         entries_dir = self._entries_dir(namespace)
         with self._io("list", entries_dir):
@@ -698,6 +766,7 @@ class CacheStore:
         path = self._manifest_path(namespace, key)
         with self._io("remove", path):
             self._backend.delete_file(path)  # uncommit first: readers see a miss, never half an entry
+        self._delete_index(namespace, key)
         self._discard_stage(self._stage_dir(namespace, key, stage))
         if isinstance(self._backend, LocalBackend):
             self._backend.remove_empty_dirs(os.path.dirname(path), self._layout_dir())

@@ -1,0 +1,594 @@
+"""`calibrate_dataset`: the end-to-end job behind `trtcal calibrate MODEL --data URL`.
+
+Flow (each step skipped when the store already holds its result):
+
+    key the batch request  ──hit──►  batch fingerprint  ──►  key the calibration ──hit──► copy out, done
+          │ miss                                                   │ miss
+          ▼                                                        ▼
+    Ray workers build ONE Arrow batch ──► publish it ──►  calibration actor (GPU if any) ──► publish ──► copy out
+
+* The **batch entry** is keyed by the request (dataset URL without credentials, sample count, seed,
+  stratification, preprocessing spec, bad-input policy): a retry never preprocesses again. Its
+  manifest records the batch's content fingerprint.
+* The **calibration entry** is keyed by content (`trtcal.storage.KeyInputs`): model sha256, batch
+  fingerprint, preprocessing spec, the methods and their parameters, runner kind and version,
+  tensor selection, micro-batch, format version. Same key, same artifact bytes.
+* Artifacts are copied to `output` through a temp dir and one rename, so `output` never holds a
+  half-written set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from trtcal._version import FORMAT_VERSION, __version__
+from trtcal.errors import BackendUnavailableError, ConfigError, DataError, ModelError, TrtcalError, WorkerError
+from trtcal.orchestrator.config import CalibrationConfig
+from trtcal.progress import NO_PROGRESS, ProgressCallback
+
+__all__ = ["JobConfig", "DatasetResult", "calibrate_dataset", "default_store_url"]
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "gpu")
+BACKENDS = ("onnxruntime", "tensorrt")
+BATCH_ARTIFACT = "batch.arrow"
+QDQ_ARTIFACT = "model.qdq.onnx"
+RUN_RECORD = "run.json"  # the pipeline's manifest (timings vary run to run; the store's manifest.json commits)
+
+
+def default_store_url() -> str:
+    """`$TRTCAL_CACHE_DIR/store`, else `~/.cache/trtcal/store`."""
+    root = os.environ.get("TRTCAL_CACHE_DIR")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "trtcal"
+    return str(base / "store")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobConfig:
+    """Everything `trtcal calibrate MODEL --data URL` can be told. The one place defaults live.
+
+    Attributes:
+        num_samples: samples drawn from the dataset (None: all).
+        seed: seeds the draw.
+        preprocess: preset name (imagenet, efficientnet-lite, raw) or "package.module:function".
+        stratify: draw evenly per class folder.
+        store: cache store URL (None: `default_store_url()`).
+        read_from: other stores searched (read-only) before computing.
+        namespace: the store namespace (e.g. a team).
+        read_only: never write to the store (consumers); a miss then computes without publishing.
+        output: directory that receives the artifacts (None: leave them in the store only).
+        address: Ray cluster address (None: an embedded local Ray; "auto"; "ray://…").
+        workers: preprocessing tasks in flight (None: the cluster's CPUs).
+        device: "auto" (GPU when the cluster has one), "cpu" or "gpu" (an error without one).
+        on_bad_input: "fail" or "skip" for corrupt or unreadable inputs.
+        export_qdq: also write the Q/DQ ONNX model of the first method.
+        storage_options: fsspec options for the store and the dataset (credentials stay out of every artifact).
+        calibration: the calibration itself (methods, TensorRT header version, micro-batch, bins, …).
+    """
+
+    num_samples: int | None = 500
+    seed: int = 0
+    preprocess: str = "imagenet"
+    stratify: bool = False
+    store: str | None = None
+    read_from: tuple[str, ...] = ()
+    namespace: str | None = None
+    read_only: bool = False
+    output: str | None = None
+    address: str | None = None
+    workers: int | None = None
+    device: str = "auto"
+    on_bad_input: str = "fail"
+    export_qdq: bool = True
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_samples is not None and (isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1):
+            raise ConfigError(f"num_samples must be a positive integer or None (all), got {self.num_samples!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.on_bad_input not in ("fail", "skip"):
+            raise ConfigError(f"on_bad_input must be 'fail' or 'skip', got {self.on_bad_input!r}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1):
+            raise ConfigError(f"workers must be a positive integer, got {self.workers!r}")
+        object.__setattr__(self, "read_from", tuple(self.read_from))
+        object.__setattr__(self, "storage_options", dict(self.storage_options))
+        if not isinstance(self.calibration, CalibrationConfig):
+            raise ConfigError("calibration must be a CalibrationConfig")
+
+
+@dataclass(frozen=True)
+class DatasetResult:
+    """What a job did: the key, where the artifacts are, and what it cost."""
+
+    key: str
+    batch_key: str
+    store_url: str
+    entry_url: str
+    cache_hit: bool
+    batch_reused: bool
+    output_dir: Path | None
+    artifacts: tuple[str, ...]
+    num_tensors: int
+    num_samples: int
+    algorithms: tuple[str, ...]
+    runner: str
+    timings: Mapping[str, float]
+    amax: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    published: bool = True
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "batch_key": self.batch_key,
+            "store": self.store_url,
+            "entry": self.entry_url,
+            "cache_hit": self.cache_hit,
+            "batch_reused": self.batch_reused,
+            "output_dir": str(self.output_dir) if self.output_dir else None,
+            "artifacts": list(self.artifacts),
+            "tensors": self.num_tensors,
+            "samples": self.num_samples,
+            "algorithms": list(self.algorithms),
+            "runner": self.runner,
+            "published": self.published,
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "warnings": list(self.warnings),
+        }
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+
+def _read_model(model: str | os.PathLike[str], storage_options: Mapping[str, Any]) -> bytes:
+    text = os.fspath(model)
+    try:
+        if "://" in text and not text.startswith("file://"):
+            import fsspec
+
+            with fsspec.open(text, "rb", **dict(storage_options)) as f:
+                return bytes(f.read())
+        return Path(text.removeprefix("file://")).read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"model {text!r} does not exist; give the path or URL of an ONNX file") from None
+    except IsADirectoryError:
+        raise ModelError(f"model {text!r} is a directory; give the path of an ONNX file") from None
+    except OSError as exc:
+        raise ModelError(f"cannot read model {text!r}: {exc}") from None
+
+
+def _redact_url(url: str) -> str:
+    from trtcal.workers.sources import _redact
+
+    return _redact(url)
+
+
+def batch_key_inputs(data: str, config: JobConfig, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a batch request (not its content: the dataset is only listed when building)."""
+    return {
+        "kind": "calibration-batch",
+        "data": _redact_url(os.fspath(data)),
+        "num_samples": config.num_samples,
+        "seed": config.seed,
+        "stratify": config.stratify,
+        "preprocess": dict(spec),
+        "on_bad_input": config.on_bad_input,
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def runner_id(device: str) -> tuple[str, str]:
+    """Runner kind and version that determine the activations (part of the key)."""
+    import onnxruntime
+
+    return (f"onnxruntime-{device}", str(onnxruntime.__version__))
+
+
+def calibration_key_inputs(model_sha256: str, fingerprint: str, spec: Mapping[str, Any], cal: CalibrationConfig, runner: tuple[str, str]) -> Any:
+    from trtcal.storage import KeyInputs
+
+    return KeyInputs(
+        model_sha256=model_sha256,
+        batch_fingerprint=fingerprint,
+        preprocessing=dict(spec),
+        algorithm="+".join(cal.algorithms),
+        algorithm_params={"num_bins": cal.num_bins, "method_params": {k: dict(v) for k, v in sorted(cal.method_params.items())}},
+        runner=runner[0],
+        runner_version=runner[1],
+        extra={
+            "micro_batch": cal.micro_batch,
+            "tensors": cal.tensors if isinstance(cal.tensors, str) else list(cal.tensors),
+            "nonfinite": cal.nonfinite,
+            "manual_ranges": dict(sorted(cal.manual_ranges.items())),
+        },
+    )
+
+
+# --- the calibration actor ----------------------------------------------------------------------
+
+
+def run_calibration(model_bytes: bytes, batch_url: str, storage_options: Mapping[str, Any], cal: dict[str, Any], export_qdq: bool) -> dict[str, Any]:
+    """The actor's work, a plain function: calibrate, optionally export Q/DQ, return the artifact bytes."""
+    from trtcal.orchestrator.pipeline import calibrate
+    from trtcal.workers.batch_format import open_batch
+
+    config = CalibrationConfig.from_dict(cal)
+    with tempfile.TemporaryDirectory(prefix="trtcal-actor-") as tmp:
+        model_path = Path(tmp) / "model.onnx"
+        model_path.write_bytes(model_bytes)
+        batch = open_batch(batch_url, **dict(storage_options))
+        out = Path(tmp) / "out"
+        result = calibrate(str(model_path), batch, config=config, output_dir=out)
+        files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+        if "manifest.json" in files:
+            files[RUN_RECORD] = files.pop("manifest.json")
+        if export_qdq:
+            from trtcal.export.qdq import export_qdq as make_qdq
+
+            qdq = make_qdq(str(model_path), result.amax[config.algorithms[0]])
+            files[QDQ_ARTIFACT] = qdq.SerializeToString(deterministic=True)
+        runner = result.manifest.get("runner", {})
+        return {
+            "files": files,
+            "amax": result.amax,
+            "num_tensors": len(result.tensor_names),
+            "num_samples": batch.num_rows,
+            "timings": dict(result.timings),
+            "runner": runner,
+        }
+
+
+def _actor_class(ray: Any, num_gpus: float) -> Any:
+    # Restarted by Ray if its process dies; the call is retried against the stored batch.
+    @ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=2, max_task_retries=2)
+    class CalibrationActor:
+        def ready(self) -> dict[str, Any]:
+            import socket
+
+            return {"pid": os.getpid(), "host": socket.gethostname(), "gpu_ids": list(ray.get_gpu_ids())}
+
+        def calibrate(self, *args: Any) -> dict[str, Any]:
+            return run_calibration(*args)
+
+    return CalibrationActor
+
+
+def resolve_device(ray: Any, device: str) -> str:
+    """"cpu" or "gpu" for the calibration actor; never waits for a GPU that does not exist."""
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    if device == "gpu" and gpus < 1:
+        raise BackendUnavailableError(
+            "--device gpu was asked for but the Ray cluster has no GPU; use --device cpu or auto, "
+            "or add a GPU worker group to the cluster"
+        )
+    if device == "auto":
+        return "gpu" if gpus >= 1 else "cpu"
+    return device
+
+
+# --- the job ------------------------------------------------------------------------------------
+
+
+def _copy_out(entry: Any, output: Path, trt_version: str, algorithms: Sequence[str]) -> tuple[str, ...]:
+    """Artifacts into `output` via a sibling temp dir and one rename (an earlier trtcal output is replaced)."""
+    from trtcal.storage import retarget_trt_cache
+
+    output = output.expanduser().resolve()
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {str(output)!r} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not (output / "calibration.cache").exists():
+        raise ConfigError(f"--output {str(output)!r} is a non-empty directory that holds no trtcal artifacts; choose an empty or new directory")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        names = []
+        for name in entry.names:
+            if name == BATCH_ARTIFACT:
+                continue
+            data = entry.read(name)
+            if name.startswith("calibration") and name.endswith(".cache"):
+                method = name[len("calibration.") : -len(".cache")] if name != "calibration.cache" else algorithms[0]
+                data = retarget_trt_cache(data, trt_version=trt_version, algorithm=method)
+            (tmp / name).write_bytes(data)
+            names.append(name)
+        (tmp / "manifest.json").write_bytes(entry.read_manifest_bytes() if hasattr(entry, "read_manifest_bytes") else _manifest_bytes(entry))
+        names.append("manifest.json")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if output.exists():
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, old)
+        os.replace(tmp, output)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return tuple(sorted(names))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _manifest_bytes(entry: Any) -> bytes:
+    import json
+
+    return (json.dumps(entry.manifest, sort_keys=True, indent=2) + "\n").encode("utf-8")
+
+
+def _open_store(config: JobConfig) -> Any:
+    from trtcal.storage import CacheStore
+
+    return CacheStore(
+        config.store or default_store_url(),
+        namespace=config.namespace,
+        read_only=config.read_only,
+        read_from=config.read_from,
+        **dict(config.storage_options),
+    )
+
+
+def _preprocess_spec(name: str) -> dict[str, Any]:
+    from trtcal.workers.preprocess import parse_preprocess
+
+    return parse_preprocess(name).to_dict()
+
+
+def calibrate_dataset(
+    model: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    *,
+    config: JobConfig | None = None,
+    progress: ProgressCallback = NO_PROGRESS,
+    **overrides: Any,
+) -> DatasetResult:
+    """Calibrate `model` on a dataset URL end to end (see the module docstring for the flow).
+
+    Args:
+        model: path or fsspec URL of the FP32 ONNX model.
+        data: dataset URL (image folder/prefix, list file, Parquet, .npy/.npz) or an `.arrow` batch.
+        config: a JobConfig; keyword `overrides` replace its fields (`calibration=` too).
+        progress: receives the stages "list", "preprocess", "write", "statistics", "histograms",
+            "publish".
+
+    Raises:
+        ConfigError, DataError, ModelError, StorageError, WorkerError, BackendUnavailableError.
+    """
+    cfg = replace(config or JobConfig(), **overrides) if overrides else (config or JobConfig())
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    t_start = time.perf_counter()
+
+    model_bytes = _read_model(model, cfg.storage_options)
+    model_sha = hashlib.sha256(model_bytes).hexdigest()
+    store = _open_store(cfg)
+    data_text = os.fspath(data)
+    given_batch = data_text.endswith(".arrow")
+
+    if given_batch:
+        from trtcal.workers.batch_format import open_batch
+
+        batch = open_batch(data_text, **dict(cfg.storage_options))
+        spec: dict[str, Any] = dict(batch.spec)
+        batch_key = batch.fingerprint
+        fingerprint = batch.fingerprint
+        batch_entry = None
+    else:
+        spec = _preprocess_spec(cfg.preprocess)
+        from trtcal.storage import compute_cache_key
+
+        batch_inputs = batch_key_inputs(data_text, cfg, spec)
+        batch_key = compute_cache_key(batch_inputs)
+        batch_entry = store.get(batch_key, lazy=True)
+        fingerprint = batch_entry.extra.get("fingerprint") if batch_entry is not None else None
+
+    from trtcal.workers.ray_runtime import ray_session
+
+    with ray_session(cfg.address, num_cpus=cfg.workers) as session:
+        import ray
+
+        device = resolve_device(ray, cfg.device)
+        runner = runner_id("cuda" if device == "gpu" else "cpu")
+
+        def lookup() -> tuple[Any, str] | None:
+            from trtcal.storage import compute_cache_key
+
+            key_inputs = calibration_key_inputs(model_sha, str(fingerprint), spec if not given_batch else spec, cfg.calibration, runner)
+            key = compute_cache_key(key_inputs)
+            return store.get(key), key
+
+        if fingerprint is not None:
+            hit, key = lookup()  # type: ignore[misc]
+            if hit is not None:
+                timings["total"] = time.perf_counter() - t_start
+                logger.info("cache hit %s: no preprocessing, no inference", key)
+                return _finish(cfg, hit, key, batch_key, store, True, True, timings, warnings, runner, hit.extra)
+
+        batch_reused = batch_entry is not None or given_batch
+        with tempfile.TemporaryDirectory(prefix="trtcal-job-") as tmp:
+            if given_batch:
+                batch_url = data_text
+            elif batch_entry is not None:
+                batch_url = _local_or_remote(batch_entry, Path(tmp))
+            else:
+                from trtcal.workers.build import build_batch
+
+                t0 = time.perf_counter()
+                local_batch = Path(tmp) / BATCH_ARTIFACT
+                report = build_batch(
+                    data_text, str(local_batch), num_samples=cfg.num_samples, seed=cfg.seed,
+                    preprocess=cfg.preprocess, workers=cfg.workers, address=cfg.address,
+                    on_bad_input=cfg.on_bad_input, progress=progress, storage_options=cfg.storage_options,
+                    stratify=cfg.stratify, input_name=_model_input_name(model_bytes),
+                )
+                warnings.extend(report.warnings)
+                timings["preprocess"] = time.perf_counter() - t0
+                fingerprint = report.fingerprint
+                batch_url = str(local_batch)
+                if not store.read_only:
+                    t0 = time.perf_counter()
+                    store.publish(
+                        batch_key, {BATCH_ARTIFACT: local_batch}, key_inputs=batch_inputs,
+                        extra={"fingerprint": report.fingerprint, "num_rows": report.num_rows,
+                               "skipped": len(report.skipped), "build": _build_summary(report)},
+                    )
+                    timings["publish_batch"] = time.perf_counter() - t0
+                hit_key = lookup()
+                assert hit_key is not None
+                if hit_key[0] is not None:  # someone calibrated this batch content already
+                    timings["total"] = time.perf_counter() - t_start
+                    return _finish(cfg, hit_key[0], hit_key[1], batch_key, store, True, False, timings, warnings, runner, hit_key[0].extra)
+
+            from trtcal.storage import compute_cache_key
+
+            key_inputs = calibration_key_inputs(model_sha, str(fingerprint), spec, cfg.calibration, runner)
+            key = compute_cache_key(key_inputs)
+            t0 = time.perf_counter()
+            progress.start("calibrate", None, "")
+            out = _run_actor(ray, device, model_bytes, batch_url, cfg)
+            progress.finish("calibrate")
+            timings["calibrate"] = time.perf_counter() - t0
+            for stage, seconds in out["timings"].items():
+                timings[f"calibrate.{stage}"] = seconds
+            extra = {
+                "trtcal_version": __version__,
+                "runner": out["runner"],
+                "num_samples": out["num_samples"],
+                "num_tensors": out["num_tensors"],
+                "timings_s": {k: round(v, 3) for k, v in timings.items()},
+                "batch_key": batch_key,
+            }
+            progress.start("publish", None, "")
+            t0 = time.perf_counter()
+            if store.read_only:
+                entry = _MemoryEntry(key, out["files"], key_inputs, extra)
+                published = False
+                warnings.append("read-only store: the result was computed but not published")
+            else:
+                entry = store.publish(key, out["files"], key_inputs=key_inputs, extra=extra)
+                published = True
+            timings["publish"] = time.perf_counter() - t0
+            progress.finish("publish")
+            timings["total"] = time.perf_counter() - t_start
+            result = _finish(cfg, entry, key, batch_key, store, False, batch_reused, timings, warnings, runner, extra, amax=out["amax"])
+            return replace(result, published=published)
+
+
+def _model_input_name(model_bytes: bytes) -> str:
+    import onnx
+
+    try:
+        graph = onnx.load_from_string(model_bytes).graph
+    except Exception as exc:  # onnx raises DecodeError and others
+        raise ModelError(f"the model is not a valid ONNX file ({type(exc).__name__}: {exc})") from None
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i.name for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ConfigError(
+            f"the model has {len(inputs)} inputs {inputs}; image datasets feed models with one input — "
+            "build the batch with a preprocessing function that returns every input, then pass the .arrow file"
+        )
+    return inputs[0]
+
+
+def _build_summary(report: Any) -> dict[str, Any]:
+    return {
+        "num_candidates": report.num_candidates,
+        "num_selected": report.num_selected,
+        "skipped": [b.to_dict() for b in report.skipped][:1000],
+        "workers": report.workers,
+        "wall_seconds": {k: round(v, 3) for k, v in report.wall_seconds.items()},
+    }
+
+
+def _local_or_remote(entry: Any, tmp: Path) -> str:
+    url = entry.artifact_url(BATCH_ARTIFACT)
+    if url.startswith("memory://"):
+        return str(entry.download(BATCH_ARTIFACT, tmp / BATCH_ARTIFACT))
+    return url
+
+
+def _run_actor(ray: Any, device: str, model_bytes: bytes, batch_url: str, cfg: JobConfig) -> dict[str, Any]:
+    cal = cfg.calibration
+    if device == "gpu" and cal.device == "cpu":
+        cal = replace(cal, device="cuda")
+    actor_cls = _actor_class(ray, 1.0 if device == "gpu" else 0.0)
+    actor = actor_cls.remote()
+    try:
+        info = ray.get(actor.ready.remote())
+        logger.info("calibration actor pid %s on %s (GPU ids %s)", info["pid"], info["host"], info["gpu_ids"])
+        return dict(ray.get(actor.calibrate.remote(model_bytes, batch_url, dict(cfg.storage_options), cal.to_dict(), cfg.export_qdq)))
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if hasattr(exc, "cause") else None
+        if isinstance(cause, TrtcalError):
+            raise cause from None
+        raise WorkerError(f"the calibration actor failed: {exc}") from None
+    except ray.exceptions.RayActorError as exc:
+        raise WorkerError(f"the calibration actor died and could not be restarted: {exc}") from None
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
+@dataclass
+class _MemoryEntry:
+    """A computed but unpublished result (read-only stores), shaped like a store Entry for copying out."""
+
+    key: str
+    files: dict[str, bytes]
+    key_inputs: Any
+    extra_data: dict[str, Any]
+    url: str = "(not published: read-only store)"
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return self.extra_data
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        from trtcal.storage.keys import key_inputs_dict
+
+        return {"key": self.key, "key_inputs": key_inputs_dict(self.key_inputs), "extra": self.extra_data, "published": False}
+
+    def read(self, name: str) -> bytes:
+        return self.files[name]
+
+
+def _finish(
+    cfg: JobConfig, entry: Any, key: str, batch_key: str, store: Any, hit: bool, batch_reused: bool,
+    timings: dict[str, float], warnings: list[str], runner: tuple[str, str], extra: Mapping[str, Any],
+    amax: Mapping[str, Mapping[str, float]] | None = None,
+) -> DatasetResult:
+    output = Path(cfg.output) if cfg.output else None
+    names: tuple[str, ...] = tuple(n for n in entry.names if n != BATCH_ARTIFACT)
+    if output is not None:
+        names = _copy_out(entry, output, cfg.calibration.trt_version, cfg.calibration.algorithms)
+    if amax is None:
+        amax = {}
+    return DatasetResult(
+        key=key, batch_key=batch_key, store_url=store.url, entry_url=getattr(entry, "url", ""), cache_hit=hit,
+        batch_reused=batch_reused, output_dir=output.expanduser().resolve() if output else None, artifacts=names,
+        num_tensors=int(extra.get("num_tensors", 0)), num_samples=int(extra.get("num_samples", 0)),
+        algorithms=cfg.calibration.algorithms, runner=f"{runner[0]} {runner[1]}", timings=dict(timings),
+        amax=amax, warnings=tuple(warnings),
+    )
+
+
+__all__ += ["run_calibration", "resolve_device", "batch_key_inputs", "calibration_key_inputs"]
+_ = (DataError,)
