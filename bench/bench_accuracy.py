@@ -14,9 +14,15 @@ Everything in one run, on the same data, judged the same way:
   --modelopt-python (ModelOpt needs torch, which trtcal's environment does not carry);
 * every Q/DQ model simulated exactly: ONNX Runtime with GraphOptimizationLevel.ORT_DISABLE_ALL.
 
+ModelOpt lives in its own virtual environment: `nvidia-modelopt[onnx]` pulls torch and
+onnxruntime-gpu, which would replace the onnxruntime package trtcal runs on. Set it up once:
+    python3 -m venv /tmp/modelopt-venv
+    /tmp/modelopt-venv/bin/pip install "nvidia-modelopt[onnx]" torch==2.13.0   # CPU torch wheel
+Without --modelopt-python the ModelOpt row is left out and the results say so.
+
 Run:
-    .venv/bin/python bench/bench_accuracy.py --modelopt-python /path/to/venv-with-modelopt/bin/python \
-        [--calib 500] [--eval 200] [--write bench/RESULTS-accuracy.md]
+    .venv/bin/python bench/bench_accuracy.py --modelopt-python /tmp/modelopt-venv/bin/python \
+        [--calib 500] [--eval 200] [--write bench/RESULTS-accuracy.md] [--report report.html]
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 MODEL = REPO.parent / "shared" / "models" / "efficientnet_lite0.onnx"
 MICRO_BATCH = 32
 ORT_BATCH = 20  # divides 100, 500 and 1000
-KINDS = ("plain-enable-all", "plain-disable-all", "trtcal", "ort-entropy", "ort-percentile")
+KINDS = ("plain-enable-all", "plain-disable-all", "trtcal", "ort-entropy", "ort-percentile", "breakdown")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +101,69 @@ def _child_ort(data: str, out: str, method: str) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t0}
 
 
+def _child_breakdown(data: str) -> dict[str, Any]:
+    """Per-image cost (best of 3 passes over the data, ms) of each piece of a calibration pass."""
+    import onnxruntime as ort
+
+    from trtcal.core.histogram import fill_counts, reduce_stats
+    from trtcal.runners.onnxruntime import OnnxRuntimeRunner
+    from trtcal.workers.batch_format import open_batch
+
+    batch = open_batch(data, verify=False)
+    n = batch.num_rows
+    runner = OnnxRuntimeRunner(MODEL)
+    amax = {k: v.amax for k, v in runner.collect_stats(batch, micro_batch=MICRO_BATCH).items()}
+
+    def best(step: Any) -> float:
+        times = []
+        for _ in range(3):
+            total = 0.0
+            for feed in batch.iter_micro_batches(MICRO_BATCH):
+                total += step(feed)
+            times.append(total)
+        return 1000 * min(times) / n
+
+    def timed(fn: Any) -> Any:
+        def step(feed: Any) -> float:
+            t0 = time.perf_counter()
+            fn(feed)
+            return time.perf_counter() - t0
+        return step
+
+    sessions = {}
+    for level in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        sessions[level] = ort.InferenceSession(str(MODEL), options, providers=["CPUExecutionProvider"])
+
+    def stats_only(feed: Any) -> float:
+        values = runner._run_reusing(feed)  # outside the clock
+        t0 = time.perf_counter()
+        for name, value in values.items():
+            reduce_stats(value, tensor=name)
+        return time.perf_counter() - t0
+
+    def fill_only(feed: Any) -> float:
+        values = runner._run_reusing(feed)
+        t0 = time.perf_counter()
+        for name, value in values.items():
+            fill_counts(value, 2048, amax[name], tensor=name)
+        return time.perf_counter() - t0
+
+    values = runner.run(next(batch.iter_micro_batches(1)))
+    return {
+        "seconds": 0.0,
+        "activation_values_per_image": int(sum(v.size for v in values.values())),
+        "ms_per_image": {
+            "plain_run_enable_all": best(timed(lambda f: sessions["ORT_ENABLE_ALL"].run(["logits"], dict(f)))),
+            "plain_run_disable_all": best(timed(lambda f: sessions["ORT_DISABLE_ALL"].run(["logits"], dict(f)))),
+            "run_all_tensors_as_outputs": best(timed(runner._run_reusing)),
+            "reduce_stats_all_tensors": best(stats_only),
+            "fill_counts_all_tensors": best(fill_only),
+        },
+    }
+
+
 def child_main(kind: str, data: str, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     if kind == "plain-enable-all":
@@ -113,6 +176,8 @@ def child_main(kind: str, data: str, out: str) -> None:
         result = _child_ort(data, out, "Entropy")
     elif kind == "ort-percentile":
         result = _child_ort(data, out, "Percentile")
+    elif kind == "breakdown":
+        result = _child_breakdown(data)
     else:
         raise SystemExit(f"unknown kind {kind}")
     result["vmhwm_mib"] = _status_kib("self", "VmHWM") / 1024
@@ -207,7 +272,7 @@ def main() -> None:
     parser.add_argument("--data")
     parser.add_argument("--out")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 1000])
-    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--kinds", nargs="+", default=[k for k in KINDS if k != "breakdown"], choices=KINDS)
     parser.add_argument("--limit-gib", type=float, default=12.0, help="kill a child whose RSS exceeds this")
     parser.add_argument("--work-dir", default=None, help="where data and outputs go (default: a temp dir)")
     parser.add_argument("--results", default=str(REPO / "bench" / "RESULTS-calibrate.md"))
@@ -268,6 +333,19 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, work: Pa
         if trt.get("status") == "ok":
             stages = ", ".join(f"{k} {v:.1f}" for k, v in trt["timings"].items())
             lines.append(f"- N={n}: {stages}")
+    for r in rows:
+        if r["kind"] == "breakdown" and r.get("status") == "ok":
+            ms = r["ms_per_image"]
+            lines += [
+                "",
+                f"Where the time goes (N={r['n']}, micro-batch {MICRO_BATCH}, ms per image, best of 3; "
+                f"{r['activation_values_per_image']:,} activation values per image):",
+                "",
+                *(f"- {k}: {v:.1f}" for k, v in ms.items()),
+                f"- floor of trtcal (2 x run_all_tensors_as_outputs + reduce_stats + fill_counts): "
+                f"{2 * ms['run_all_tensors_as_outputs'] + ms['reduce_stats_all_tensors'] + ms['fill_counts_all_tensors']:.1f}"
+                f" = {(2 * ms['run_all_tensors_as_outputs'] + ms['reduce_stats_all_tensors'] + ms['fill_counts_all_tensors']) / ms['plain_run_enable_all']:.1f}x plain_run_enable_all",
+            ]
     lines += ["", "Load average (1 min) before/after each run:", ""]
     for r in rows:
         lines.append(f"- N={r['n']} {r['kind']}: {r['load_before']:.2f} / {r['load_after']:.2f}")

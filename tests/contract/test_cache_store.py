@@ -353,7 +353,8 @@ def test_ls_reads_manifests_when_the_listing_index_is_missing_or_odd(backend: St
     assert sorted(m.split("/")[-1].split("~")[0] for m in markers) == sorted(keys)
     root = backend.url.rstrip("/") + "/"
     backend.delete(root + markers[0])  # missing
-    backend.write(root + markers[1] + "x", b"")  # duplicated
+    parts = markers[1].split("~")
+    backend.write(root + "~".join([parts[0], "20200101T000000000000Z", *parts[2:]]), b"")  # two markers, one stale
     backend.write(root + markers[2].rsplit("/", 1)[0] + "/" + keys[2] + "~garbage", b"")  # malformed extra name
     again = {(i.key, i.created_at, i.algorithm, i.model_sha256, i.size, i.artifact_count) for i in store.ls()}
     assert again == expected

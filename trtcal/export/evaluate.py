@@ -128,7 +128,7 @@ class EvaluationResult:
         rows = []
         for r in data["rows"]:
             metrics = {k: r[k] for k in LogitMetrics.__dataclass_fields__ if k in r}
-            metrics = {k: (math.inf if v == "inf" else v) for k, v in metrics.items()}
+            metrics = {k: number(v) for k, v in metrics.items()}
             rows.append(MethodEvaluation(label=r["label"], simulated=bool(r["simulated"]), metrics=LogitMetrics(**metrics)))
         return cls(rows=tuple(rows), num_inputs=int(data["num_inputs"]), fp32_accuracy=data.get("fp32_accuracy"))
 
@@ -145,9 +145,19 @@ class EvaluationResult:
         return "\n".join(lines)
 
 
+def json_number(value: Any) -> Any:
+    """JSON has no Infinity: an identical model's SQNR is written "inf" (and read back by `number`)."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def number(value: Any) -> Any:
+    return float(value) if value in ("inf", "-inf") else value
+
+
 def _finite(d: dict[str, Any]) -> dict[str, Any]:
-    # JSON has no Infinity: an identical model has SQNR "inf".
-    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
+    return {k: json_number(v) for k, v in d.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -485,9 +485,12 @@ def plan_qdq(model: onnx.ModelProto, scale_by_tensor: Mapping[str, float], confi
             unit_labels[i] = labels[i]
 
     if config.quantize_outputs:
+        stays_float = set(kept_float) | set(excluded)
         for i in quantized_nodes:
             out = graph.node[i].output[0]
             for consumer in consumers.get(out, []):
+                if consumer in stays_float:
+                    continue  # a layer kept float keeps float inputs
                 if consumer in quantized_set or any(
                     q.node_index == consumer and q.tensor == out for q in quantized
                 ):

@@ -32,6 +32,8 @@ from trtcal.export.evaluate import (
     Inputs,
     LogitMetrics,
     compare_logits,
+    json_number,
+    number,
     run_model,
     simulation_session,
 )
@@ -118,7 +120,7 @@ class SensitivityResult:
                     "op_type": r.op_type,
                     "tensors": list(r.tensors),
                     "noise_ratio": r.noise_ratio,
-                    "sqnr_db": "inf" if math.isinf(r.sqnr_db) else r.sqnr_db,
+                    "sqnr_db": json_number(r.sqnr_db),
                     "top1_agreement": r.top1_agreement,
                     "macs": r.macs,
                 }
@@ -134,7 +136,7 @@ class SensitivityResult:
                 op_type=r["op_type"],
                 tensors=tuple(r["tensors"]),
                 noise_ratio=float(r["noise_ratio"]),
-                sqnr_db=math.inf if r["sqnr_db"] == "inf" else float(r["sqnr_db"]),
+                sqnr_db=float(number(r["sqnr_db"])),
                 top1_agreement=float(r["top1_agreement"]),
                 macs=r.get("macs"),
             )
@@ -167,7 +169,7 @@ class FallbackResult:
             return {
                 "top1_agreement": m.top1_agreement,
                 "top5_overlap": m.top5_overlap,
-                "sqnr_db": "inf" if math.isinf(m.sqnr_db) else m.sqnr_db,
+                "sqnr_db": json_number(m.sqnr_db),
                 "mean_kl": m.mean_kl,
                 "num_inputs": m.num_inputs,
             }
@@ -181,7 +183,7 @@ class FallbackResult:
             "before": metrics(self.before),
             "after": metrics(self.after),
             "steps": [
-                {"num_float": s.num_float, "top1_agreement": s.top1_agreement, "sqnr_db": "inf" if math.isinf(s.sqnr_db) else s.sqnr_db}
+                {"num_float": s.num_float, "top1_agreement": s.top1_agreement, "sqnr_db": json_number(s.sqnr_db)}
                 for s in self.steps
             ],
         }

@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from trtcal._version import FORMAT_VERSION, __version__
-from trtcal.errors import BackendUnavailableError, ConfigError, DataError, ModelError, TrtcalError, WorkerError
+from trtcal.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ModelError,
+    TrtcalError,
+    WorkerError,
+)
 from trtcal.orchestrator.config import CalibrationConfig
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 
@@ -395,27 +401,33 @@ def calibrate_dataset(
         batch_entry = store.get(batch_key, lazy=True)
         fingerprint = batch_entry.extra.get("fingerprint") if batch_entry is not None else None
 
+    # A hit needs no Ray at all: try the runner(s) the device setting allows, CPU first.
+    if fingerprint is not None:
+        from trtcal.storage import compute_cache_key
+
+        candidates = {"cpu": ["cpu"], "gpu": ["cuda"], "auto": ["cpu", "cuda"]}[cfg.device]
+        for kind in candidates:
+            hit_runner = runner_id(kind)
+            key = compute_cache_key(calibration_key_inputs(model_sha, str(fingerprint), spec, cfg.calibration, hit_runner))
+            hit = store.get(key)
+            if hit is not None:
+                timings["total"] = time.perf_counter() - t_start
+                logger.info("cache hit %s: no preprocessing, no inference", key)
+                return _finish(cfg, hit, key, batch_key, store, True, True, timings, warnings, hit_runner, hit.extra)
+
     from trtcal.workers.ray_runtime import ray_session
 
-    with ray_session(cfg.address, num_cpus=cfg.workers) as session:
+    with ray_session(cfg.address, num_cpus=cfg.workers):
         import ray
 
         device = resolve_device(ray, cfg.device)
         runner = runner_id("cuda" if device == "gpu" else "cpu")
 
-        def lookup() -> tuple[Any, str] | None:
+        def lookup() -> tuple[Any, str]:
             from trtcal.storage import compute_cache_key
 
-            key_inputs = calibration_key_inputs(model_sha, str(fingerprint), spec if not given_batch else spec, cfg.calibration, runner)
-            key = compute_cache_key(key_inputs)
+            key = compute_cache_key(calibration_key_inputs(model_sha, str(fingerprint), spec, cfg.calibration, runner))
             return store.get(key), key
-
-        if fingerprint is not None:
-            hit, key = lookup()  # type: ignore[misc]
-            if hit is not None:
-                timings["total"] = time.perf_counter() - t_start
-                logger.info("cache hit %s: no preprocessing, no inference", key)
-                return _finish(cfg, hit, key, batch_key, store, True, True, timings, warnings, runner, hit.extra)
 
         batch_reused = batch_entry is not None or given_batch
         with tempfile.TemporaryDirectory(prefix="trtcal-job-") as tmp:
@@ -447,7 +459,6 @@ def calibrate_dataset(
                     )
                     timings["publish_batch"] = time.perf_counter() - t0
                 hit_key = lookup()
-                assert hit_key is not None
                 if hit_key[0] is not None:  # someone calibrated this batch content already
                     timings["total"] = time.perf_counter() - t_start
                     return _finish(cfg, hit_key[0], hit_key[1], batch_key, store, True, False, timings, warnings, runner, hit_key[0].extra)
@@ -591,4 +602,4 @@ def _finish(
 
 
 __all__ += ["run_calibration", "resolve_device", "batch_key_inputs", "calibration_key_inputs"]
-_ = (DataError,)
+

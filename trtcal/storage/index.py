@@ -58,8 +58,9 @@ def parse_index_name(name: str) -> IndexRecord | None:
     match = _NAME.fullmatch(name)
     if match is None or "!" in (match["model"], match["algorithm"]):
         return None
+    t = match["created"]  # YYYYmmddTHHMMSSffffffZ; parsed by hand, strptime dominates `ls` otherwise
     try:
-        created = datetime.strptime(match["created"], _TIME).replace(tzinfo=timezone.utc)
+        created = datetime(int(t[0:4]), int(t[4:6]), int(t[6:8]), int(t[9:11]), int(t[11:13]), int(t[13:15]), int(t[15:21]), timezone.utc)
     except ValueError:
         return None
     return IndexRecord(

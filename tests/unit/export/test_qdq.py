@@ -330,6 +330,15 @@ def test_quantize_outputs_adds_qdq_after_quantized_layers() -> None:
     assert dq_feeding(q, "relu1", 0) is not None  # conv1's output c1, for its consumer
     assert dq_feeding(q, "add", 0) is not None  # conv2's output c2
     onnx.checker.check_model(q, full_check=True)
+    # A layer kept float (noise reduction) keeps a float input even when it reads a quantized layer's output.
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a"),
+        helper.make_node("Conv", ["a", "wb"], ["y"], name="conv_last"),
+    ]
+    inits = [("wa", rng_weights(1, 2, 2, 1, 1)), ("wb", rng_weights(2, 2, 2, 1, 1))]
+    model = make_model(nodes, [vi("x", [1, 2, 2, 2])], [vi("y", [1, 2, 2, 2])], inits)
+    q = export_qdq(model, {"x": 1.0, "a": 2.0}, quantize_outputs=True)
+    assert dq_feeding(q, "conv_a", 0) is not None and dq_feeding(q, "conv_last", 0) is None
 
 
 def test_constant_node_weight_and_weight_shared_with_a_float_node() -> None:
@@ -447,3 +456,15 @@ def test_read_ranges_layouts_and_errors(tmp_path) -> None:
         read_ranges(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         read_ranges(tmp_path / "none.json")
+
+
+def test_noise_reduction_does_not_apply_through_a_plugin() -> None:
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("MyPlugin", ["c"], ["y"], name="plugin", domain="example.plugins"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [vi("x", [1, 1, 2, 2])], [vi("y", [1, 1, 2, 2])],
+        [onnx.numpy_helper.from_array(rng_weights(1, 1, 1, 1, 1), "w")],
+    )
+    assert last_smoothing_nodes(graph) == set()

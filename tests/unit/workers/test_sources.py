@@ -224,3 +224,28 @@ def test_listing_independent_of_directory_order(tmp_path, monkeypatch):
     monkeypatch.setattr(sources.os, "scandir", shuffled)
     _d, _s, _r, listings = _listing(root)
     assert _all_relpaths(listings) == baseline
+
+
+def test_remote_code_paths_on_an_in_memory_filesystem():
+    """The fsspec (non-local) branches: ls/find listing, hidden keys, concurrent `cat`, a vanished object."""
+    import uuid
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/ds-{uuid.uuid4().hex[:8]}"
+    data = encode(photo("coffee"), "PNG")
+    for rel in ("train/n01/a.png", "train/n01/b.png", "train/n02/c.png", "train/n02/.hidden.png", "train/readme.txt"):
+        fs.pipe_file(f"{root}/{rel}", data)
+    try:
+        dataset, shards, refused, listings = _listing(f"memory://{root}/train", target_shards=2)
+        assert dataset.protocol == "memory" and not dataset.is_local and refused == []
+        assert [(s.kind, s.prefix or s.files) for s in shards] == [("find", "n01"), ("find", "n02"), ("files", ("readme.txt",))]
+        assert _all_relpaths(listings) == ["n01/a.png", "n01/b.png", "n02/c.png"]
+        assert sum(listing.ignored for listing in listings) == 2  # .hidden.png, readme.txt
+        refs = resolve_selection(listings[0], {"": np.arange(2)}, stratify=False)
+        fs.rm(f"{root}/train/n01/b.png")
+        read = read_images(dataset, dataset.filesystem(), refs)
+        assert read["n01/a.png"] == data and read["n01/b.png"].reason == "unreadable"
+    finally:
+        fs.rm(root, recursive=True)
