@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """-v/-q/--json on a subcommand too (`trtcal calibrate … -v`); SUPPRESS keeps the global value."""
+    parser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging; -v shows tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors")
+
+
 def configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -14,7 +14,7 @@ from typing import Any
 
 from trtcal.errors import ConfigError
 
-__all__ = ["register", "add_calibration_arguments", "add_data_arguments", "config_from_args", "run"]
+__all__ = ["register", "add_calibration_arguments", "add_data_arguments", "add_job_arguments", "config_from_args", "job_config_from_args", "run"]
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +51,6 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
         "--manual-ranges", default=None, metavar="FILE.json",
         help="JSON object tensor -> amax overriding (or adding to) the calibrated ranges",
     )
-    group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (needs onnxruntime-gpu)")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -61,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     values: dict[str, Any] = {}
     if args.algorithms:
         values["algorithms"] = tuple(args.algorithms)
-    for option in ("trt_version", "micro_batch", "num_bins", "nonfinite", "device"):
+    for option in ("trt_version", "micro_batch", "num_bins", "nonfinite"):
         value = getattr(args, option, None)
         if value is not None:
             values[option] = value
@@ -83,31 +82,118 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return CalibrationConfig.from_dict(values)
 
 
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The dataset, Ray and store options of `trtcal calibrate` (fields of JobConfig)."""
+    data = parser.add_argument_group("dataset and preprocessing")
+    data.add_argument("--num-samples", default=None, metavar="N|all", help="samples drawn from the dataset")
+    data.add_argument("--seed", type=int, default=None, help="seeds the sample draw")
+    data.add_argument("--preprocess", default=None, metavar="P",
+                      help="imagenet, efficientnet-lite, raw, or package.module:function")
+    data.add_argument("--stratify", action="store_true", default=None, help="draw evenly per class folder")
+    data.add_argument("--on-bad-input", choices=("fail", "skip"), default=None,
+                      help="corrupt/unreadable inputs: fail listing them, or skip and report them")
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument("--address", default=None, help="Ray address (absent: an embedded local Ray; auto; ray://…)")
+    cluster.add_argument("--workers", type=int, default=None, help="preprocessing tasks in flight (default: cluster CPUs)")
+    cluster.add_argument("--device", choices=("auto", "cpu", "gpu"), default=None,
+                         help="where the calibration actor runs (auto: GPU when the cluster has one)")
+    store = parser.add_argument_group("store")
+    store.add_argument("--store", default=None, metavar="URL", help="cache store (default: a local store under the user cache dir)")
+    store.add_argument("--read-from", action="append", default=None, metavar="URL",
+                       help="other stores searched (read-only) before computing; repeat")
+    store.add_argument("--namespace", default=None, help="store namespace (e.g. your team)")
+    store.add_argument("--read-only", action="store_true", default=None, help="never write to the store")
+    store.add_argument("--storage-option", action="append", default=None, metavar="KEY=VALUE",
+                       help="fsspec option for the store and dataset, e.g. endpoint_url=http://…; repeat")
+    store.add_argument("--no-qdq", action="store_true", default=None, help="do not export the Q/DQ ONNX model")
+
+
+def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--storage-option {item!r} must look like KEY=VALUE")
+        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
+
+
+def job_config_from_args(args: argparse.Namespace) -> Any:
+    from trtcal.orchestrator.dataset import JobConfig
+    from trtcal.workers.selection import parse_num_samples
+
+    values: dict[str, Any] = {"calibration": config_from_args(args)}
+    if args.num_samples is not None:
+        values["num_samples"] = parse_num_samples(args.num_samples)
+    for option in ("seed", "preprocess", "stratify", "on_bad_input", "address", "workers", "device", "store",
+                   "namespace", "read_only", "output"):
+        value = getattr(args, option, None)
+        if value is not None:
+            values[option] = value
+    if args.read_from:
+        values["read_from"] = tuple(args.read_from)
+    if args.storage_option:
+        values["storage_options"] = parse_storage_options(args.storage_option)
+    if args.no_qdq:
+        values["export_qdq"] = False
+    return JobConfig(**values)
+
+
+def _table(result: Any) -> str:
+    rows = [
+        ("result", "cache hit (no preprocessing, no inference)" if result.cache_hit else "computed and published"
+         if result.published else "computed (read-only store: not published)"),
+        ("tensors calibrated", str(result.num_tensors)),
+        ("samples", str(result.num_samples)),
+        ("methods", ", ".join(result.algorithms)),
+        ("runner", result.runner),
+        ("cache key", result.key),
+        ("stored in", f"{result.store_url} ({result.entry_url})"),
+        ("artifacts", str(result.output_dir) if result.output_dir else "(store only; use --output DIR)"),
+    ]
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if not k.startswith("calibrate."))
+    rows.append(("time per stage", stages))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    for w in result.warnings:
+        lines.append(f"{'warning'.ljust(width)}  {w}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from trtcal.cli.progress import TqdmProgress
-    from trtcal.orchestrator.pipeline import calibrate
+    from trtcal.orchestrator.dataset import calibrate_dataset
 
-    config = config_from_args(args)
-    progress = TqdmProgress(enabled=not getattr(args, "quiet", False))
-    result = calibrate(args.model, args.data, output_dir=args.output, config=config, progress=progress)
-    out = sys.stdout
-    print(f"calibrated {len(result.tensor_names)} tensors; artifacts in {result.output_dir}", file=out)
-    for name in sorted(result.paths):
-        print(f"  {name}", file=out)
-    timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    print(f"timings: {timings}", file=out)
+    config = job_config_from_args(args)
+    progress = TqdmProgress(enabled=not getattr(args, "quiet", False) and not args.json and sys.stderr.isatty())
+    result = calibrate_dataset(args.model, args.data, config=config, progress=progress)
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        print(_table(result))
     return 0
 
 
 def register(subparsers: Any) -> None:
+    from trtcal.cli import add_common_flags
+
     parser = subparsers.add_parser(
         "calibrate",
-        help="calibrate an ONNX model on a calibration batch; write TensorRT caches and ranges",
-        description="Run the FP32 model over the calibration batch once (two streaming passes), compute every "
-        "requested method from the same histograms and publish the artifacts atomically into --output.",
+        help="calibrate an ONNX model on a dataset or a batch; TensorRT caches, ranges and a Q/DQ model",
+        description="Look the calibration up in the store; on a miss, preprocess the dataset on Ray workers "
+        "into one Arrow batch, run the FP32 model over it in a calibration actor (two streaming passes), "
+        "compute every requested method from the same histograms, publish the result to the store and copy "
+        "the artifacts into --output.",
     )
-    parser.add_argument("model", metavar="MODEL", help="ONNX model file")
-    add_data_arguments(parser)
+    parser.add_argument("model", metavar="MODEL", help="ONNX model (path or fsspec URL)")
+    parser.add_argument(
+        "--data", required=True, metavar="URL",
+        help="dataset: image folder/prefix (local or s3://), list file, Parquet, .npy/.npz; or a trtcal .arrow batch",
+    )
     add_calibration_arguments(parser)
-    parser.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory (created atomically)")
+    add_job_arguments(parser)
+    parser.add_argument("--output", "-o", default=None, metavar="DIR", help="directory that receives the artifacts")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_common_flags(parser)
     parser.set_defaults(func=run)

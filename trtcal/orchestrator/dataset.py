@@ -49,7 +49,8 @@ DEVICES = ("auto", "cpu", "gpu")
 BACKENDS = ("onnxruntime", "tensorrt")
 BATCH_ARTIFACT = "batch.arrow"
 QDQ_ARTIFACT = "model.qdq.onnx"
-RUN_RECORD = "run.json"  # the pipeline's manifest (timings vary run to run; the store's manifest.json commits)
+RUN_RECORD = "run.json"
+GIVEN_BATCH_SUFFIXES = (".arrow", ".npy", ".npz")  # a prepared batch: no preprocessing  # the pipeline's manifest (timings vary run to run; the store's manifest.json commits)
 
 
 def default_store_url() -> str:
@@ -230,13 +231,12 @@ def calibration_key_inputs(model_sha256: str, fingerprint: str, spec: Mapping[st
 def run_calibration(model_bytes: bytes, batch_url: str, storage_options: Mapping[str, Any], cal: dict[str, Any], export_qdq: bool) -> dict[str, Any]:
     """The actor's work, a plain function: calibrate, optionally export Q/DQ, return the artifact bytes."""
     from trtcal.orchestrator.pipeline import calibrate
-    from trtcal.workers.batch_format import open_batch
 
     config = CalibrationConfig.from_dict(cal)
     with tempfile.TemporaryDirectory(prefix="trtcal-actor-") as tmp:
         model_path = Path(tmp) / "model.onnx"
         model_path.write_bytes(model_bytes)
-        batch = open_batch(batch_url, **dict(storage_options))
+        batch = _open_given_batch(batch_url, model_bytes, storage_options)
         out = Path(tmp) / "out"
         result = calibrate(str(model_path), batch, config=config, output_dir=out)
         files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
@@ -382,12 +382,10 @@ def calibrate_dataset(
     model_sha = hashlib.sha256(model_bytes).hexdigest()
     store = _open_store(cfg)
     data_text = os.fspath(data)
-    given_batch = data_text.endswith(".arrow")
+    given_batch = Path(data_text.split("?")[0]).suffix.lower() in GIVEN_BATCH_SUFFIXES
 
     if given_batch:
-        from trtcal.workers.batch_format import open_batch
-
-        batch = open_batch(data_text, **dict(cfg.storage_options))
+        batch = _open_given_batch(data_text, model_bytes, cfg.storage_options)
         spec: dict[str, Any] = dict(batch.spec)
         batch_key = batch.fingerprint
         fingerprint = batch.fingerprint
@@ -496,6 +494,21 @@ def calibrate_dataset(
             timings["total"] = time.perf_counter() - t_start
             result = _finish(cfg, entry, key, batch_key, store, False, batch_reused, timings, warnings, runner, extra, amax=out["amax"])
             return replace(result, published=published)
+
+
+def _open_given_batch(url: str, model_bytes: bytes, storage_options: Mapping[str, Any]) -> Any:
+    """An .arrow batch (any fsspec URL) or a local .npy/.npz as a CalibrationBatch."""
+    if url.split("?")[0].lower().endswith(".arrow"):
+        from trtcal.workers.batch_format import open_batch
+
+        return open_batch(url, **dict(storage_options))
+    import onnx
+
+    from trtcal.orchestrator.pipeline import resolve_batch
+
+    graph = onnx.load_from_string(model_bytes).graph
+    initializers = {i.name for i in graph.initializer}
+    return resolve_batch(url, [i.name for i in graph.input if i.name not in initializers])
 
 
 def _model_input_name(model_bytes: bytes) -> str:
