@@ -36,6 +36,9 @@ def slow_entropy_kl(counts, i, num_levels=128):
 
 
 def slow_entropy2(counts, hist_amax, start_bin=128, stop_bin=None):
+    counts = [int(c) for c in counts]
+    if len(counts) > 1:
+        counts[0] = counts[1]  # the zero spike is suppressed, as documented
     n = len(counts)
     stop = n if stop_bin is None else stop_bin
     best_i, best_kl = None, math.inf
@@ -71,10 +74,12 @@ def slow_mse(counts, hist_amax, start_bin=128, levels=127):
             if c == 0:
                 continue
             centre = (k + 0.5) * w
-            if k <= i:
-                err += c * step * step / 12.0
-            else:
+            if k > i:
                 err += c * ((centre - t) ** 2 + w * w / 12.0)
+            elif centre < step / 2:
+                err += c * (centre * centre + w * w / 12.0)  # rounds to zero
+            else:
+                err += c * step * step / 12.0
         if err < best:
             best, best_i = err, i
     return (best_i + 0.5) * w

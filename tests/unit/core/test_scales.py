@@ -16,6 +16,12 @@ def _hist(x, bins=2048):
     return h.counts, h.hist_amax
 
 
+def _suppressed(counts):
+    out = np.array(counts, dtype=np.int64).copy()
+    out[0] = out[1]
+    return out
+
+
 def _random_histograms():
     rng = np.random.default_rng(1234)
     yield _hist(np.maximum(rng.laplace(size=200_000), 0), 512)
@@ -46,7 +52,7 @@ def test_entropy2_matches_slow_reference(case):
     if got != pytest.approx(ref_amax, rel=1e-12):
         # Accept only a genuine near-tie between the two candidates.
         i_got = round(got / (amax / len(counts)) - 0.5)
-        assert abs(slow_entropy_kl(counts, i_got) - ref_kl) < 1e-12
+        assert abs(slow_entropy_kl(_suppressed(counts), i_got) - ref_kl) < 1e-12
     # v1 never picks the full range
     assert compute_amax(counts, amax, "entropy") <= (len(counts) - 0.5) * amax / len(counts)
 
@@ -141,4 +147,12 @@ def test_entropy2_property_against_reference(raw, amax):
         assert got == amax
         return
     i_got = round(got / (amax / len(counts)) - 0.5)
-    assert slow_entropy_kl(counts, i_got) <= ref_kl + 1e-9
+    assert slow_entropy_kl(_suppressed(counts), i_got) <= ref_kl + 1e-9
+
+
+def test_entropy2_keeps_relu6_range_despite_the_zero_spike():
+    # ReLU6 output: 40 % exact zeros, the rest spread over (0, 6] with a saturated spike at 6.
+    rng = np.random.default_rng(2)
+    x = np.concatenate([np.zeros(400_000), rng.uniform(0, 6, 500_000), np.full(100_000, 6.0)]).astype(np.float32)
+    counts, amax = _hist(x)
+    assert compute_amax(counts, amax, "entropy2") > 5.5

@@ -33,7 +33,7 @@ GOLDEN_INPUTS = KeyInputs(
     algorithm_params={"percentile": 99.99, "num_bins": 2048},
     runner="onnxruntime-cpu",
     runner_version="1.32.0",
-    format_version=1,
+    format_version=2,
 )
 GOLDEN_JSON = (
     b'{"algorithm":"percentile","algorithm_params":{"num_bins":2048,"percentile":99.99},'
