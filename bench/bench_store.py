@@ -179,10 +179,15 @@ def fill(store: CacheStore, count: int, workers: int) -> float:
 
 def bench_ls(server: S3Server, count: int, t_calibrate: float | None) -> None:
     bucket = server.create_bucket()
-    stores = {
-        "S3 (SeaweedFS)": CacheStore(f"s3://{bucket}/calib", **server.storage_options()),
-        "local dir": CacheStore(tempfile.mkdtemp(prefix="trtcal-bench-store-")),
-    }
+    with tempfile.TemporaryDirectory(prefix="trtcal-bench-store-") as local_root:
+        stores = {
+            "S3 (SeaweedFS)": CacheStore(f"s3://{bucket}/calib", **server.storage_options()),
+            "local dir": CacheStore(local_root),
+        }
+        _bench_ls_stores(stores, count, t_calibrate)
+
+
+def _bench_ls_stores(stores: dict[str, CacheStore], count: int, t_calibrate: float | None) -> None:
     model = hashlib.sha256(b"m7").hexdigest()
     for label, store in stores.items():
         t_fill = fill(store, count, workers=8)

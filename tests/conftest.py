@@ -5,3 +5,20 @@ and ends only the processes it started, by PID (never `ray stop`).
 """
 
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.ray", "tests.fixtures.data"]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_trtcal_cache(tmp_path_factory):
+    """Never touch the user's ~/.cache/trtcal: the default store and model cache live in a temp dir."""
+    import os
+
+    previous = os.environ.get("TRTCAL_CACHE_DIR")
+    os.environ["TRTCAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("trtcal-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("TRTCAL_CACHE_DIR", None)
+    else:
+        os.environ["TRTCAL_CACHE_DIR"] = previous

@@ -150,11 +150,14 @@ def _table(result: Any) -> str:
         ("cache key", result.key),
         ("stored in", f"{result.store_url} ({result.entry_url})"),
         ("artifacts", str(result.output_dir) if result.output_dir else "(store only; use --output DIR)"),
+        ("files", ", ".join(result.artifacts)),
     ]
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if not k.startswith("calibrate."))
     rows.append(("time per stage", stages))
     width = max(len(k) for k, _ in rows)
-    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    where = f"artifacts in {result.output_dir}" if result.output_dir else f"stored as {result.key}"
+    lines = [f"calibrated {result.num_tensors} tensors; {where}"]
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
     for w in result.warnings:
         lines.append(f"{'warning'.ljust(width)}  {w}")
     return "\n".join(lines)

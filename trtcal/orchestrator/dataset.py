@@ -49,8 +49,11 @@ DEVICES = ("auto", "cpu", "gpu")
 BACKENDS = ("onnxruntime", "tensorrt")
 BATCH_ARTIFACT = "batch.arrow"
 QDQ_ARTIFACT = "model.qdq.onnx"
+# The pipeline's manifest.json is stored as run.json (the store's own manifest.json commits an entry)
+# and copied back to --output as manifest.json, next to entry.json (the store entry's manifest).
 RUN_RECORD = "run.json"
-GIVEN_BATCH_SUFFIXES = (".arrow", ".npy", ".npz")  # a prepared batch: no preprocessing  # the pipeline's manifest (timings vary run to run; the store's manifest.json commits)
+ENTRY_RECORD = "entry.json"
+GIVEN_BATCH_SUFFIXES = (".arrow", ".npy", ".npz")  # a prepared batch: no preprocessing
 
 
 def default_store_url() -> str:
@@ -171,7 +174,7 @@ def _read_model(model: str | os.PathLike[str], storage_options: Mapping[str, Any
                 return bytes(f.read())
         return Path(text.removeprefix("file://")).read_bytes()
     except FileNotFoundError:
-        raise ModelError(f"model {text!r} does not exist; give the path or URL of an ONNX file") from None
+        raise ModelError(f"ONNX model {text!r} does not exist; give the path or URL of an ONNX file") from None
     except IsADirectoryError:
         raise ModelError(f"model {text!r} is a directory; give the path of an ONNX file") from None
     except OSError as exc:
@@ -309,10 +312,12 @@ def _copy_out(entry: Any, output: Path, trt_version: str, algorithms: Sequence[s
             if name.startswith("calibration") and name.endswith(".cache"):
                 method = name[len("calibration.") : -len(".cache")] if name != "calibration.cache" else algorithms[0]
                 data = retarget_trt_cache(data, trt_version=trt_version, algorithm=method)
+            if name == RUN_RECORD:
+                name = "manifest.json"  # the calibration's manifest (hashes, versions, timings)
             (tmp / name).write_bytes(data)
             names.append(name)
-        (tmp / "manifest.json").write_bytes(entry.read_manifest_bytes() if hasattr(entry, "read_manifest_bytes") else _manifest_bytes(entry))
-        names.append("manifest.json")
+        (tmp / ENTRY_RECORD).write_bytes(_manifest_bytes(entry))
+        names.append(ENTRY_RECORD)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -496,30 +501,30 @@ def calibrate_dataset(
             return replace(result, published=published)
 
 
+def _model_inputs(model_bytes: bytes) -> list[str]:
+    import onnx
+
+    try:
+        graph = onnx.load_from_string(model_bytes).graph
+    except Exception as exc:  # onnx raises DecodeError and others
+        raise ModelError(f"the model is not a valid ONNX file ({type(exc).__name__}: {exc}); re-export it") from None
+    initializers = {i.name for i in graph.initializer}
+    return [i.name for i in graph.input if i.name not in initializers]
+
+
 def _open_given_batch(url: str, model_bytes: bytes, storage_options: Mapping[str, Any]) -> Any:
     """An .arrow batch (any fsspec URL) or a local .npy/.npz as a CalibrationBatch."""
     if url.split("?")[0].lower().endswith(".arrow"):
         from trtcal.workers.batch_format import open_batch
 
         return open_batch(url, **dict(storage_options))
-    import onnx
-
     from trtcal.orchestrator.pipeline import resolve_batch
 
-    graph = onnx.load_from_string(model_bytes).graph
-    initializers = {i.name for i in graph.initializer}
-    return resolve_batch(url, [i.name for i in graph.input if i.name not in initializers])
+    return resolve_batch(url, _model_inputs(model_bytes))
 
 
 def _model_input_name(model_bytes: bytes) -> str:
-    import onnx
-
-    try:
-        graph = onnx.load_from_string(model_bytes).graph
-    except Exception as exc:  # onnx raises DecodeError and others
-        raise ModelError(f"the model is not a valid ONNX file ({type(exc).__name__}: {exc})") from None
-    initializers = {i.name for i in graph.initializer}
-    inputs = [i.name for i in graph.input if i.name not in initializers]
+    inputs = _model_inputs(model_bytes)
     if len(inputs) != 1:
         raise ConfigError(
             f"the model has {len(inputs)} inputs {inputs}; image datasets feed models with one input — "

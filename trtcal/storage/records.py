@@ -63,6 +63,7 @@ class StoreConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything, storage_options (credentials) included: for shipping to a worker, never for logs."""
         return {
             "url": self.url,
             "namespace": self.namespace,

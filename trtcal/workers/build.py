@@ -430,20 +430,24 @@ class _Runner:
         pending: dict[Any, Any] = {}
         queue = iter(items)
         exhausted = False
-        try:
-            while True:
-                while not exhausted and len(pending) < self.workers:
-                    try:
-                        item = next(queue)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    pending[submit(item)] = item
-                if not pending:
+
+        def refill() -> None:
+            nonlocal exhausted
+            while not exhausted and len(pending) < self.workers:
+                try:
+                    item = next(queue)
+                except StopIteration:
+                    exhausted = True
                     return
+                pending[submit(item)] = item
+
+        try:
+            refill()
+            while pending:
                 ready, _ = self.ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    item = pending.pop(ref)
+                done = [(ref, pending.pop(ref)) for ref in ready]
+                refill()  # keep the workers busy while the driver handles what came back
+                for ref, item in done:
                     on_result(item, self.get(ref))
         except BaseException:
             for ref in pending:

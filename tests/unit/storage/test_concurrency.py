@@ -70,3 +70,34 @@ def test_eight_processes_race_to_publish_one_key(kind: str, tmp_path: Any, reque
     # Losers removed their staging directories: one staging directory per key is left.
     report = store.gc(orphan_grace=timedelta(0), dry_run=True)
     assert report.removed_orphans == [] and report.kept_recent_orphans == 0
+
+
+@pytest.mark.parametrize("kind", ["memory", "local"])
+def test_eight_threads_race_in_one_process(kind: str, tmp_path: Any) -> None:
+    import threading
+    import uuid
+
+    url = f"memory://race-{uuid.uuid4().hex[:8]}" if kind == "memory" else str(tmp_path / "store")
+    store = CacheStore(url)
+    inputs = _inputs(0)
+    key = compute_cache_key(inputs)
+    barrier = threading.Barrier(WRITERS)
+    winners: list[Any] = []
+    errors: list[BaseException] = []
+
+    def write(writer: int) -> None:
+        barrier.wait(timeout=30)
+        try:
+            entry = store.publish(key, {"calibration.cache": b"TRT-100300-MinMaxCalibration\n"}, key_inputs=inputs, extra={"writer": writer})
+            winners.append(entry.manifest["extra"]["writer"])
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(WRITERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and len(winners) == WRITERS and len(set(winners)) == 1
+    assert len(store.ls()) == 1
+    assert store.gc(orphan_grace=timedelta(0), dry_run=True).removed_orphans == []

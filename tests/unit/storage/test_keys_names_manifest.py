@@ -256,3 +256,27 @@ def test_redact_url_and_scrubber() -> None:
     text = scrub("failed with key AKIAEXAMPLE and secret wJalrXUtnFEMI at s3://u:p@b/k")
     assert "AKIAEXAMPLE" not in text and "wJalrXUtnFEMI" not in text and "u:p@" not in text
     assert scrub.describe(OSError("denied for tok-123456")) == "OSError: denied for ***"
+
+
+# store configuration
+
+
+def test_store_config_validates_and_round_trips() -> None:
+    from trtcal.storage import CacheStore, StoreConfig
+
+    config = StoreConfig(url="memory://cfg", namespace="team-a", read_from=("memory://other#team-b",), on_corrupt="recompute",
+                         storage_options={"secret": "s3cr3t-value"})
+    assert StoreConfig.from_dict(config.to_dict()) == config
+    assert "s3cr3t-value" not in repr(config)
+    store = CacheStore.from_config(config)
+    assert store.config == config and store.namespace == "team-a" and store.on_corrupt == "recompute"
+    for bad, match in [
+        ({"on_corrupt": "ignore"}, "on_corrupt"),
+        ({"namespace": "../x"}, "namespace"),
+        ({"read_from": "memory://x"}, "read_from"),
+        ({"read_only": "yes"}, "read_only"),
+        ({"url": ""}, "url"),
+        ({"url": "memory://a\nb"}, "url"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            StoreConfig(**{"url": "memory://cfg", **bad})
