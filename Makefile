@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check trtcal tests bench
-	$(BIN)/mypy trtcal/core
+	$(BIN)/mypy --follow-imports=silent trtcal/core
 
 test: lint
 	$(BIN)/python -m pytest -q tests

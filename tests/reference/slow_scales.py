@@ -74,12 +74,10 @@ def slow_mse(counts, hist_amax, start_bin=128, levels=127):
             if c == 0:
                 continue
             centre = (k + 0.5) * w
-            if k > i:
-                err += c * ((centre - t) ** 2 + w * w / 12.0)
-            elif centre < step / 2:
-                err += c * (centre * centre + w * w / 12.0)  # rounds to zero
-            else:
+            if k <= i:
                 err += c * step * step / 12.0
+            else:
+                err += c * ((centre - t) ** 2 + w * w / 12.0)
         if err < best:
             best, best_i = err, i
     return (best_i + 0.5) * w

@@ -1,18 +1,25 @@
-"""`trtcal calibrate MODEL --data FILE --output DIR ...`: calibrate a model on a prepared batch.
+"""`trtcal calibrate MODEL --data URL [--store URL] [--output DIR] ...`: the whole job, one command.
 
-The argument groups are built by functions (`add_calibration_arguments`, `add_data_arguments`)
-so the orchestrator can extend the command (image folders, Ray, stores) without rewriting it.
-Options default to None: `CalibrationConfig` is the only source of defaults.
+Runs `trtcal.orchestrator.dataset.calibrate_dataset`: a store hit copies the artifacts out; a miss
+preprocesses the dataset on Ray workers (or takes a prepared .arrow/.npy/.npz batch), calibrates in
+the calibration actor and publishes. Progress bars per stage go to stderr (on a terminal), the final
+table (or `--json`) to stdout; errors are one paragraph on stderr (with `--json`, also a JSON
+object `{"error": {"type", "message"}}` on stdout), the traceback only with -v.
+
+The argument groups are built by functions (`add_calibration_arguments`, `add_data_arguments`,
+`add_job_arguments`) so other commands reuse them. Options default to None: `JobConfig` and
+`CalibrationConfig` are the only source of defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
 
-from trtcal.errors import ConfigError
+from trtcal.errors import ConfigError, TrtcalError
 
 __all__ = ["register", "add_calibration_arguments", "add_data_arguments", "add_job_arguments", "config_from_args", "job_config_from_args", "run"]
 
@@ -139,25 +146,87 @@ def job_config_from_args(args: argparse.Namespace) -> Any:
     return JobConfig(**values)
 
 
+# What the progress bars say for the library's stage names.
+PROGRESS_LABELS = {
+    "list": "listing",
+    "preprocess": "preprocessing",
+    "write": "writing batch",
+    "store batch": "storing batch",
+    "statistics": "pass 1: max |x|",
+    "histograms": "pass 2: histograms",
+    "search": "scale search",
+    "export": "Q/DQ export",
+    "publish": "publishing",
+}
+
+
+class LabelledProgress:
+    """Passes progress on under the labels the user reads (`PROGRESS_LABELS`).
+
+    A stage without a total (search, publish, ...) becomes one step, so its bar shows 0/1 while it
+    runs and 1/1 with its time when it ends, rather than an item counter that never moves.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.single_step: set[str] = set()
+
+    def start(self, stage: str, total: int | None = None, unit: str = "") -> None:
+        label = PROGRESS_LABELS.get(stage, stage)
+        if total is None:
+            self.single_step.add(label)
+            total, unit = 1, unit or "step"
+        self.inner.start(label, total, unit)
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        label = PROGRESS_LABELS.get(stage, stage)
+        if label not in self.single_step:
+            self.inner.advance(label, n)
+
+    def finish(self, stage: str) -> None:
+        label = PROGRESS_LABELS.get(stage, stage)
+        if label in self.single_step:
+            self.single_step.discard(label)
+            self.inner.advance(label, 1)
+        self.inner.finish(label)
+
+
+def json_only_stdout(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """With --json, stdout carries only the JSON: whatever Ray relays from workers and the raylet
+    (worker prints, "(raylet) A worker died ...") goes to stderr meanwhile."""
+    return contextlib.redirect_stdout(sys.stderr) if enabled else contextlib.nullcontext()
+
+
+def _outcome(result: Any) -> str:
+    if result.cache_hit:
+        where = "" if not result.found_in or result.found_in == result.store_url else f" in read-from store {result.found_in}"
+        return f"cache hit{where} (no preprocessing, no inference)"
+    if not result.published:
+        return "computed (read-only store: not published)"
+    return "computed and published" + (" (batch reused from the store)" if result.batch_reused else "")
+
+
 def _table(result: Any) -> str:
     rows = [
-        ("result", "cache hit (no preprocessing, no inference)" if result.cache_hit else "computed and published"
-         if result.published else "computed (read-only store: not published)"),
+        ("result", _outcome(result)),
         ("tensors calibrated", str(result.num_tensors)),
         ("samples", str(result.num_samples)),
         ("methods", ", ".join(result.algorithms)),
         ("runner", result.runner),
         ("cache key", result.key),
-        ("stored in", f"{result.store_url} ({result.entry_url})"),
+        ("stored in", f"{result.found_in} ({result.entry_url})" if result.found_in else result.entry_url),
         ("artifacts", str(result.output_dir) if result.output_dir else "(store only; use --output DIR)"),
         ("files", ", ".join(result.artifacts)),
     ]
-    stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if not k.startswith("calibrate."))
-    rows.append(("time per stage", stages))
+    stages = result.stage_seconds
     width = max(len(k) for k, _ in rows)
     where = f"artifacts in {result.output_dir}" if result.output_dir else f"stored as {result.key}"
     lines = [f"calibrated {result.num_tensors} tensors; {where}"]
     lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+    if stages:
+        stage_width = max(len(k) for k in stages)
+        lines.append("time per stage")
+        lines += [f"  {name.ljust(stage_width)}  {seconds:8.2f} s" for name, seconds in stages.items()]
     for w in result.warnings:
         lines.append(f"{'warning'.ljust(width)}  {w}")
     return "\n".join(lines)
@@ -167,13 +236,20 @@ def run(args: argparse.Namespace) -> int:
     from trtcal.cli.progress import TqdmProgress
     from trtcal.orchestrator.dataset import calibrate_dataset
 
-    config = job_config_from_args(args)
-    progress = TqdmProgress(enabled=not getattr(args, "quiet", False) and not args.json and sys.stderr.isatty())
-    result = calibrate_dataset(args.model, args.data, config=config, progress=progress)
+    bars = TqdmProgress(enabled=not getattr(args, "quiet", False) and not args.json and sys.stderr.isatty())
+    try:
+        config = job_config_from_args(args)
+        with json_only_stdout(args.json):
+            result = calibrate_dataset(args.model, args.data, config=config, progress=LabelledProgress(bars))
+    except TrtcalError as exc:
+        if args.json:  # machines get the error on stdout too; the paragraph still goes to stderr
+            json.dump({"error": {"type": type(exc).__name__, "message": str(exc)}}, sys.stdout, indent=2, sort_keys=True)
+            sys.stdout.write("\n")
+        raise
     if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
-    else:
+    elif not getattr(args, "quiet", False):
         print(_table(result))
     return 0
 

@@ -9,6 +9,7 @@ from typing import Any
 
 
 def run(args: argparse.Namespace) -> int:
+    from trtcal.cli.cmd_calibrate import LabelledProgress, json_only_stdout
     from trtcal.cli.progress import TqdmProgress
     from trtcal.orchestrator.demo import DemoConfig, run_demo
 
@@ -17,8 +18,9 @@ def run(args: argparse.Namespace) -> int:
         values["output"] = args.output
     if args.views is not None:
         values["views_per_photo"] = args.views
-    progress = TqdmProgress(enabled=not args.json and sys.stderr.isatty())
-    summary = run_demo(DemoConfig(**values), progress=progress)
+    progress = TqdmProgress(enabled=not getattr(args, "quiet", False) and not args.json and sys.stderr.isatty())
+    with json_only_stdout(args.json):
+        summary = run_demo(DemoConfig(**values), progress=LabelledProgress(progress))
     if args.json:
         json.dump(summary, sys.stdout, indent=2, sort_keys=True, default=str)
         sys.stdout.write("\n")

@@ -17,9 +17,8 @@ Methods (see docs/algorithms.md for the full derivations and what is and is not 
 * ``percentile``: the smallest bin edge below which at least `percentile` % of |x| lies
   (right edge; ONNX Runtime and ModelOpt report the left edge, one bin lower).
 * ``mse``: the candidate (i + 0.5) · bin_width minimising the expected squared error of
-  symmetric int8 quantize/dequantize: values below step/2 round to 0, the rest of the range
-  carries uniform rounding noise step²/12, bins beyond it the clipping error. Ties go to the
-  smallest i.
+  symmetric int8 quantize/dequantize: uniform rounding noise step²/12 inside the range, plus
+  the clipping error of the bins beyond it. Ties go to the smallest i.
 * ``legacy``: TensorRT's legacy calibrator's algorithm is not public. trtcal's interpretation:
   the `quantile` of |x| (as in ``percentile``), capped at `regression_cutoff` · max |x|.
   NVIDIA's BERT recipe (quantile 0.9999, cutoff 1.0) is therefore the 99.99th percentile.
@@ -143,7 +142,7 @@ def suppress_zero_spike(counts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     ReLU6 outputs to ~0.7 of 6. NVIDIA's PyTorch calibrators (pytorch-quantization, ModelOpt) do
     the same; zeros quantize exactly whatever the scale, so they carry no information for it.
     """
-    out = counts.copy()
+    out: npt.NDArray[np.int64] = counts.copy()
     if out.size > 1:
         out[0] = out[1]
     return out
@@ -207,9 +206,8 @@ def amax_percentile(counts: npt.ArrayLike, hist_amax: float, *, percentile: floa
 def amax_mse(counts: npt.ArrayLike, hist_amax: float, *, start_bin: int = START_BIN, num_levels: int = 127) -> float:
     """Threshold (i + 0.5)·w minimising E[(x - dq(q(x)))²] under a uniform-in-bin model.
 
-    With step s = T / num_levels and bin centres c_k: values below s/2 round to 0 (error c² + w²/12,
-    exact zeros cost nothing), the rest of [0, T] carries rounding noise s²/12, and bins beyond T
-    the clipping error (c_k - T)² + w²/12. Prefix sums make every candidate O(1).
+    Inside [0, T]: rounding noise (T / num_levels)² / 12 per value. Beyond T: clipping error
+    (c_k - T)² + w²/12 for bin centres c_k > T. Closed form over suffix sums, vectorised.
     """
     h = _as_counts(counts)
     amax = _check_amax(hist_amax)
@@ -222,22 +220,15 @@ def amax_mse(counts: npt.ArrayLike, hist_amax: float, *, start_bin: int = START_
     start = max(0, min(start_bin, n - 1))
     cand = np.arange(start, n, dtype=np.int64)
     thresholds = (cand + 0.5) * w
+    # Suffix sums over bins strictly beyond the candidate's own bin.
+    s0 = np.concatenate([np.cumsum(hf[::-1])[::-1], [0.0]])
+    s1 = np.concatenate([np.cumsum((hf * centres)[::-1])[::-1], [0.0]])
+    s2 = np.concatenate([np.cumsum((hf * centres * centres)[::-1])[::-1], [0.0]])
+    beyond0, beyond1, beyond2 = s0[cand + 1], s1[cand + 1], s2[cand + 1]
+    inside = hf.sum() - beyond0
     step = thresholds / num_levels
-    zero_c2 = w * w / 12.0
-    c0 = np.concatenate([[0.0], np.cumsum(hf)])  # c0[k] = Σ_{j<k} n_j
-    c1 = np.concatenate([[0.0], np.cumsum(hf * centres)])
-    c2 = np.concatenate([[0.0], np.cumsum(hf * (centres * centres + zero_c2))])
-    total0, total1 = c0[-1], c1[-1]
-    total2_plain = float(np.sum(hf * centres * centres))
-    # bins [0, m) round to zero; [m, i] are inside; (i, n) are clipped
-    m = np.minimum(np.searchsorted(centres, step / 2.0, side="left"), cand + 1)
-    rounded_to_zero = c2[m]
-    inside = (c0[cand + 1] - c0[m]) * step * step / 12.0
-    b0 = total0 - c0[cand + 1]
-    b1 = total1 - c1[cand + 1]
-    b2 = total2_plain - (c2[cand + 1] - zero_c2 * c0[cand + 1])
-    clip = b2 - 2.0 * thresholds * b1 + thresholds**2 * b0 + b0 * zero_c2
-    mse = rounded_to_zero + inside + clip
+    clip = beyond2 - 2.0 * thresholds * beyond1 + thresholds**2 * beyond0 + beyond0 * (w * w / 12.0)
+    mse = inside * step * step / 12.0 + clip
     i = int(cand[_argmin_first(mse)])
     return float((i + 0.5) * w)
 

@@ -54,6 +54,19 @@ QDQ_ARTIFACT = "model.qdq.onnx"
 RUN_RECORD = "run.json"
 ENTRY_RECORD = "entry.json"
 GIVEN_BATCH_SUFFIXES = (".arrow", ".npy", ".npz")  # a prepared batch: no preprocessing
+# (timing key, what the user reads), in the order the stages run.
+STAGE_LABELS = (
+    ("start_ray", "start Ray"),
+    ("preprocess", "preprocess"),
+    ("publish_batch", "store batch"),
+    ("calibrate.load_model", "load model"),
+    ("calibrate.statistics", "pass 1 (max |x|)"),
+    ("calibrate.histograms", "pass 2 (histograms)"),
+    ("calibrate.scales", "scale search"),
+    ("calibrate.export_qdq", "Q/DQ export"),
+    ("publish", "publish"),
+    ("total", "total"),
+)
 
 
 def default_store_url() -> str:
@@ -122,7 +135,12 @@ class JobConfig:
 
 @dataclass(frozen=True)
 class DatasetResult:
-    """What a job did: the key, where the artifacts are, and what it cost."""
+    """What a job did: the key, where the artifacts are, and what it cost.
+
+    `found_in` is the store that holds the entry (a read-from store on a read-through hit; empty when
+    the result was not stored). `timings` has seconds per internal step; `stage_seconds` the same for
+    the stages a user sees.
+    """
 
     key: str
     batch_key: str
@@ -140,6 +158,12 @@ class DatasetResult:
     amax: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     published: bool = True
     warnings: tuple[str, ...] = ()
+    found_in: str = ""
+
+    @property
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds per user-facing stage, in the order they ran (the table's and --json's `stages_s`)."""
+        return {label: self.timings[name] for name, label in STAGE_LABELS if name in self.timings}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -156,7 +180,9 @@ class DatasetResult:
             "algorithms": list(self.algorithms),
             "runner": self.runner,
             "published": self.published,
+            "found_in": self.found_in or None,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "stages_s": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "warnings": list(self.warnings),
         }
 
@@ -231,47 +257,136 @@ def calibration_key_inputs(model_sha256: str, fingerprint: str, spec: Mapping[st
 # --- the calibration actor ----------------------------------------------------------------------
 
 
-def run_calibration(model_bytes: bytes, batch_url: str, storage_options: Mapping[str, Any], cal: dict[str, Any], export_qdq: bool) -> dict[str, Any]:
-    """The actor's work, a plain function: calibrate, optionally export Q/DQ, return the artifact bytes."""
-    from trtcal.orchestrator.pipeline import calibrate
+class ProgressLog:
+    """A thread-safe ProgressCallback that keeps events until `drain()`: the actor's progress, polled by the driver.
+
+    Events are tuples ("start", stage, total, unit), ("advance", stage, n), ("finish", stage); consecutive
+    advances of one stage are merged so a poll stays small however many micro-batches ran.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._events: list[tuple[Any, ...]] = []
+
+    def start(self, stage: str, total: int | None = None, unit: str = "") -> None:
+        with self._lock:
+            self._events.append(("start", stage, total, unit))
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        with self._lock:
+            last = self._events[-1] if self._events else None
+            if last is not None and last[0] == "advance" and last[1] == stage:
+                self._events[-1] = ("advance", stage, last[2] + n)
+            else:
+                self._events.append(("advance", stage, n))
+
+    def finish(self, stage: str) -> None:
+        with self._lock:
+            self._events.append(("finish", stage))
+
+    def drain(self) -> list[tuple[Any, ...]]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+
+class _SearchStage:
+    """Adds a "search" stage (scale search + artifact encoding) after the pipeline's last pass."""
+
+    def __init__(self, inner: ProgressCallback, last_pass: str) -> None:
+        self.inner = inner
+        self.last_pass = last_pass
+        self.searching = False
+
+    def start(self, stage: str, total: int | None = None, unit: str = "") -> None:
+        self.inner.start(stage, total, unit)
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        self.inner.advance(stage, n)
+
+    def finish(self, stage: str) -> None:
+        self.inner.finish(stage)
+        if stage == self.last_pass and not self.searching:
+            self.searching = True
+            self.inner.start("search", None, "")
+
+    def done(self) -> None:
+        if self.searching:
+            self.searching = False
+            self.inner.finish("search")
+
+
+def run_calibration(
+    model_bytes: bytes, batch_url: str, storage_options: Mapping[str, Any], cal: dict[str, Any], export_qdq: bool,
+    progress: ProgressCallback = NO_PROGRESS,
+) -> dict[str, Any]:
+    """The actor's work, a plain function: calibrate, optionally export Q/DQ, return the artifact bytes.
+
+    `progress` gets the pipeline's "statistics" (pass 1) and "histograms" (pass 2) stages, then
+    "search" (scale search and artifacts) and "export" (the Q/DQ model).
+    """
+    from trtcal.orchestrator.pipeline import _HISTOGRAM_FREE_METHODS, calibrate
 
     config = CalibrationConfig.from_dict(cal)
+    # The pipeline skips pass 2 when every method is histogram-free (minmax): search follows pass 1 then.
+    last_pass = "statistics" if set(config.algorithms) <= _HISTOGRAM_FREE_METHODS else "histograms"
+    stages = _SearchStage(progress, last_pass)
     with tempfile.TemporaryDirectory(prefix="trtcal-actor-") as tmp:
         model_path = Path(tmp) / "model.onnx"
         model_path.write_bytes(model_bytes)
         batch = _open_given_batch(batch_url, model_bytes, storage_options)
         out = Path(tmp) / "out"
-        result = calibrate(str(model_path), batch, config=config, output_dir=out)
+        try:
+            result = calibrate(str(model_path), batch, config=config, output_dir=out, progress=stages)
+        finally:
+            stages.done()
         files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
         if "manifest.json" in files:
             files[RUN_RECORD] = files.pop("manifest.json")
+        timings = dict(result.timings)
         if export_qdq:
             from trtcal.export.qdq import export_qdq as make_qdq
 
+            t0 = time.perf_counter()
+            progress.start("export", None, "")
             qdq = make_qdq(str(model_path), result.amax[config.algorithms[0]])
             files[QDQ_ARTIFACT] = qdq.SerializeToString(deterministic=True)
+            progress.finish("export")
+            timings["export_qdq"] = time.perf_counter() - t0
         runner = result.manifest.get("runner", {})
         return {
             "files": files,
             "amax": result.amax,
             "num_tensors": len(result.tensor_names),
             "num_samples": batch.num_rows,
-            "timings": dict(result.timings),
+            "timings": timings,
             "runner": runner,
         }
 
 
 def _actor_class(ray: Any, num_gpus: float) -> Any:
     # Restarted by Ray if its process dies; the call is retried against the stored batch.
-    @ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=2, max_task_retries=2)
+    # Two threads: `calibrate` runs in one while the driver polls `progress` in the other.
+    @ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=2, max_task_retries=2, max_concurrency=2)
     class CalibrationActor:
+        def __init__(self) -> None:
+            self.log = ProgressLog()
+
         def ready(self) -> dict[str, Any]:
             import socket
 
             return {"pid": os.getpid(), "host": socket.gethostname(), "gpu_ids": list(ray.get_gpu_ids())}
 
-        def calibrate(self, *args: Any) -> dict[str, Any]:
-            return run_calibration(*args)
+        def progress(self) -> tuple[int, list[tuple[Any, ...]]]:
+            return os.getpid(), self.log.drain()
+
+        def calibrate(
+            self, model_bytes: bytes, batch_url: str, storage_options: Mapping[str, Any], cal: dict[str, Any],
+            export_qdq: bool,
+        ) -> dict[str, Any]:
+            return run_calibration(model_bytes, batch_url, storage_options, cal, export_qdq, progress=self.log)
 
     return CalibrationActor
 
@@ -372,8 +487,10 @@ def calibrate_dataset(
         model: path or fsspec URL of the FP32 ONNX model.
         data: dataset URL (image folder/prefix, list file, Parquet, .npy/.npz) or an `.arrow` batch.
         config: a JobConfig; keyword `overrides` replace its fields (`calibration=` too).
-        progress: receives the stages "list", "preprocess", "write", "statistics", "histograms",
-            "publish".
+        progress: receives, in order, "list" (shards), "preprocess" (images), "write" (the batch),
+            "store batch", then from the calibration actor (relayed to this process) "statistics"
+            (pass 1, samples), "histograms" (pass 2, samples), "search", "export", and "publish".
+            Only the stages a run needs are reported (a cache hit reports none).
 
     Raises:
         ConfigError, DataError, ModelError, StorageError, WorkerError, BackendUnavailableError.
@@ -420,9 +537,11 @@ def calibrate_dataset(
 
     from trtcal.workers.ray_runtime import ray_session
 
+    t0 = time.perf_counter()
     with ray_session(cfg.address, num_cpus=cfg.workers):
         import ray
 
+        timings["start_ray"] = time.perf_counter() - t0
         device = resolve_device(ray, cfg.device)
         runner = runner_id("cuda" if device == "gpu" else "cpu")
 
@@ -455,11 +574,13 @@ def calibrate_dataset(
                 batch_url = str(local_batch)
                 if not store.read_only:
                     t0 = time.perf_counter()
+                    progress.start("store batch", None, "")
                     store.publish(
                         batch_key, {BATCH_ARTIFACT: local_batch}, key_inputs=batch_inputs,
                         extra={"fingerprint": report.fingerprint, "num_rows": report.num_rows,
                                "skipped": len(report.skipped), "build": _build_summary(report)},
                     )
+                    progress.finish("store batch")
                     timings["publish_batch"] = time.perf_counter() - t0
                 hit_key = lookup()
                 if hit_key[0] is not None:  # someone calibrated this batch content already
@@ -471,9 +592,7 @@ def calibrate_dataset(
             key_inputs = calibration_key_inputs(model_sha, str(fingerprint), spec, cfg.calibration, runner)
             key = compute_cache_key(key_inputs)
             t0 = time.perf_counter()
-            progress.start("calibrate", None, "")
-            out = _run_actor(ray, device, model_bytes, batch_url, cfg)
-            progress.finish("calibrate")
+            out = _run_actor(ray, device, model_bytes, batch_url, cfg, progress)
             timings["calibrate"] = time.perf_counter() - t0
             for stage, seconds in out["timings"].items():
                 timings[f"calibrate.{stage}"] = seconds
@@ -550,25 +669,111 @@ def _local_or_remote(entry: Any, tmp: Path) -> str:
     return url
 
 
-def _run_actor(ray: Any, device: str, model_bytes: bytes, batch_url: str, cfg: JobConfig) -> dict[str, Any]:
+def _run_actor(
+    ray: Any, device: str, model_bytes: bytes, batch_url: str, cfg: JobConfig, progress: ProgressCallback
+) -> dict[str, Any]:
     cal = cfg.calibration
     if device == "gpu" and cal.device == "cpu":
         cal = replace(cal, device="cuda")
     actor_cls = _actor_class(ray, 1.0 if device == "gpu" else 0.0)
     actor = actor_cls.remote()
+    forward = _ProgressForwarder(progress)
     try:
         info = ray.get(actor.ready.remote())
+        forward.pid = int(info["pid"])
         logger.info("calibration actor pid %s on %s (GPU ids %s)", info["pid"], info["host"], info["gpu_ids"])
-        return dict(ray.get(actor.calibrate.remote(model_bytes, batch_url, dict(cfg.storage_options), cal.to_dict(), cfg.export_qdq)))
+        result_ref = actor.calibrate.remote(model_bytes, batch_url, dict(cfg.storage_options), cal.to_dict(), cfg.export_qdq)
+        _follow(ray, actor, result_ref, forward)
+        return dict(ray.get(result_ref))
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if hasattr(exc, "cause") else None
+        cause = getattr(exc, "cause", None)
         if isinstance(cause, TrtcalError):
             raise cause from None
-        raise WorkerError(f"the calibration actor failed: {exc}") from None
+        what = f"{type(cause).__name__}: {cause}" if cause is not None else _first_line(exc)
+        raise WorkerError(f"the calibration actor failed ({what}); run with -v for its traceback") from exc
     except ray.exceptions.RayActorError as exc:
-        raise WorkerError(f"the calibration actor died and could not be restarted: {exc}") from None
+        raise WorkerError(
+            f"the calibration actor died {forward.restarts + 1} times and was not restarted again "
+            f"({_first_line(exc)}); check the memory of the node it ran on (out-of-memory kills are the usual cause)"
+        ) from exc
     finally:
+        forward.close()
         ray.kill(actor, no_restart=True)
+
+
+_POLL_SECONDS = 0.2
+
+
+def _follow(ray: Any, actor: Any, result_ref: Any, forward: _ProgressForwarder) -> None:
+    """Relay the actor's progress to the driver's callback until `result_ref` is ready.
+
+    At most one `progress` call is in flight; progress is best effort (a poll lost with a dying actor
+    is dropped), the result is not.
+    """
+    poll_ref: Any = None
+    next_poll = 0.0
+    while True:
+        waiting = [result_ref] if poll_ref is None else [result_ref, poll_ref]
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=_POLL_SECONDS)
+        if poll_ref is not None and (poll_ref in ready or result_ref in ready):
+            forward.take(ray, poll_ref, timeout=None if poll_ref in ready else 5.0)
+            poll_ref = None
+        if result_ref in ready:
+            # The last events (the end of the search, export) are still in the actor: fetch them.
+            forward.take(ray, actor.progress.remote(), timeout=5.0)
+            return
+        if poll_ref is None and time.monotonic() >= next_poll:
+            poll_ref = actor.progress.remote()
+            next_poll = time.monotonic() + _POLL_SECONDS
+
+
+class _ProgressForwarder:
+    """Replays the actor's events into the driver's callback; a restarted actor starts its stages again."""
+
+    def __init__(self, progress: ProgressCallback) -> None:
+        self.progress = progress
+        self.open: set[str] = set()
+        self.pid: int | None = None
+        self.restarts = 0
+
+    def take(self, ray: Any, ref: Any, *, timeout: float | None) -> None:
+        try:
+            pid, events = ray.get(ref, timeout=timeout)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            logger.debug("a progress poll of the calibration actor was lost: %s", _first_line(exc))
+            return
+        if self.pid is not None and pid != self.pid:
+            self.restarts += 1
+            logger.warning(
+                "the calibration actor (pid %s) died; Ray restarted it (pid %s) and it calibrates again from "
+                "the stored batch", self.pid, pid,
+            )
+            for stage in sorted(self.open):
+                self.progress.finish(stage)
+            self.open.clear()
+        self.pid = pid
+        for event in events:
+            kind, stage = event[0], event[1]
+            if kind == "start":
+                if stage in self.open:  # the stage started again (a retried call): a fresh bar
+                    self.progress.finish(stage)
+                self.open.add(stage)
+                self.progress.start(stage, event[2], event[3])
+            elif kind == "advance" and stage in self.open:
+                self.progress.advance(stage, event[2])
+            elif kind == "finish" and stage in self.open:
+                self.open.discard(stage)
+                self.progress.finish(stage)
+
+    def close(self) -> None:
+        for stage in sorted(self.open):
+            self.progress.finish(stage)
+        self.open.clear()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @dataclass
@@ -615,7 +820,7 @@ def _finish(
         batch_reused=batch_reused, output_dir=output.expanduser().resolve() if output else None, artifacts=names,
         num_tensors=int(extra.get("num_tensors", 0)), num_samples=int(extra.get("num_samples", 0)),
         algorithms=cfg.calibration.algorithms, runner=f"{runner[0]} {runner[1]}", timings=dict(timings),
-        amax=amax, warnings=tuple(warnings),
+        amax=amax, warnings=tuple(warnings), found_in=str(getattr(entry, "store_url", "")),
     )
 
 
