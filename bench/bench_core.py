@@ -32,7 +32,7 @@ def best_of(fn, repeat: int) -> float:
     return min(times)
 
 
-def bench_entropy(repeat: int) -> None:
+def bench_entropy(repeat: int, modelopt_python: str | None = None) -> None:
     rng = np.random.default_rng(0)
     x = np.abs(rng.laplace(size=2_000_000)).astype(np.float32)
     h = histogram_of(x)
@@ -49,16 +49,38 @@ def bench_entropy(repeat: int) -> None:
     t_ort = best_of(ort_fn, 1)
     print(f"entropy (ONNX Runtime HistogramCollector, same histogram mirrored): {t_ort * 1e3:.1f} ms  -> trtcal is {t_ort / t_ours:.0f}x faster  threshold={ort_fn()[1]:.4f}")
 
-    try:
-        import torch  # noqa: F401
-        from modelopt.torch.quantization.calib.histogram import _compute_amax_entropy
-    except Exception as exc:  # ModelOpt needs torch; report instead of faking a number
-        print(f"ModelOpt _compute_amax_entropy: not measured ({type(exc).__name__}: {exc})")
-    else:
-        mo_edges = np.linspace(0, amax, counts.size + 1)
-        mo_fn = lambda: _compute_amax_entropy(counts.copy(), mo_edges, 8, False, stride=1, start_bin=128)  # noqa: E731
-        t_mo = best_of(mo_fn, 1)
-        print(f"entropy (ModelOpt _compute_amax_entropy, same histogram): {t_mo * 1e3:.1f} ms  -> trtcal is {t_mo / t_ours:.0f}x faster  amax={float(mo_fn()):.4f}")
+    bench_modelopt(counts, amax, t_ours, modelopt_python)
+
+
+# Runs inside ModelOpt's own environment (it pins onnxruntime-gpu, so it cannot share ours).
+_MODELOPT_SCRIPT = """
+import sys, time, numpy as np
+from modelopt.torch.quantization.calib.histogram import _compute_amax_entropy
+counts = np.load(sys.argv[1]); amax = float(sys.argv[2])
+edges = np.linspace(0, amax, counts.size + 1)
+best = min((lambda t0: (_compute_amax_entropy(counts.copy(), edges, 8, False, stride=1, start_bin=128), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(3))
+print(best, float(_compute_amax_entropy(counts.copy(), edges, 8, False, stride=1, start_bin=128)))
+"""
+
+
+def bench_modelopt(counts: np.ndarray, amax: float, t_ours: float, python: str | None) -> None:
+    import subprocess
+    import tempfile
+
+    if not python:
+        print("ModelOpt _compute_amax_entropy: not measured (pass --modelopt-python, the interpreter of a venv with "
+              "`pip install 'nvidia-modelopt[onnx]' torch==2.13.0 requests huggingface_hub`)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "counts.npy")
+        np.save(path, counts)
+        out = subprocess.run([python, "-c", _MODELOPT_SCRIPT, path, repr(amax)], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"ModelOpt _compute_amax_entropy: failed to run ({out.stderr.strip().splitlines()[-1:]})")
+        return
+    seconds, mo_amax = (float(v) for v in out.stdout.split())
+    print(f"entropy (ModelOpt 0.47 _compute_amax_entropy, same histogram): {seconds * 1e3:.1f} ms  -> trtcal is "
+          f"{seconds / t_ours:.0f}x faster  amax={mo_amax:.4f}")
 
 
 def bench_fill(size: int, repeat: int) -> None:
@@ -75,9 +97,10 @@ def bench_fill(size: int, repeat: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke test)")
+    parser.add_argument("--modelopt-python", default=None, help="python of a venv with nvidia-modelopt (the anchor)")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, numpy {np.__version__}, OMP_NUM_THREADS=1")
-    bench_entropy(repeat=3 if args.quick else 20)
+    bench_entropy(repeat=3 if args.quick else 20, modelopt_python=args.modelopt_python)
     bench_fill(2_000_000 if args.quick else 128_000_000, repeat=1 if args.quick else 3)
 
 

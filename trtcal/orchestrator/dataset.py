@@ -34,6 +34,7 @@ from trtcal._version import FORMAT_VERSION, __version__
 from trtcal.errors import (
     BackendUnavailableError,
     ConfigError,
+    InternalError,
     ModelError,
     TrtcalError,
     WorkerError,
@@ -320,10 +321,12 @@ class _SearchStage:
 
 def run_calibration(
     model_bytes: bytes, batch_url: str, storage_options: Mapping[str, Any], cal: dict[str, Any], export_qdq: bool,
-    progress: ProgressCallback = NO_PROGRESS,
+    progress: ProgressCallback = NO_PROGRESS, batch_bytes: bytes | None = None,
 ) -> dict[str, Any]:
     """The actor's work, a plain function: calibrate, optionally export Q/DQ, return the artifact bytes.
 
+    The batch is read from `batch_url` (a local path is memory-mapped), or, when `batch_bytes` is given
+    (a batch that only the driver's node holds), from those bytes under `batch_url`'s file name.
     `progress` gets the pipeline's "statistics" (pass 1) and "histograms" (pass 2) stages, then
     "search" (scale search and artifacts) and "export" (the Q/DQ model).
     """
@@ -336,6 +339,10 @@ def run_calibration(
     with tempfile.TemporaryDirectory(prefix="trtcal-actor-") as tmp:
         model_path = Path(tmp) / "model.onnx"
         model_path.write_bytes(model_bytes)
+        if batch_bytes is not None:
+            shipped = Path(tmp) / Path(batch_url.split("?")[0]).name
+            shipped.write_bytes(batch_bytes)
+            batch_url = str(shipped)
         batch = _open_given_batch(batch_url, model_bytes, storage_options)
         out = Path(tmp) / "out"
         try:
@@ -377,18 +384,56 @@ def _actor_class(ray: Any, num_gpus: float) -> Any:
         def ready(self) -> dict[str, Any]:
             import socket
 
-            return {"pid": os.getpid(), "host": socket.gethostname(), "gpu_ids": list(ray.get_gpu_ids())}
+            return {
+                "pid": os.getpid(), "host": socket.gethostname(), "gpu_ids": list(ray.get_gpu_ids()),
+                "node_id": _node_id(ray),
+            }
 
         def progress(self) -> tuple[int, list[tuple[Any, ...]]]:
             return os.getpid(), self.log.drain()
 
         def calibrate(
-            self, model_bytes: bytes, batch_url: str, storage_options: Mapping[str, Any], cal: dict[str, Any],
-            export_qdq: bool,
+            self, model_bytes: bytes, batch_url: str, batch_bytes: bytes | None, storage_options: Mapping[str, Any],
+            cal: dict[str, Any], export_qdq: bool,
         ) -> dict[str, Any]:
-            return run_calibration(model_bytes, batch_url, storage_options, cal, export_qdq, progress=self.log)
+            return run_calibration(
+                model_bytes, batch_url, storage_options, cal, export_qdq, progress=self.log, batch_bytes=batch_bytes
+            )
 
     return CalibrationActor
+
+
+def _node_id(ray: Any) -> str | None:
+    try:
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:  # Ray Client drivers have no node
+        return None
+
+
+@dataclass(frozen=True)
+class BatchSource:
+    """Where the calibration batch is: a file on the driver's node and/or a URL that every node can read."""
+
+    local_path: str | None = None
+    shared_url: str | None = None
+
+    @classmethod
+    def at(cls, url: str) -> BatchSource:
+        if "://" in url and not url.startswith("file://"):
+            return cls(shared_url=url)
+        return cls(local_path=os.path.abspath(url.removeprefix("file://")))
+
+    def for_actor(self, same_node: bool) -> tuple[str, bool]:
+        """(what the actor opens, whether this process must send the file's bytes along).
+
+        On the driver's node the local file is used (memory-mapped); elsewhere the shared URL, and
+        without one the bytes travel through Ray's object store.
+        """
+        if self.local_path is not None and (same_node or self.shared_url is None):
+            return self.local_path, not same_node
+        if self.shared_url is None:
+            raise InternalError("a BatchSource needs a local path or a shared URL")
+        return self.shared_url, False
 
 
 def resolve_device(ray: Any, device: str) -> str:
@@ -554,9 +599,9 @@ def calibrate_dataset(
         batch_reused = batch_entry is not None or given_batch
         with tempfile.TemporaryDirectory(prefix="trtcal-job-") as tmp:
             if given_batch:
-                batch_url = data_text
+                source = BatchSource.at(data_text)
             elif batch_entry is not None:
-                batch_url = _local_or_remote(batch_entry, Path(tmp))
+                source = BatchSource.at(_local_or_remote(batch_entry, Path(tmp)))
             else:
                 from trtcal.workers.build import build_batch
 
@@ -571,17 +616,19 @@ def calibrate_dataset(
                 warnings.extend(report.warnings)
                 timings["preprocess"] = time.perf_counter() - t0
                 fingerprint = report.fingerprint
-                batch_url = str(local_batch)
+                source = BatchSource(local_path=str(local_batch))
                 if not store.read_only:
                     t0 = time.perf_counter()
                     progress.start("store batch", None, "")
-                    store.publish(
+                    stored = store.publish(
                         batch_key, {BATCH_ARTIFACT: local_batch}, key_inputs=batch_inputs,
                         extra={"fingerprint": report.fingerprint, "num_rows": report.num_rows,
                                "skipped": len(report.skipped), "build": _build_summary(report)},
                     )
                     progress.finish("store batch")
                     timings["publish_batch"] = time.perf_counter() - t0
+                    # An actor on another node reads the stored copy (s3://…) rather than this node's file.
+                    source = replace(source, shared_url=BatchSource.at(stored.artifact_url(BATCH_ARTIFACT)).shared_url)
                 hit_key = lookup()
                 if hit_key[0] is not None:  # someone calibrated this batch content already
                     timings["total"] = time.perf_counter() - t_start
@@ -592,7 +639,7 @@ def calibrate_dataset(
             key_inputs = calibration_key_inputs(model_sha, str(fingerprint), spec, cfg.calibration, runner)
             key = compute_cache_key(key_inputs)
             t0 = time.perf_counter()
-            out = _run_actor(ray, device, model_bytes, batch_url, cfg, progress)
+            out = _run_actor(ray, device, model_bytes, source, cfg, progress)
             timings["calibrate"] = time.perf_counter() - t0
             for stage, seconds in out["timings"].items():
                 timings[f"calibrate.{stage}"] = seconds
@@ -663,14 +710,14 @@ def _build_summary(report: Any) -> dict[str, Any]:
 
 
 def _local_or_remote(entry: Any, tmp: Path) -> str:
-    url = entry.artifact_url(BATCH_ARTIFACT)
+    url = str(entry.artifact_url(BATCH_ARTIFACT))
     if url.startswith("memory://"):
         return str(entry.download(BATCH_ARTIFACT, tmp / BATCH_ARTIFACT))
     return url
 
 
 def _run_actor(
-    ray: Any, device: str, model_bytes: bytes, batch_url: str, cfg: JobConfig, progress: ProgressCallback
+    ray: Any, device: str, model_bytes: bytes, source: BatchSource, cfg: JobConfig, progress: ProgressCallback
 ) -> dict[str, Any]:
     cal = cfg.calibration
     if device == "gpu" and cal.device == "cpu":
@@ -681,14 +728,23 @@ def _run_actor(
     try:
         info = ray.get(actor.ready.remote())
         forward.pid = int(info["pid"])
-        logger.info("calibration actor pid %s on %s (GPU ids %s)", info["pid"], info["host"], info["gpu_ids"])
-        result_ref = actor.calibrate.remote(model_bytes, batch_url, dict(cfg.storage_options), cal.to_dict(), cfg.export_qdq)
+        driver_node = _node_id(ray)
+        same_node = driver_node is not None and info.get("node_id") == driver_node
+        batch_url, send_bytes = source.for_actor(same_node)
+        logger.info(
+            "calibration actor pid %s on %s (GPU ids %s) reads the batch from %s%s", info["pid"], info["host"],
+            info["gpu_ids"], batch_url, " (sent through the object store)" if send_bytes else "",
+        )
+        batch_bytes = ray.put(Path(batch_url).read_bytes()) if send_bytes else None
+        result_ref = actor.calibrate.remote(
+            model_bytes, batch_url, batch_bytes, dict(cfg.storage_options), cal.to_dict(), cfg.export_qdq
+        )
         _follow(ray, actor, result_ref, forward)
         return dict(ray.get(result_ref))
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, TrtcalError):
-            raise cause from None
+            raise cause from exc  # the paragraph is the cause's; -v shows the actor's traceback too
         what = f"{type(cause).__name__}: {cause}" if cause is not None else _first_line(exc)
         raise WorkerError(f"the calibration actor failed ({what}); run with -v for its traceback") from exc
     except ray.exceptions.RayActorError as exc:

@@ -56,7 +56,7 @@ def _photo(name: str) -> npt.NDArray[np.uint8]:
     except ImportError:
         raise BackendUnavailableError("the demo uses scikit-image's sample photos: pip install 'trtcal[demo]'") from None
     if name.startswith("motorcycle_"):
-        left, right, _ = skimage.data.stereo_motorcycle()
+        left, right, _ = skimage.data.stereo_motorcycle()  # type: ignore[no-untyped-call]
         image = left if name.endswith("left") else right
     else:
         image = getattr(skimage.data, name)()
