@@ -164,6 +164,14 @@ def processes_mentioning(text: str) -> list[str]:
     return [f"{p.pid}: {p.cmdline[:200]}" for p in _processes() if p.state != "Z" and text in p.cmdline]
 
 
+def gone(text: str, timeout: float = 30.0) -> list[str]:
+    """Processes still mentioning `text` once they have had `timeout` seconds to exit (expected: none)."""
+    deadline = time.monotonic() + timeout
+    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A short temp dir (Ray's Unix sockets live below the embedded Ray's temp dir: ~107 bytes max)."""
@@ -338,7 +346,8 @@ def test_device_gpu_on_a_gpu_less_cluster_fails_at_once_with_exit_2(photos: Path
     store = tmp_path / "store"
     run = trtcal(
         "calibrate", str(MODEL), "--data", str(photos), *JOB_ARGS, "--device", "gpu", "--store", str(store),
-        "--output", str(tmp_path / "out"), "--json", env=_env(tmp_path),
+        "--output", str(tmp_path / "out"), "--json",
+        env=_env(tmp_path, CUDA_VISIBLE_DEVICES=""),  # GPU-less even on a machine that has one
     )
     assert run.rc == 2, run.stderr
     error = json.loads(run.stdout)["error"]
@@ -387,6 +396,7 @@ def test_an_error_in_the_calibration_actor_is_one_paragraph_and_v_shows_the_trac
     verbose = trtcal(*args, "-v", env=_env(tmp_path))
     assert verbose.rc == 2
     assert "Traceback" in verbose.stderr and "no_such_tensor" in verbose.stderr
+    assert "run_calibration" in verbose.stderr  # the frames inside the actor, not only the driver's
     assert _error_paragraph(verbose.stderr).startswith(paragraph.splitlines()[0])
     assert not (tmp_path / "out").exists()
 
@@ -464,7 +474,7 @@ def test_interrupted_run_leaves_output_and_store_whole_and_the_retry_reuses_the_
     entries = CacheStore(str(store))
     assert entries.get(baseline.result["key"]) is None  # nothing half-published
     assert entries.get(baseline.result["batch_key"]) is not None  # the finished stage was kept
-    assert processes_mentioning(str(short_tmp)) == []  # the embedded Ray went with the command
+    assert gone(str(short_tmp)) == []  # the embedded Ray went with the command
 
     retry = trtcal(*args, env=env).result
     assert retry["batch_reused"] and not retry["cache_hit"] and "preprocess" not in retry["timings_s"]

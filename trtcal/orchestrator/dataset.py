@@ -93,7 +93,8 @@ class JobConfig:
         output: directory that receives the artifacts (None: leave them in the store only).
         address: Ray cluster address (None: an embedded local Ray; "auto"; "ray://…").
         workers: preprocessing tasks in flight (None: the cluster's CPUs).
-        device: "auto" (GPU when the cluster has one), "cpu" or "gpu" (an error without one).
+        device: "auto" (GPU when the cluster has one and onnxruntime-gpu is installed), "cpu" or "gpu"
+            (an error at once when the cluster has no GPU).
         on_bad_input: "fail" or "skip" for corrupt or unreadable inputs.
         export_qdq: also write the Q/DQ ONNX model of the first method.
         storage_options: fsspec options for the store and the dataset (credentials stay out of every artifact).
@@ -444,9 +445,22 @@ def resolve_device(ray: Any, device: str) -> str:
             "--device gpu was asked for but the Ray cluster has no GPU; use --device cpu or auto, "
             "or add a GPU worker group to the cluster"
         )
+    if device == "auto" and gpus >= 1 and not cuda_runner_available():
+        logger.warning(
+            "the Ray cluster has a GPU but this onnxruntime has no CUDAExecutionProvider; calibrating on CPU "
+            "(install onnxruntime-gpu to use the GPU)"
+        )
+        return "cpu"
     if device == "auto":
         return "gpu" if gpus >= 1 else "cpu"
     return device
+
+
+def cuda_runner_available() -> bool:
+    """Whether this process's onnxruntime can run on CUDA (the workers are assumed to share the image)."""
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 # --- the job ------------------------------------------------------------------------------------
@@ -798,15 +812,17 @@ class _ProgressForwarder:
         except (ray.exceptions.RayError, TimeoutError) as exc:
             logger.debug("a progress poll of the calibration actor was lost: %s", _first_line(exc))
             return
+        self.replay(pid, events)
+
+    def replay(self, pid: int, events: Sequence[tuple[Any, ...]]) -> None:
+        """Pass on the events that the actor process `pid` logged since the last poll."""
         if self.pid is not None and pid != self.pid:
             self.restarts += 1
             logger.warning(
                 "the calibration actor (pid %s) died; Ray restarted it (pid %s) and it calibrates again from "
                 "the stored batch", self.pid, pid,
             )
-            for stage in sorted(self.open):
-                self.progress.finish(stage)
-            self.open.clear()
+            self.close()
         self.pid = pid
         for event in events:
             kind, stage = event[0], event[1]

@@ -116,6 +116,23 @@ def _eval_inputs(folder: Path) -> npt.NDArray[np.float32]:
     return np.stack(arrays).astype(np.float32)
 
 
+class _Prefixed:
+    """Progress stages under a prefix (the evaluation's stages are named after the models: "fp32", "mse")."""
+
+    def __init__(self, inner: ProgressCallback, prefix: str) -> None:
+        self.inner = inner
+        self.prefix = prefix
+
+    def start(self, stage: str, total: int | None = None, unit: str = "") -> None:
+        self.inner.start(self.prefix + stage, total, unit)
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        self.inner.advance(self.prefix + stage, n)
+
+    def finish(self, stage: str) -> None:
+        self.inner.finish(self.prefix + stage)
+
+
 def run_demo(config: DemoConfig | None = None, *, progress: ProgressCallback = NO_PROGRESS) -> dict[str, Any]:
     """Fetch, calibrate, evaluate. Returns a summary (also what `trtcal demo --json` prints)."""
     import json
@@ -146,7 +163,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: ProgressCallback = N
         amax = {name: t["amax"][method] for name, t in ranges["tensors"].items() if method in t.get("amax", {})}
         qdq_models[method] = export_qdq(str(model), amax)
     inputs = _eval_inputs(eval_dir)
-    evaluation = evaluate(str(model), qdq_models, inputs, progress=progress)
+    evaluation = evaluate(str(model), qdq_models, inputs, progress=_Prefixed(progress, "evaluate "))
     best = evaluation.best()
     return {
         "model": str(model),
