@@ -139,6 +139,19 @@ class FaultProxy:
         with self._lock:
             self.log.append(Seen(method, path, status, action, time.monotonic()))
 
+    def _answer_error(self, client: socket.socket, method: str, path: str, action: str) -> None:
+        if action == "reset":
+            self._record(method, path, None, action)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            return
+        payload = _SLOWDOWN if action == "503" else _INTERNAL
+        reason = "Slow Down" if action == "503" else "Internal Server Error"
+        client.sendall(
+            f"HTTP/1.1 {action} {reason}\r\nContent-Type: application/xml\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode() + (b"" if method == "HEAD" else payload)
+        )
+        self._record(method, path, int(action), action)
+
     def _serve(self, client: socket.socket) -> None:
         reader = client.makefile("rb")
         upstream: socket.socket | None = None
@@ -151,23 +164,25 @@ class FaultProxy:
                 method, target = request_line.split(" ")[:2]
                 path = urlsplit(target).path
                 headers = _headers(head)
-                body = _read_body(reader, headers)
                 rule = self._pick(method, path)
                 action = rule.action if rule else None
                 if rule is not None:
                     rule.arrived.set()
+                expects_continue = headers.get("expect", "").lower() == "100-continue"
+                if expects_continue:
+                    # botocore waits for "100 Continue" before sending a PUT body. An injected error
+                    # answers at once and closes (the body is never read); otherwise we ask for it.
+                    if action in ("503", "500", "reset"):
+                        self._answer_error(client, method, path, action)
+                        return
+                    client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    head = _without_header(head, b"expect")
+                body = _read_body(reader, headers)
                 if action == "reset":
-                    self._record(method, path, None, action)
-                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self._answer_error(client, method, path, action)
                     return
                 if action in ("503", "500"):
-                    payload = _SLOWDOWN if action == "503" else _INTERNAL
-                    reason = "Slow Down" if action == "503" else "Internal Server Error"
-                    client.sendall(
-                        f"HTTP/1.1 {action} {reason}\r\nContent-Type: application/xml\r\n"
-                        f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
-                    )
-                    self._record(method, path, int(action), action)
+                    self._answer_error(client, method, path, action)
                     continue
                 if action == "hold" and rule is not None:
                     rule._released.wait(rule.hold_s)
@@ -212,6 +227,11 @@ def _read_head(reader: object) -> bytes | None:
                 lines.clear()  # stray CRLF between requests
                 continue
             return b"".join(lines)
+
+
+def _without_header(head: bytes, name: bytes) -> bytes:
+    lines = head.split(b"\r\n")
+    return b"\r\n".join(line for line in lines if not line.lower().startswith(name + b":"))
 
 
 def _headers(head: bytes) -> dict[str, str]:

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -125,6 +126,32 @@ def _makedirs_durable(path: str) -> None:
         _fsync_dir(os.path.dirname(directory))
 
 
+class NotRegularFile(OSError):
+    """A store path is a symlink, FIFO or device: treated as a damaged entry, never read."""
+
+
+@contextlib.contextmanager
+def _open_regular(path: str) -> Iterator[Any]:
+    """Open a store file for reading only if it is a regular file and not a symlink: a link planted in
+    a shared store could point at /dev/zero or a FIFO (endless read, hang) or at someone's private file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFile(errno.ELOOP, "is a symbolic link; a store holds only regular files", path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file; a store holds only regular files", path)
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
 class LocalBackend(Backend):
     protocol = "file"
     writable = True
@@ -139,11 +166,11 @@ class LocalBackend(Backend):
         return path
 
     def read_bytes(self, path: str) -> bytes:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             return f.read()
 
     def iter_chunks(self, path: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             while chunk := f.read(chunk_bytes):
                 yield chunk
 
@@ -184,15 +211,25 @@ class LocalBackend(Backend):
             os.unlink(path)
 
     def delete_tree(self, path: str) -> None:
+        # A symlink (planted by anyone who can write to a shared store) is removed, never followed:
+        # os.walk would descend into the top directory it points to and delete files outside the store.
+        if os.path.islink(path) or os.path.isfile(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
         if not os.path.lexists(path):
             return
-        for current, dirs, files in os.walk(path, topdown=False):
+        for current, dirs, files in os.walk(path, topdown=False, followlinks=False):
             for name in files:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(current, name))
             for name in dirs:
+                child = os.path.join(current, name)
                 with contextlib.suppress(FileNotFoundError):
-                    os.rmdir(os.path.join(current, name))
+                    if os.path.islink(child):
+                        os.unlink(child)
+                    else:
+                        os.rmdir(child)
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(path)
 

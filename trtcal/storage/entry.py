@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trtcal.errors import ConfigError, CorruptEntryError, StorageError
+from trtcal.storage._backends import NotRegularFile
 from trtcal.storage.manifest import ArtifactRecord, Manifest
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ class Entry:
                 data = self._store._backend.read_bytes(path)
         except FileNotFoundError:
             raise self._corrupt_error(Problem("artifact is missing", self._store._display(path), missing=True)) from None
+        except NotRegularFile as exc:
+            raise self._corrupt_error(Problem(f"artifact {exc.strerror}", self._store._display(path))) from None
         try:
             check_bytes(data, record, self._store._display(path))
         except Problem as problem:
@@ -142,6 +145,8 @@ class Entry:
                             chunk = next(source, None)
                     except FileNotFoundError:
                         raise self._corrupt_error(Problem("artifact is missing", url, missing=True)) from None
+                    except NotRegularFile as exc:
+                        raise self._corrupt_error(Problem(f"artifact {exc.strerror}", url)) from None
                     if chunk is None:
                         break
                     digest.update(chunk)

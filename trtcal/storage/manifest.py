@@ -119,6 +119,8 @@ def parse_manifest(data: bytes, *, key: str, namespace: str) -> Manifest:
         raise CacheFormatError("manifest is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise CacheFormatError(f"manifest is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:  # a tampered manifest nested thousands deep must not crash ls/verify/gc
+        raise CacheFormatError("manifest nests JSON too deeply to be a trtcal manifest") from None
     if not isinstance(obj, dict):
         raise CacheFormatError("manifest is not a JSON object")
     if obj.get("schema") != SCHEMA:

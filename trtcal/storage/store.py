@@ -34,7 +34,7 @@ from trtcal.errors import (
     StorageError,
     TrtcalError,
 )
-from trtcal.storage._backends import CHUNK_BYTES, Backend, FileInfo, FsspecBackend, LocalBackend
+from trtcal.storage._backends import CHUNK_BYTES, Backend, FileInfo, FsspecBackend, LocalBackend, NotRegularFile
 from trtcal.storage._redact import Scrubber, redact_url, secret_values
 from trtcal.storage.entry import Entry, Problem, check_bytes
 from trtcal.storage.index import IndexRecord, index_name, parse_index_name
@@ -231,7 +231,7 @@ class CacheStore:
         """Turn backend exceptions into StorageError with scrubbed text; FileNotFoundError passes if missing_ok."""
         try:
             yield
-        except (TrtcalError, Problem):
+        except (TrtcalError, Problem, NotRegularFile):
             raise
         except FileNotFoundError as exc:
             if missing_ok:
@@ -300,6 +300,8 @@ class CacheStore:
             value = fetched[paths[name]]
             if isinstance(value, FileNotFoundError):
                 raise Problem("artifact is missing", self._display(paths[name]), missing=True)
+            if isinstance(value, NotRegularFile):
+                raise Problem(f"artifact {value.strerror}", self._display(paths[name]))
             if isinstance(value, BaseException):
                 with self._io("read", paths[name]):
                     raise value
@@ -318,6 +320,8 @@ class CacheStore:
                         size += len(chunk)
             except FileNotFoundError:
                 raise Problem("artifact is missing", self._display(paths[name]), missing=True) from None
+            except NotRegularFile as exc:
+                raise Problem(f"artifact {exc.strerror}", self._display(paths[name])) from None
             if size != record.size:
                 raise Problem(f"{size} bytes, manifest says {record.size} (truncated or replaced)", self._display(paths[name]))
             if digest.hexdigest() != record.sha256:
@@ -339,10 +343,13 @@ class CacheStore:
 
     def _load(self, namespace: str, key: str, *, full: bool, keep: bool) -> tuple[Entry | None, Problem | None]:
         """(entry, None) when verified, (None, None) when absent, (None, problem) when corrupt."""
-        data = self._read_manifest_bytes(namespace, key)
+        url = self._display(self._manifest_path(namespace, key))
+        try:
+            data = self._read_manifest_bytes(namespace, key)
+        except NotRegularFile as exc:
+            return None, Problem(f"manifest {exc.strerror}", url)
         if data is None:
             return None, None
-        url = self._display(self._manifest_path(namespace, key))
         try:
             manifest = parse_manifest(data, key=key, namespace=namespace)
         except CacheFormatError as exc:
@@ -351,7 +358,11 @@ class CacheStore:
             verified = self._verify_artifacts(manifest, full=full, keep=keep)
         except Problem as problem:
             # An artifact vanished because the entry was removed (gc, replace) while we read: a miss.
-            if problem.missing and self._read_manifest_bytes(namespace, key) != data:
+            try:
+                gone = problem.missing and self._read_manifest_bytes(namespace, key) != data
+            except NotRegularFile:
+                gone = False
+            if gone:
                 return None, None
             return None, problem
         return Entry(self, manifest, verified=verified), None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trtcal.errors import ConfigError
+from trtcal.errors import CacheFormatError, ConfigError
 
 __all__ = ["retarget_trt_cache"]
 
@@ -20,6 +20,12 @@ def retarget_trt_cache(data: bytes, *, trt_version: str | int | tuple[int, ...],
         if cache.algorithm is None:
             raise ConfigError("the stored cache has the legacy '1' header with no calibrator name; pass algorithm=")
         algorithm = cache.algorithm
-    lines = [f"TRT-{trt_version_int(trt_version)}-{header_algorithm(algorithm)}"]
+        try:
+            header = header_algorithm(algorithm)
+        except ConfigError:  # the name came from the stored file, not from the caller
+            raise CacheFormatError(f"the stored cache names an unknown calibrator {algorithm!r} in its header") from None
+    else:
+        header = header_algorithm(algorithm)
+    lines = [f"TRT-{trt_version_int(trt_version)}-{header}"]
     lines.extend(f"{name}: {scale_to_hex(scale)}" for name, scale in cache.scale.items())
     return ("\n".join(lines) + "\n").encode("utf-8")
