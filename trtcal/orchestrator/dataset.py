@@ -9,7 +9,9 @@ Flow (each step skipped when the store already holds its result):
 
 * The **batch entry** is keyed by the request (dataset URL without credentials, sample count, seed,
   stratification, preprocessing spec, bad-input policy): a retry never preprocesses again. Its
-  manifest records the batch's content fingerprint.
+  manifest records the batch's content fingerprint. The dataset is not listed to compute this
+  key (listing 10^5+ objects would dominate a cache hit), so a dataset changed in place under the
+  same URL is not noticed: publish changed data under a new (versioned) prefix.
 * The **calibration entry** is keyed by content (`trtcal.storage.KeyInputs`): model sha256, batch
   fingerprint, preprocessing spec, the methods and their parameters, runner kind and version,
   tensor selection, micro-batch, format version. Same key, same artifact bytes.

@@ -259,7 +259,10 @@ def select_tensors(model: onnx.ModelProto, selection: TensorSelection = "all") -
         elif not is_float(name):
             bad.append(f"{name!r} (not floating point)")
     if bad:
-        raise ConfigError(f"tensors: cannot calibrate {', '.join(bad)}")
+        raise ConfigError(
+            f"tensors: cannot calibrate {', '.join(bad)}; name floating-point activation tensors of the model "
+            "(graph inputs or node outputs, as in ranges.json or Netron), or use --tensors all|quantizable"
+        )
     chosen = set(names)
     return [n for n in order if n in chosen]
 
