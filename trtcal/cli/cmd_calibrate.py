@@ -102,6 +102,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--address", default=None, help="Ray address (absent: an embedded local Ray; auto; ray://…)")
     cluster.add_argument("--workers", type=int, default=None, help="preprocessing tasks in flight (default: cluster CPUs)")
+    cluster.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default=None,
+                         help="FP32 statistics by ONNX Runtime (default), or TensorRT 10's own calibrator on a GPU")
     cluster.add_argument("--device", choices=("auto", "cpu", "gpu"), default=None,
                          help="where the calibration actor runs (auto: GPU when the cluster has one)")
     store = parser.add_argument_group("store")
@@ -133,7 +135,7 @@ def job_config_from_args(args: argparse.Namespace) -> Any:
     if args.num_samples is not None:
         values["num_samples"] = parse_num_samples(args.num_samples)
     for option in ("seed", "preprocess", "stratify", "on_bad_input", "address", "workers", "device", "store",
-                   "namespace", "read_only", "output"):
+                   "namespace", "read_only", "output", "backend"):
         value = getattr(args, option, None)
         if value is not None:
             values[option] = value

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "gpu")
 BACKENDS = ("onnxruntime", "tensorrt")
+TENSORRT_ALGORITHMS = ("entropy2", "minmax", "entropy", "legacy")  # TensorRT 10's own calibrators
 BATCH_ARTIFACT = "batch.arrow"
 QDQ_ARTIFACT = "model.qdq.onnx"
 # The pipeline's manifest.json is stored as run.json (the store's own manifest.json commits an entry)
@@ -117,6 +118,7 @@ class JobConfig:
     device: str = "auto"
     on_bad_input: str = "fail"
     export_qdq: bool = True
+    backend: str = "onnxruntime"
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
@@ -125,6 +127,15 @@ class JobConfig:
             raise ConfigError(f"num_samples must be a positive integer or None (all), got {self.num_samples!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "tensorrt":
+            algos = self.calibration.algorithms
+            if len(algos) != 1 or algos[0] not in TENSORRT_ALGORITHMS:
+                raise ConfigError(
+                    f"--backend tensorrt runs one TensorRT calibrator: give exactly one --algorithm of "
+                    f"{TENSORRT_ALGORITHMS}, got {list(algos)}"
+                )
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.on_bad_input not in ("fail", "skip"):
@@ -231,8 +242,15 @@ def batch_key_inputs(data: str, config: JobConfig, spec: Mapping[str, Any]) -> d
     }
 
 
-def runner_id(device: str) -> tuple[str, str]:
+def runner_id(device: str, backend: str = "onnxruntime") -> tuple[str, str]:
     """Runner kind and version that determine the activations (part of the key)."""
+    if backend == "tensorrt":
+        try:
+            import tensorrt
+
+            return ("tensorrt-cuda", str(tensorrt.__version__))
+        except ImportError:
+            return ("tensorrt-cuda", "unknown")  # the actor reports the real version; no hit is possible here
     import onnxruntime
 
     return (f"onnxruntime-{device}", str(onnxruntime.__version__))
@@ -324,7 +342,7 @@ class _SearchStage:
 
 def run_calibration(
     model_bytes: bytes, batch_url: str, storage_options: Mapping[str, Any], cal: dict[str, Any], export_qdq: bool,
-    progress: ProgressCallback = NO_PROGRESS, batch_bytes: bytes | None = None,
+    progress: ProgressCallback = NO_PROGRESS, batch_bytes: bytes | None = None, backend: str = "onnxruntime",
 ) -> dict[str, Any]:
     """The actor's work, a plain function: calibrate, optionally export Q/DQ, return the artifact bytes.
 
@@ -347,6 +365,8 @@ def run_calibration(
             shipped.write_bytes(batch_bytes)
             batch_url = str(shipped)
         batch = _open_given_batch(batch_url, model_bytes, storage_options)
+        if backend == "tensorrt":
+            return _run_tensorrt(model_path, batch, config, export_qdq, progress)
         out = Path(tmp) / "out"
         try:
             result = calibrate(str(model_path), batch, config=config, output_dir=out, progress=stages)
@@ -376,6 +396,34 @@ def run_calibration(
         }
 
 
+def _run_tensorrt(model_path: Path, batch: Any, config: CalibrationConfig, export_qdq: bool, progress: ProgressCallback) -> dict[str, Any]:
+    """`--backend tensorrt`: TensorRT 10's own calibrator, fed from the batch, on this actor's GPU."""
+    from trtcal.core import read_trt_cache
+    from trtcal.runners.tensorrt import calibrate_with_tensorrt
+
+    method = config.algorithms[0]
+    t0 = time.perf_counter()
+    progress.start("tensorrt", None, "")
+    cache = calibrate_with_tensorrt(
+        str(model_path), batch, algorithm=method, micro_batch=config.micro_batch, trt_version=config.trt_version,
+        progress=progress,
+    )
+    progress.finish("tensorrt")
+    timings = {"tensorrt_calibration": time.perf_counter() - t0}
+    amax = {method: read_trt_cache(cache).amax}
+    files = {"calibration.cache": cache, f"calibration.{method}.cache": cache}
+    if export_qdq:
+        from trtcal.export.qdq import export_qdq as make_qdq
+
+        files[QDQ_ARTIFACT] = make_qdq(str(model_path), amax[method]).SerializeToString(deterministic=True)
+    import tensorrt
+
+    return {
+        "files": files, "amax": amax, "num_tensors": len(amax[method]), "num_samples": batch.num_rows,
+        "timings": timings, "runner": {"kind": "tensorrt-cuda", "version": str(tensorrt.__version__)},
+    }
+
+
 def _actor_class(ray: Any, num_gpus: float) -> Any:
     # Restarted by Ray if its process dies; the call is retried against the stored batch.
     # Two threads: `calibrate` runs in one while the driver polls `progress` in the other.
@@ -397,10 +445,11 @@ def _actor_class(ray: Any, num_gpus: float) -> Any:
 
         def calibrate(
             self, model_bytes: bytes, batch_url: str, batch_bytes: bytes | None, storage_options: Mapping[str, Any],
-            cal: dict[str, Any], export_qdq: bool,
+            cal: dict[str, Any], export_qdq: bool, backend: str = "onnxruntime",
         ) -> dict[str, Any]:
             return run_calibration(
-                model_bytes, batch_url, storage_options, cal, export_qdq, progress=self.log, batch_bytes=batch_bytes
+                model_bytes, batch_url, storage_options, cal, export_qdq, progress=self.log, batch_bytes=batch_bytes,
+                backend=backend,
             )
 
     return CalibrationActor
@@ -587,8 +636,10 @@ def calibrate_dataset(
         from trtcal.storage import compute_cache_key
 
         candidates = {"cpu": ["cpu"], "gpu": ["cuda"], "auto": ["cpu", "cuda"]}[cfg.device]
+        if cfg.backend == "tensorrt":
+            candidates = ["cuda"]
         for kind in candidates:
-            hit_runner = runner_id(kind)
+            hit_runner = runner_id(kind, cfg.backend)
             key = compute_cache_key(calibration_key_inputs(model_sha, str(fingerprint), spec, cfg.calibration, hit_runner))
             hit = store.get(key)
             if hit is not None:
@@ -603,8 +654,13 @@ def calibrate_dataset(
         import ray
 
         timings["start_ray"] = time.perf_counter() - t0
-        device = resolve_device(ray, cfg.device)
-        runner = runner_id("cuda" if device == "gpu" else "cpu")
+        if cfg.backend == "tensorrt" and float(ray.cluster_resources().get("GPU", 0.0)) < 1:
+            raise BackendUnavailableError(
+                "--backend tensorrt runs TensorRT 10's calibrator on a GPU, but the Ray cluster has no GPU; "
+                "use the default onnxruntime backend, or run on a cluster with a GPU node that has TensorRT 10"
+            )
+        device = resolve_device(ray, "gpu" if cfg.backend == "tensorrt" else cfg.device)
+        runner = runner_id("cuda" if device == "gpu" else "cpu", cfg.backend)
 
         def lookup() -> tuple[Any, str]:
             from trtcal.storage import compute_cache_key
@@ -656,6 +712,10 @@ def calibrate_dataset(
             key = compute_cache_key(key_inputs)
             t0 = time.perf_counter()
             out = _run_actor(ray, device, model_bytes, source, cfg, progress)
+            if cfg.backend == "tensorrt":  # key by the TensorRT version that really calibrated
+                runner = (str(out["runner"]["kind"]), str(out["runner"]["version"]))
+                key_inputs = calibration_key_inputs(model_sha, str(fingerprint), spec, cfg.calibration, runner)
+                key = compute_cache_key(key_inputs)
             timings["calibrate"] = time.perf_counter() - t0
             for stage, seconds in out["timings"].items():
                 timings[f"calibrate.{stage}"] = seconds
@@ -753,7 +813,7 @@ def _run_actor(
         )
         batch_bytes = ray.put(Path(batch_url).read_bytes()) if send_bytes else None
         result_ref = actor.calibrate.remote(
-            model_bytes, batch_url, batch_bytes, dict(cfg.storage_options), cal.to_dict(), cfg.export_qdq
+            model_bytes, batch_url, batch_bytes, dict(cfg.storage_options), cal.to_dict(), cfg.export_qdq, cfg.backend
         )
         _follow(ray, actor, result_ref, forward)
         return dict(ray.get(result_ref))

@@ -1,0 +1,50 @@
+"""`trtcal calibrate --backend tensorrt`: config rules and the clear errors where TensorRT/GPU are absent.
+
+The real TensorRT path runs only where TensorRT 10 and a GPU exist (tests/tensorrt/).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trtcal.cli import main as cli_main
+from trtcal.errors import BackendUnavailableError, ConfigError
+from trtcal.orchestrator.config import CalibrationConfig
+from trtcal.orchestrator.dataset import JobConfig, run_calibration
+
+MODEL = Path(__file__).resolve().parents[3].parent / "shared" / "models" / "efficientnet_lite0.onnx"
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def test_tensorrt_backend_needs_one_tensorrt_algorithm() -> None:
+    JobConfig(backend="tensorrt", calibration=CalibrationConfig(algorithms=("minmax",)))
+    with pytest.raises(ConfigError, match="exactly one --algorithm"):
+        JobConfig(backend="tensorrt", calibration=CalibrationConfig(algorithms=("entropy2", "minmax")))
+    with pytest.raises(ConfigError, match="exactly one --algorithm"):
+        JobConfig(backend="tensorrt", calibration=CalibrationConfig(algorithms=("percentile",)))
+    with pytest.raises(ConfigError, match="backend"):
+        JobConfig(backend="tvm")
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="checks the error where TensorRT is absent")
+def test_actor_work_without_tensorrt_is_a_clear_error(tmp_path: Path) -> None:
+    data = tmp_path / "x.npy"
+    np.save(data, np.zeros((2, 3, 224, 224), np.float32))
+    cal = CalibrationConfig(algorithms=("entropy2",)).to_dict()
+    with pytest.raises(BackendUnavailableError, match="TensorRT"):
+        run_calibration(MODEL.read_bytes(), str(data), {}, cal, False, backend="tensorrt")
+
+
+def test_cli_backend_tensorrt_on_a_gpu_less_cluster_fails_fast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "x.npy"
+    np.save(data, np.zeros((2, 3, 224, 224), np.float32))
+    rc = cli_main(["calibrate", str(MODEL), "--data", str(data), "--backend", "tensorrt", "-a", "entropy2",
+                   "--store", str(tmp_path / "store"), "-o", str(tmp_path / "out")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--backend tensorrt" in err and "no GPU" in err
+    assert not (tmp_path / "out").exists()
