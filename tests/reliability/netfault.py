@@ -15,6 +15,7 @@ bench/stress.py.
 from __future__ import annotations
 
 import http.client
+import random
 import re
 import socket
 import socketserver
@@ -41,6 +42,7 @@ class Rule:
 
     action: "503" (SlowDown), "500" (InternalError), "reset" (close the socket without an answer),
     "hold" (keep the request until `release()` or `hold_s` seconds, then forward it).
+    probability: inject into only this share of the matching requests (seeded: the same run, the same faults).
     """
 
     action: str
@@ -48,6 +50,8 @@ class Rule:
     path: str = ""
     times: int | None = 1
     hold_s: float = 60.0
+    probability: float = 1.0
+    seed: int = 0
     matched: int = 0
     arrived: threading.Event = field(default_factory=threading.Event)
     _released: threading.Event = field(default_factory=threading.Event)
@@ -55,13 +59,16 @@ class Rule:
     def __post_init__(self) -> None:
         if self.action not in ("503", "500", "reset", "hold"):
             raise ValueError(f"unknown action {self.action!r}")
+        self._rng = random.Random(self.seed)
 
     def wants(self, method: str, path: str) -> bool:
         if self.times is not None and self.matched >= self.times:
             return False
         if self.method is not None and method != self.method:
             return False
-        return re.search(self.path, path) is not None
+        if re.search(self.path, path) is None:
+            return False
+        return self.probability >= 1.0 or self._rng.random() < self.probability
 
     def release(self) -> None:
         self._released.set()

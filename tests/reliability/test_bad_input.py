@@ -283,7 +283,7 @@ def test_fuzzed_arrow_batches_open_or_raise_trtcal_errors(batch_file: Path, tmp_
 def test_fuzzed_npy_headers_are_refused_without_allocating(tmp_path: Path, header: bytes, dims: list[int], dtype: str) -> None:
     from trtcal.workers.batch_format import batch_from_numpy
 
-    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (dtype, tuple(dims))
+    text = f"{{'descr': {dtype!r}, 'fortran_order': False, 'shape': {tuple(dims)!r}, }}"
     raw = text.encode("latin-1")
     raw += b" " * (63 - (len(raw) + 10) % 64) + b"\n"
     variants = [b"\x93NUMPY\x01\x00" + len(raw).to_bytes(2, "little") + raw + b"\x00" * 64, b"\x93NUMPY\x01\x00" + header]

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 
 from tests.reliability.netfault import FaultProxy, Rule
+from tests.reliability.rayhead import session_pids
 from tests.reliability.tiny_cnn import tiny_batch, write_tiny_cnn
 from trtcal.errors import StorageError, TrtcalError
 from trtcal.storage import CacheStore, compute_cache_key
@@ -43,25 +43,12 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[3]) == sid and int(entry) != sid:  # field 6 of stat: the session id
-                pids.append(int(entry))
-    return pids
-
-
 def _assert_nothing_left_running(sid: int) -> None:
     deadline = time.monotonic() + 20
-    left = _session_pids(sid)
+    left = session_pids(sid)
     while left and time.monotonic() < deadline:
         time.sleep(0.3)
-        left = _session_pids(sid)
+        left = session_pids(sid)
     for pid in left:  # only processes of the session our child started
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -34,7 +34,14 @@ from trtcal.errors import (
     StorageError,
     TrtcalError,
 )
-from trtcal.storage._backends import CHUNK_BYTES, Backend, FileInfo, FsspecBackend, LocalBackend, NotRegularFile
+from trtcal.storage._backends import (
+    CHUNK_BYTES,
+    Backend,
+    FileInfo,
+    FsspecBackend,
+    LocalBackend,
+    NotRegularFile,
+)
 from trtcal.storage._redact import Scrubber, redact_url, secret_values
 from trtcal.storage.entry import Entry, Problem, check_bytes
 from trtcal.storage.index import IndexRecord, index_name, parse_index_name
