@@ -529,13 +529,6 @@ _ASPECT_PROBE = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG trtcal/workers/preprocess.py:403-416 (resized_size/transform_image): the pixel limit is checked "
-    "on the decoded size only, so a 1x100000 PNG (370 bytes, 1e5 pixels) is resized to 256x25600000 "
-    "(19.7 GB RGB): MemoryError (or an OOM-killed worker), OverflowError for wider ones. Check the "
-    "resized size against max_pixels and raise InputRejected('bomb').",
-)
 @pytest.mark.parametrize("width", [100_000, 20_000_000])
 def test_extreme_aspect_ratio_is_refused_not_resized_into_gigabytes(width: int) -> None:
     code = _ASPECT_PROBE.format(root=str(REPO_ROOT), width=width)

@@ -238,12 +238,6 @@ def test_disk_full_while_writing_the_batch_is_a_clear_error_and_nothing_is_publi
     assert CacheStore(store_url).ls() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG trtcal/workers/batch_format.py:488 (BatchWriter.write) and the close/rename path: ENOSPC while "
-    "spooling rows escapes as a bare OSError, not a TrtcalError (DataError/StorageError) naming the batch path and "
-    "saying the disk is full; `trtcal calibrate` then shows it as an unexpected error. Wrap OSError in the writer.",
-)
 def test_batch_writer_on_a_full_disk_raises_a_trtcal_error(small_disk: Path) -> None:
     from trtcal.workers.batch_format import write_batch
 

@@ -25,6 +25,7 @@ unlinked local temp file and memory-mapped otherwise), `batch_from_numpy` (.npy/
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -369,6 +370,20 @@ def _inputs_of(columns: Mapping[str, npt.NDArray[Any]]) -> tuple[InputInfo, ...]
 # Writers
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _as_storage_error(exc: OSError, url: str) -> StorageError:
+    """An OSError while writing a batch, as the trtcal error a user can act on."""
+    if exc.errno in _DISK_FULL:
+        return StorageError(
+            f"no space left on the device while writing calibration batch {url!r} ({exc.strerror}); nothing was "
+            "published: free space, or write the batch elsewhere (TMPDIR for the spool, another --output/--store)",
+            url=url,
+        )
+    return StorageError(f"cannot write calibration batch {url!r}: {exc}", url=url)
+
+
 def write_batch(
     path_or_url: str | os.PathLike[str],
     arrays: ArrayMap,
@@ -409,6 +424,9 @@ def write_batch(
     try:
         _write_ipc_file(target.tmp_path, ids, columns, spec_json, fingerprint)
         nbytes = target.publish()
+    except OSError as exc:
+        target.discard()
+        raise _as_storage_error(exc, target.url) from exc
     except BaseException:
         target.discard()
         raise
@@ -485,7 +503,10 @@ class BatchWriter:
                 raise DataError(f"sample id {s!r:.80} was already written; sample ids must be unique")
         for info in self._inputs:
             arr = np.ascontiguousarray(columns[info.name]).astype(np.dtype(info.dtype).newbyteorder("<"), copy=False)
-            self._files[info.name].write(arr.reshape(-1).view(np.uint8).data)
+            try:
+                self._files[info.name].write(arr.reshape(-1).view(np.uint8).data)
+            except OSError as exc:
+                raise _as_storage_error(exc, self._target.url) from exc
         self._seen.update(ids)
         self._ids.extend(ids)
 
@@ -519,6 +540,9 @@ class BatchWriter:
             _write_ipc_file(self._target.tmp_path, ids_sorted, sorted_columns, self._spec_json, fingerprint)
             del sorted_columns
             nbytes = self._target.publish()
+        except OSError as exc:
+            self.abort()
+            raise _as_storage_error(exc, self._target.url) from exc
         except BaseException:
             self.abort()
             raise

@@ -407,10 +407,21 @@ def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     return int(shorter * width / height), shorter
 
 
-def transform_image(image: Image.Image, spec: PreprocessSpec) -> npt.NDArray[Any]:
-    """An RGB image -> the model-ready array for one sample (no batch axis)."""
+def transform_image(
+    image: Image.Image, spec: PreprocessSpec, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> npt.NDArray[Any]:
+    """An RGB image -> the model-ready array for one sample (no batch axis).
+
+    Raises InputRejected("bomb") when resizing would exceed `max_pixels` (an extreme aspect ratio:
+    a 1 x 100000 image becomes 256 x 25600000).
+    """
     if spec.resize_shorter is not None:
         size = resized_size(image.width, image.height, spec.resize_shorter)
+        if size[0] * size[1] > max_pixels:
+            raise InputRejected(
+                "bomb", f"{image.width}x{image.height} resized to {size[0]}x{size[1]} would exceed the limit of "
+                f"{max_pixels} pixels (extreme aspect ratio)"
+            )
         if size != image.size:
             image = image.resize(size, resample=_resample(spec.interpolation), reducing_gap=None)
     if spec.crop_size is not None:
@@ -521,7 +532,7 @@ def preprocess_image_bytes(
                 raise InputRejected("function-error", f"{spec.function} raised {type(exc).__name__}: {exc}") from None
             result = _check_output(produced, spec, input_name, keep_integers=False)
         else:
-            result = {input_name: transform_image(image, spec)}
+            result = {input_name: transform_image(image, spec, max_pixels=max_pixels)}
     finally:
         if timings is not None:
             t2 = time.perf_counter()
