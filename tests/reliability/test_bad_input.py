@@ -394,13 +394,6 @@ _EXTERNAL_PROBE = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG trtcal/runners/onnxruntime.py:155-164 (load_model): the external-data file is opened and read "
-    "to the end (for the model hash) BEFORE onnx validates its location, so a location such as /dev/zero "
-    "hangs trtcal forever and '../x' opens files outside the model folder (a FIFO there blocks). Validate "
-    "the location (relative, inside the model folder after realpath, a regular file) before opening it.",
-)
 @pytest.mark.parametrize("location", ["/dev/zero", "../outside.fifo"])
 def test_external_data_location_never_makes_trtcal_read_a_device_or_fifo(tmp_path: Path, location: str) -> None:
     folder = tmp_path / "model"

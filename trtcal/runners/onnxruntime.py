@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -154,9 +155,20 @@ def load_model(model: str | os.PathLike[str] | bytes | onnx.ModelProto) -> Loade
         if source.startswith("<"):
             raise ModelError("a model with external data must be given as a path, not bytes")
         base = os.path.dirname(os.path.abspath(source))
+        base_real = os.path.realpath(base)
         for location in external:
+            # Validate before opening: relative, inside the model's folder after symlinks, a regular file
+            # (a device or FIFO named here would hang the read).
+            target = os.path.realpath(os.path.join(base, location))
+            if os.path.isabs(location) or os.path.commonpath([base_real, target]) != base_real:
+                raise ModelError(
+                    f"{source}: external data {location!r} lies outside the model's folder; "
+                    "keep external-data files next to the model"
+                )
+            if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
+                raise ModelError(f"{source}: external data {location!r} is not a regular file")
             try:
-                with open(os.path.join(base, location), "rb") as f:
+                with open(target, "rb") as f:
                     digest.update(location.encode("utf-8"))
                     for block in iter(lambda: f.read(1 << 24), b""):
                         digest.update(block)
