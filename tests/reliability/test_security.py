@@ -250,15 +250,6 @@ def test_full_calibration_at_debug_level_writes_no_credential_anywhere(
     assert leaks == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG trtcal/orchestrator/jobs.py:455-470 (submit_job) / trtcal/cli/cmd_submit.py: `trtcal submit -- calibrate "
-    "… --storage-option secret=…` (or a runtime env whose env_vars hold AWS_SECRET_ACCESS_KEY) sends the credential "
-    "to the cluster as the job's entrypoint/runtime env, which Ray keeps as job metadata (shown by `ray job list`, "
-    "the dashboard, `trtcal jobs status`), and logs the entrypoint at INFO. Refuse credential-looking "
-    "--storage-option values and env vars before submitting (ConfigError: put them in the cluster's environment "
-    "or a Kubernetes secret).",
-)
 @pytest.mark.parametrize("where", ["entrypoint", "runtime_env"])
 def test_submitting_a_job_refuses_credentials_that_would_become_job_metadata(where: str) -> None:
     from trtcal.orchestrator.jobs import submit_job

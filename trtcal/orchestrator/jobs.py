@@ -408,6 +408,40 @@ def _follow_logs(client: Any, address: str, job_id: str, sink: LogSink | None, p
 # --------------------------------------------------------------------------- public API
 
 
+_CREDENTIAL_WORDS = ("secret", "password", "token", "session", "credential", "access_key", "key_id", "private")
+
+
+def _looks_like_credential(name: str) -> bool:
+    lowered = name.lower().replace("-", "_")
+    return any(word in lowered for word in _CREDENTIAL_WORDS) or lowered in ("key", "aws_access_key_id")
+
+
+def refuse_credentials(entrypoint_args: Sequence[str], runtime_env: Mapping[str, Any] | None) -> None:
+    """Credentials must not travel as job metadata (Ray keeps entrypoints and runtime envs for anyone to list).
+
+    Raises ConfigError for `--storage-option <credential>=…` in the command and credential-named
+    env vars in the runtime env; they belong in the cluster's environment (e.g. a Kubernetes Secret).
+    """
+    args = list(entrypoint_args)
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg == "--storage-option" and i + 1 < len(args) else (
+            arg.split("=", 1)[1] if arg.startswith("--storage-option=") else None
+        )
+        if value is not None and _looks_like_credential(value.partition("=")[0]):
+            raise ConfigError(
+                f"--storage-option {value.partition('=')[0]}=… would send a credential to the cluster as job "
+                "metadata (visible to anyone who can list jobs); put it in the cluster's environment "
+                "(AWS_* variables, an instance role or a Kubernetes Secret) instead"
+            )
+    env_vars = dict((runtime_env or {}).get("env_vars") or {})
+    leaked = sorted(k for k in env_vars if _looks_like_credential(str(k)))
+    if leaked:
+        raise ConfigError(
+            f"runtime env variables {leaked} look like credentials; Ray keeps the runtime env as job metadata. "
+            "Give them to the cluster's environment (an instance role or a Kubernetes Secret) instead"
+        )
+
+
 def submit_job(
     address: str | None,
     entrypoint_args: Sequence[str],
@@ -448,6 +482,7 @@ def submit_job(
         raise ConfigError(f"poll_interval_s: must be > 0, got {poll_interval_s}")
     if stop_timeout_s < 0:
         raise ConfigError(f"stop_timeout_s: must be >= 0, got {stop_timeout_s}")
+    refuse_credentials(entrypoint_args, runtime_env)
     entrypoint = build_entrypoint(entrypoint_args, launcher)
     env = merged_runtime_env(runtime_env, working_dir)
     url = resolve_address(address)
