@@ -299,12 +299,6 @@ def test_fuzzed_npy_headers_are_refused_without_allocating(tmp_path: Path, heade
     assert _peak_rss_mib() - before < 512
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG trtcal/workers/batch_format.py:932 (_npy_mapping): `np.prod(shape, dtype=np.int64)` wraps around "
-    "for a header shape whose product exceeds 2**63, so the truncation check passes and `reshape` raises a bare "
-    "ValueError (not DataError). Use math.prod on Python ints.",
-)
 def test_npy_header_whose_shape_product_overflows_int64_is_a_data_error(tmp_path: Path) -> None:
     from trtcal.workers.batch_format import batch_from_numpy
 

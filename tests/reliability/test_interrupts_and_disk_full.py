@@ -270,11 +270,6 @@ def test_output_folder_on_a_full_disk_is_never_half_written(ray_local: Any, smal
     assert len(entries) == 1 and CacheStore(store_url).verify()[0].ok  # the store entry is whole
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG trtcal/orchestrator/dataset.py _copy_out (writing --output): ENOSPC escapes as a bare OSError, not a "
-    "TrtcalError naming the output folder and saying the disk is full; the CLI shows it as an unexpected error.",
-)
 def test_output_folder_on_a_full_disk_is_a_trtcal_error(ray_local: Any, small_disk: Path, tmp_path: Path) -> None:
     error, _output, _store_url = _calibrate_onto_full_output(ray_local, small_disk, tmp_path)
     assert isinstance(error, TrtcalError), repr(error)

@@ -554,6 +554,15 @@ def _copy_out(entry: Any, output: Path, trt_version: str, algorithms: Sequence[s
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return tuple(sorted(names))
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        from trtcal.errors import StorageError
+
+        raise StorageError(
+            f"cannot write the artifacts to --output {str(output)!r} ({exc.strerror or exc}); the store entry is "
+            "complete — free space (or fix permissions) and rerun, which copies it out without recomputing",
+            url=str(output),
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

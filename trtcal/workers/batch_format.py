@@ -29,6 +29,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import shutil
@@ -953,7 +954,7 @@ def _npy_mapping(path: str) -> tuple[_FileMapping, npt.NDArray[Any]]:
         mapping.close()
         raise DataError(f"{path} holds Python objects; calibration data must be a numeric array")
     offset = stream.tell()
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(int(d) for d in shape)  # Python ints: no int64 wrap-around on hostile headers
     if offset + count * dtype.itemsize > mapping.size:
         mapping.close()
         raise DataError(f"{path} is truncated: its header promises {shape} {dtype} but the file is shorter")
