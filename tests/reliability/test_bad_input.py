@@ -259,25 +259,6 @@ def batch_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=EDITS, cut=st.integers(0, 100))
-def test_fuzzed_arrow_batches_open_or_raise_trtcal_errors(batch_file: Path, tmp_path: Path, edits: list[Any], cut: int) -> None:
-    from trtcal.workers.batch_format import open_batch
-
-    data = _mutate(batch_file.read_bytes(), edits)
-    data = data[: max(1, len(data) * cut // 100)] if cut < 100 else data
-    path = tmp_path / "fuzzed.arrow"
-    path.write_bytes(data)
-    before = _peak_rss_mib()
-    try:
-        with open_batch(path) as batch:
-            batch.verify()
-            _ = batch.array(batch.input_names[0]).sum()
-    except TrtcalError:
-        pass
-    assert _peak_rss_mib() - before < 512
-
-
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(header=st.binary(max_size=120), dims=st.lists(st.integers(0, 2**20), min_size=0, max_size=3),
        dtype=st.sampled_from(["<f4", "|O", "<f8", "|V8", "<U4", "|b1", "<i8", "bogus"]))
 def test_fuzzed_npy_headers_are_refused_without_allocating(tmp_path: Path, header: bytes, dims: list[int], dtype: str) -> None:
@@ -521,3 +502,71 @@ def test_extreme_aspect_ratio_is_refused_not_resized_into_gigabytes(width: int) 
     code = _ASPECT_PROBE.format(root=str(REPO_ROOT), width=width)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.startswith("REFUSED"), result.stdout + result.stderr[-2000:]
+
+
+_BATCH_EDIT_SCAN = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from trtcal.errors import TrtcalError
+    from trtcal.workers.batch_format import open_batch
+    valid = Path({batch!r}).read_bytes()
+    folder = Path({folder!r})
+    escaped = {{}}
+    for offset in [*range(0, 1024), *range(len(valid) - 1024, len(valid))]:
+        for edit in (b"\\x00", b"\\xff", None):
+            path = folder / f"edit-{{offset}}-{{edit.hex() if edit else 'cut'}}.arrow"  # never rewrite a mapped file
+            path.write_bytes(valid[:offset] + edit + valid[offset + 1 :] if edit is not None else valid[:offset])
+            print(path.name, flush=True)  # the last name printed is the culprit if this process dies
+            try:
+                with open_batch(path) as batch:
+                    batch.verify()
+            except TrtcalError:
+                pass
+            except Exception as exc:
+                escaped.setdefault(f"{{type(exc).__name__}}: {{str(exc)[:60]}}", path.name)
+            path.unlink()
+    print("ESCAPED " + json.dumps(escaped))
+    """
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG trtcal/workers/batch_format.py:833 (_batch_from_ipc): the IPC record batch is used without "
+    "`validate(full=True)`, so one byte changed in a batch file crashes the whole process: byte 902 of this test's "
+    "batch set to 0xFF (a string offset of the sample_id column) makes `id_column.to_pylist()` read outside the "
+    "mapping -> SIGSEGV. Other single-byte edits escape as bare OSError ('Invalid flatbuffers message', 'File too "
+    "short', 'Read out of bounds', ...), ArrowInvalid or UnicodeDecodeError instead of DataError. Validate the "
+    "batch fully after reading it and wrap pa.ArrowException/OSError/UnicodeDecodeError in DataError.",
+)
+@pytest.mark.slow
+def test_every_single_byte_edit_of_a_batch_header_or_footer_is_a_trtcal_error(batch_file: Path, tmp_path: Path) -> None:
+    """Exhaustive and deterministic, in a child process (a crash must not take pytest down): each byte of
+    the first and last KiB set to 0x00 and to 0xFF, and the file cut there. Only trtcal's errors (or a
+    valid batch) may come out."""
+    code = _BATCH_EDIT_SCAN.format(root=str(REPO_ROOT), batch=str(batch_file), folder=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, f"the reader crashed (exit {result.returncode}) on {last}: {result.stderr[-1500:]}"
+    assert last == "ESCAPED {}", last
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG trtcal/workers/batch_format.py (_npy_mapping): a .npy header whose shape has a zero dimension next to "
+    "huge ones, e.g. (0, 2**62, 2**40), passes the size check (0 bytes) and numpy's reshape then raises a bare "
+    "ValueError ('array is too big' / 'cannot reshape array of size 0'). Refuse shapes whose non-zero dimensions "
+    "multiply past the index range (or any zero-row/zero-size .npy) with DataError.",
+)
+@pytest.mark.parametrize("shape", [(0, 2**62, 2**40), (2**40, 7, 2**40, 0)])
+def test_npy_with_a_zero_dimension_beside_huge_ones_is_a_data_error(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    from trtcal.workers.batch_format import batch_from_numpy
+
+    raw = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape!r}, }}".encode("latin-1")
+    raw += b" " * (63 - (len(raw) + 10) % 64) + b"\n"
+    path = tmp_path / "zero.npy"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(raw).to_bytes(2, "little") + raw + b"\x00" * 64)
+    with pytest.raises(DataError):
+        batch_from_numpy(str(path), input_name="input")
