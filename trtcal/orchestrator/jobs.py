@@ -513,15 +513,9 @@ def submit_job(
         with _translate_errors(url, "stop", job_id):
             client.stop_job(job_id)
         info = _wait_terminal(client, url, job_id, timeout_s=stop_timeout_s, poll_s=min(poll_interval_s, 0.5))
-        return JobResult(
-            job_id=job_id,
-            address=url,
-            entrypoint=entrypoint,
-            status=info.status,
-            message=info.message,
-            driver_exit_code=info.driver_exit_code,
-            interrupted=True,
-        )
+        interrupted = True
+    else:
+        interrupted = False
     return JobResult(
         job_id=job_id,
         address=url,
@@ -529,6 +523,7 @@ def submit_job(
         status=info.status,
         message=info.message,
         driver_exit_code=info.driver_exit_code,
+        interrupted=interrupted,
     )
 
 

@@ -417,6 +417,14 @@ def _providers(device: str) -> list[Any]:
 _FLOAT_ORT_TYPES = frozenset({"tensor(float)", "tensor(float16)", "tensor(double)"})
 
 
+def row_range(batch: CalibrationBatch, start: int, stop: int | None) -> tuple[int, int]:
+    """[start, stop) checked against the batch (stop None: to the end); shared by every runner."""
+    stop = batch.num_rows if stop is None else stop
+    if not (0 <= start <= stop <= batch.num_rows):
+        raise ConfigError(f"row range [{start}, {stop}) is outside the batch's {batch.num_rows} rows")
+    return start, stop
+
+
 class OnnxRuntimeRunner:
     """Runs the FP32 model with the selected tensors as extra outputs; collects statistics.
 
@@ -597,12 +605,6 @@ class OnnxRuntimeRunner:
         """Free the reused output buffers (about one micro-batch of activations)."""
         self._reuse = None
 
-    def _row_range(self, batch: CalibrationBatch, start: int, stop: int | None) -> tuple[int, int]:
-        stop = batch.num_rows if stop is None else stop
-        if not (0 <= start <= stop <= batch.num_rows):
-            raise ConfigError(f"row range [{start}, {stop}) is outside the batch's {batch.num_rows} rows")
-        return start, stop
-
     def collect_stats(
         self,
         batch: CalibrationBatch,
@@ -616,7 +618,7 @@ class OnnxRuntimeRunner:
     ) -> dict[str, TensorStats]:
         """Pass 1 over rows [start, stop): exact per-tensor stats (merge shards with `merge_stats`)."""
         layout = self.layout(batch)
-        start, stop = self._row_range(batch, start, stop)
+        start, stop = row_range(batch, start, stop)
         stats = {n: TensorStats() for n in self.tensor_names}
         progress.start(stage, stop - start, "sample")
         try:
@@ -648,7 +650,7 @@ class OnnxRuntimeRunner:
         if missing:
             raise ConfigError(f"hist_amax lacks tensors {missing[:5]}; run collect_stats over the whole batch first")
         layout = self.layout(batch)
-        start, stop = self._row_range(batch, start, stop)
+        start, stop = row_range(batch, start, stop)
         counts = {n: np.zeros(num_bins, dtype=np.int64) for n in self.tensor_names}
         progress.start(stage, stop - start, "sample")
         try:

@@ -43,6 +43,7 @@ from trtcal.runners.onnxruntime import (
     ModelInput,
     TensorSelection,
     load_model,
+    row_range,
     select_tensors,
 )
 
@@ -598,12 +599,6 @@ class _DeviceRunnerBase:
     def _forward(self, feeds: Mapping[str, Value]) -> Iterator[tuple[str, Value]]:
         raise NotImplementedError
 
-    def _row_range(self, batch: CalibrationBatch, start: int, stop: int | None) -> tuple[int, int]:
-        stop = batch.num_rows if stop is None else stop
-        if not (0 <= start <= stop <= batch.num_rows):
-            raise ConfigError(f"row range [{start}, {stop}) is outside the batch's {batch.num_rows} rows")
-        return start, stop
-
     def _micro_batches(
         self, batch: CalibrationBatch, start: int, stop: int, micro_batch: int
     ) -> Iterator[tuple[dict[str, Value], int]]:
@@ -634,7 +629,7 @@ class _DeviceRunnerBase:
         stage: str = "statistics",
     ) -> dict[str, TensorStats]:
         """Pass 1 over rows [start, stop): exact per-tensor stats (merge shards with `merge_stats`)."""
-        start, stop = self._row_range(batch, start, stop)
+        start, stop = row_range(batch, start, stop)
         collector = DeviceStatsCollector(self.tensor_names, device=self.device, backend=self.kernel_backend)
         progress.start(stage, stop - start, "sample")
         with fp32_exact(), _inference():
@@ -663,7 +658,7 @@ class _DeviceRunnerBase:
         missing = [n for n in self.tensor_names if n not in hist_amax]
         if missing:
             raise ConfigError(f"hist_amax lacks tensors {missing[:5]}; run collect_stats over the whole batch first")
-        start, stop = self._row_range(batch, start, stop)
+        start, stop = row_range(batch, start, stop)
         collector = DeviceHistogramCollector(
             {n: float(hist_amax[n]) for n in self.tensor_names},
             num_bins=num_bins,
