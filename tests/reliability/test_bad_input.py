@@ -532,15 +532,6 @@ _BATCH_EDIT_SCAN = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG trtcal/workers/batch_format.py:833 (_batch_from_ipc): the IPC record batch is used without "
-    "`validate(full=True)`, so one byte changed in a batch file crashes the whole process: byte 902 of this test's "
-    "batch set to 0xFF (a string offset of the sample_id column) makes `id_column.to_pylist()` read outside the "
-    "mapping -> SIGSEGV. Other single-byte edits escape as bare OSError ('Invalid flatbuffers message', 'File too "
-    "short', 'Read out of bounds', ...), ArrowInvalid or UnicodeDecodeError instead of DataError. Validate the "
-    "batch fully after reading it and wrap pa.ArrowException/OSError/UnicodeDecodeError in DataError.",
-)
 @pytest.mark.slow
 def test_every_single_byte_edit_of_a_batch_header_or_footer_is_a_trtcal_error(batch_file: Path, tmp_path: Path) -> None:
     """Exhaustive and deterministic, in a child process (a crash must not take pytest down): each byte of
@@ -553,13 +544,6 @@ def test_every_single_byte_edit_of_a_batch_header_or_footer_is_a_trtcal_error(ba
     assert last == "ESCAPED {}", last
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG trtcal/workers/batch_format.py (_npy_mapping): a .npy header whose shape has a zero dimension next to "
-    "huge ones, e.g. (0, 2**62, 2**40), passes the size check (0 bytes) and numpy's reshape then raises a bare "
-    "ValueError ('array is too big' / 'cannot reshape array of size 0'). Refuse shapes whose non-zero dimensions "
-    "multiply past the index range (or any zero-row/zero-size .npy) with DataError.",
-)
 @pytest.mark.parametrize("shape", [(0, 2**62, 2**40), (2**40, 7, 2**40, 0)])
 def test_npy_with_a_zero_dimension_beside_huge_ones_is_a_data_error(tmp_path: Path, shape: tuple[int, ...]) -> None:
     from trtcal.workers.batch_format import batch_from_numpy

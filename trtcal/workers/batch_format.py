@@ -798,6 +798,20 @@ def _batch_from_ipc(buffer: Any, source: str, mapping: _FileMapping | None, veri
     import pyarrow as pa
 
     try:
+        return _checked_batch_from_ipc(buffer, source, mapping, verify)
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        # A damaged file surfaces from pyarrow as ArrowInvalid/OSError ("Invalid flatbuffers message",
+        # "Read out of bounds") or as undecodable metadata: all the same problem for the user.
+        raise DataError(
+            f"{source} is not a readable calibration batch ({type(exc).__name__}: {str(exc)[:200]}); the file is damaged "
+            "or was not written by trtcal: rebuild it (trtcal batch build) or fetch it again"
+        ) from None
+
+
+def _checked_batch_from_ipc(buffer: Any, source: str, mapping: _FileMapping | None, verify: bool) -> CalibrationBatch:
+    import pyarrow as pa
+
+    try:
         reader = pa.ipc.open_file(pa.BufferReader(buffer))
     except pa.ArrowInvalid as exc:
         raise DataError(f"{source} is not an Arrow IPC file ({exc}); write batches with trtcal's BatchWriter") from None
@@ -820,6 +834,9 @@ def _batch_from_ipc(buffer: Any, source: str, mapping: _FileMapping | None, veri
     fingerprint = metadata[META_FINGERPRINT].decode("ascii", "replace")
     try:
         batch = reader.get_batch(0)
+        # Full validation bounds every offset before anything dereferences it: one flipped byte in a
+        # string offset would otherwise read outside the mapping (SIGSEGV), not raise.
+        batch.validate(full=True)
     except pa.ArrowInvalid as exc:
         raise DataError(f"{source}: the record batch is unreadable ({exc})") from None
     names = batch.schema.names
@@ -958,6 +975,9 @@ def _npy_mapping(path: str) -> tuple[_FileMapping, npt.NDArray[Any]]:
     if offset + count * dtype.itemsize > mapping.size:
         mapping.close()
         raise DataError(f"{path} is truncated: its header promises {shape} {dtype} but the file is shorter")
+    if count == 0 or any(int(d) > np.iinfo(np.intp).max for d in shape):
+        mapping.close()
+        raise DataError(f"{path} holds no values (shape {shape}); calibration data needs at least one row")
     arr = np.frombuffer(mapping.mmap, dtype=dtype, count=count, offset=offset)
     arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
     return mapping, arr
