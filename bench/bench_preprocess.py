@@ -3,9 +3,10 @@
 Both do the same work with the same library functions, in the same process tree, on the same
 synthetic ImageNet-like dataset (train/<wnid>/*.JPEG, 300-500 px per side, generated once into a
 temp dir and reused): list (sharded), select (seeded), read, decode (Pillow), transform
-(resize 256 / crop 224 / normalise / NCHW float32 for `imagenet`), write (the same BatchWriter:
-rows spooled in chunks, then sorted, fingerprinted and published as one record batch). Both
-batches must come out with the same fingerprint; the script checks it.
+(resize 256 / crop 224 / normalise / NCHW float32 for `imagenet`), write (the same
+PlannedBatchWriter: rows written to their place in the final file as they come, hashed and flushed
+in the background, then published as one record batch). Both batches must come out with the same
+fingerprint; the script checks it.
 
 The embedded Ray is started before the timed runs (its start-up is reported on its own line).
 
@@ -183,8 +184,9 @@ def parallel_ceiling(data: Path, spec: Any, workers: int, limit: int) -> dict[st
 
 
 def single_process(data: Path, output: Path, *, num_samples: int | None, seed: int, spec: Any, chunk: int) -> dict[str, Any]:
-    from trtcal.workers.batch_format import BatchWriter
-    from trtcal.workers.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_image, transform_image
+    from trtcal.workers.batch_format import InputInfo
+    from trtcal.workers.planned_writer import PlannedBatchWriter
+    from trtcal.workers.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_image, output_shape, transform_image
     from trtcal.workers.selection import select_samples
     from trtcal.workers.sources import (
         list_shard,
@@ -210,7 +212,11 @@ def single_process(data: Path, output: Path, *, num_samples: int | None, seed: i
     refs.sort(key=lambda r: r.sample_id)
     times["select"] = time.perf_counter() - t0
     document = {"preprocess": spec.to_dict(), "skipped_inputs": 0, "refused_entries": 0}
-    writer = BatchWriter(str(output), spec=document)
+    shape = output_shape(spec)
+    assert shape is not None, "the bench uses a cropping preset"
+    writer = PlannedBatchWriter(
+        str(output), sample_ids=[r.sample_id for r in refs], inputs=[InputInfo("input", shape, spec.dtype)], spec=document
+    )
     fs = dataset.filesystem()
     for start in range(0, len(refs), chunk):
         rows, ids = [], []

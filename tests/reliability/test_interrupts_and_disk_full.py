@@ -273,3 +273,16 @@ def test_output_folder_on_a_full_disk_is_never_half_written(ray_local: Any, smal
 def test_output_folder_on_a_full_disk_is_a_trtcal_error(ray_local: Any, small_disk: Path, tmp_path: Path) -> None:
     error, _output, _store_url = _calibrate_onto_full_output(ray_local, small_disk, tmp_path)
     assert isinstance(error, TrtcalError), repr(error)
+
+
+def test_a_planned_batch_larger_than_the_free_space_fails_before_any_row(small_disk: Path) -> None:
+    """PlannedBatchWriter reserves the whole file (posix_fallocate): a full disk is refused before
+    any preprocessing work is spent, and nothing is left on the disk."""
+    from trtcal.workers.batch_format import InputInfo
+    from trtcal.workers.planned_writer import PlannedBatchWriter
+
+    ids = [f"{i:09d}" for i in range(8)]
+    with pytest.raises(StorageError, match="space") as info:
+        PlannedBatchWriter(small_disk / "b.arrow", sample_ids=ids, inputs=[InputInfo("x", (3, 224, 224), "float32")], spec={})
+    assert str(small_disk / "b.arrow") in str(info.value)
+    assert [p for p in small_disk.rglob("*") if p.is_file()] == []

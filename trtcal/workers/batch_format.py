@@ -209,12 +209,25 @@ def compute_fingerprint(
     with a reworded spec keeps its fingerprint.
     """
     names = sorted(columns)
-    header = {
-        "num_rows": len(sample_ids),
-        "inputs": [
-            {"name": n, "shape": list(columns[n].shape[1:]), "dtype": np.dtype(columns[n].dtype).name} for n in names
-        ],
-    }
+    digest = fingerprint_digest(sample_ids, _inputs_of(columns))
+    for n in names:
+        arr = columns[n]
+        if arr.shape[0] != len(sample_ids):
+            raise DataError(f"input {n!r} has {arr.shape[0]} rows but there are {len(sample_ids)} sample ids")
+        row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+        rows_per_chunk = max(1, _HASH_CHUNK // max(row_bytes, 1))
+        for start in range(0, arr.shape[0], rows_per_chunk):
+            part = arr[start : start + rows_per_chunk]
+            digest.update(_le_bytes_view(part))
+            if _release is not None:
+                _release(part)
+    return "sha256:" + digest.hexdigest()
+
+
+def fingerprint_digest(sample_ids: Sequence[str], inputs: Sequence[InputInfo]) -> Any:
+    """A sha256 object fed with parts 1-3 of the fingerprint (see `compute_fingerprint`); the
+    caller feeds part 4, the values, in input-name order."""
+    header = {"num_rows": len(sample_ids), "inputs": [i.to_dict() for i in sorted(inputs, key=lambda i: i.name)]}
     header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     digest = hashlib.sha256()
     digest.update(FINGERPRINT_SCHEME.encode("utf-8") + b"\n")
@@ -228,18 +241,7 @@ def compute_fingerprint(
             digest.update(b"".join(id_chunk))
             id_chunk.clear()
     digest.update(b"".join(id_chunk))
-    for n in names:
-        arr = columns[n]
-        if arr.shape[0] != len(sample_ids):
-            raise DataError(f"input {n!r} has {arr.shape[0]} rows but there are {len(sample_ids)} sample ids")
-        row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
-        rows_per_chunk = max(1, _HASH_CHUNK // max(row_bytes, 1))
-        for start in range(0, arr.shape[0], rows_per_chunk):
-            part = arr[start : start + rows_per_chunk]
-            digest.update(_le_bytes_view(part))
-            if _release is not None:
-                _release(part)
-    return "sha256:" + digest.hexdigest()
+    return digest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +334,21 @@ def _write_ipc_file(
     """One record batch, columns in name order after sample_id, metadata, fsync."""
     import pyarrow as pa
 
+    batch = record_batch(sample_ids, columns, spec_json, fingerprint)
+    with open(local_path, "wb") as raw:
+        sink = pa.PythonFile(raw, mode="w")
+        with pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        raw.flush()
+        os.fsync(raw.fileno())
+
+
+def record_batch(
+    sample_ids: Sequence[str], columns: Mapping[str, npt.NDArray[Any]], spec_json: str, fingerprint: str
+) -> pa.RecordBatch:
+    """The one record batch of a calibration batch file; tensor values are not copied."""
+    import pyarrow as pa
+
     arrays: list[pa.Array] = [pa.array(list(sample_ids), type=pa.string())]
     names = [SAMPLE_ID_COLUMN]
     for name in sorted(columns):
@@ -351,13 +368,7 @@ def _write_ipc_file(
         META_FORMAT_VERSION: str(FORMAT_VERSION).encode("ascii"),
         META_FINGERPRINT: fingerprint.encode("ascii"),
     }
-    batch = batch.replace_schema_metadata(metadata)
-    with open(local_path, "wb") as raw:
-        sink = pa.PythonFile(raw, mode="w")
-        with pa.ipc.new_file(sink, batch.schema) as writer:
-            writer.write_batch(batch)
-        raw.flush()
-        os.fsync(raw.fileno())
+    return batch.replace_schema_metadata(metadata)
 
 
 def _inputs_of(columns: Mapping[str, npt.NDArray[Any]]) -> tuple[InputInfo, ...]:

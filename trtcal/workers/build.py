@@ -8,10 +8,12 @@ Stages (each a set of Ray tasks, at most `workers` in flight, consumed with ray.
 2. select   the driver draws positions (`selection.select_samples`: sorted, seeded PCG64) and one
             task per shard turns them into sample references.
 3. process  chunks of samples, sorted by id, are read, decoded and transformed by tasks
-            (`preprocess`); each result streams into the `BatchWriter` (spooled to disk, rows placed
-            by sample id), so the driver holds about `workers` chunks at a time.
-4. write    the writer sorts, fingerprints and publishes the one record batch atomically (a temp
-            name then a rename locally, one PUT on object stores).
+            (`preprocess`); each result goes straight to its rows' place in the final Arrow file
+            (`PlannedBatchWriter`: the ids are known, so is the layout), which is hashed and
+            flushed in the background, so the driver holds about `workers` chunks at a time.
+4. write    the writer writes the metadata, fsyncs and publishes the one record batch atomically
+            (a temp name then a rename locally, one PUT on object stores). Skipped inputs leave
+            holes: the rows that came are then rewritten once.
 
 A task whose worker dies (SIGKILL, OOM) is retried by Ray (`max_retries`); a chunk's result is a
 pure function of its samples, so a retry changes nothing in the batch. Bad inputs become
@@ -35,6 +37,8 @@ import numpy.typing as npt
 
 from trtcal.errors import ConfigError, DataError, TrtcalError, WorkerError
 from trtcal.progress import NO_PROGRESS, ProgressCallback
+from trtcal.workers.batch_format import InputInfo
+from trtcal.workers.planned_writer import PlannedBatchWriter
 from trtcal.workers.preprocess import (
     DEFAULT_MAX_IMAGE_PIXELS,
     InputRejected,
@@ -298,22 +302,6 @@ def _process_task(
 
 # ---------------------------------------------------------------------------------------------
 # The driver
-
-
-class _BuildBatchWriter:
-    """BatchWriter whose spec is completed just before publishing (the skipped count is known only
-    then). Uses BatchWriter's private `_spec_json`: see the report to the batch-format owner."""
-
-    def __init__(self, output_url: str, storage_options: Mapping[str, Any]) -> None:
-        from trtcal.workers.batch_format import BatchWriter
-
-        self.writer = BatchWriter(output_url, spec={}, **dict(storage_options))
-
-    def close_with_spec(self, spec: Mapping[str, Any]) -> Any:
-        from trtcal.workers.batch_format import canonical_spec_json
-
-        self.writer._spec_json = canonical_spec_json(spec)
-        return self.writer.close()
 
 
 def _as_spec(preprocess: PreprocessSpec | str) -> PreprocessSpec:
@@ -604,12 +592,24 @@ def _build(
     state: dict[str, Any] = {"expected": expected}
 
     t_process = time.perf_counter()
-    writer = _BuildBatchWriter(output_url, out_options)
+    document = {"preprocess": spec.to_dict(), "skipped_inputs": 0, "refused_entries": len(refused)}
+    writer: PlannedBatchWriter | None = None
+
+    def open_writer(signature: Any) -> PlannedBatchWriter:
+        # Every row has its place from the start: the writer reserves the whole file now (a full
+        # disk fails here) and hashes and flushes while the workers run.
+        return PlannedBatchWriter(
+            output_url, sample_ids=[r.sample_id for r in refs],
+            inputs=[InputInfo(name, shape, dtype) for name, shape, dtype in signature], spec=document, **dict(out_options),
+        )
+
     try:
+        if expected is not None:
+            writer = open_writer(expected)
         progress.start("preprocess", total=len(refs), unit="img")
 
         def on_chunk(chunk: list[SampleRef], result: _ChunkResult) -> None:
-            nonlocal write_seconds
+            nonlocal write_seconds, writer
             for key, value in result.timings.items():
                 worker_seconds[key] = worker_seconds.get(key, 0.0) + value
             for sample_id, path, reason, detail in result.rejected:
@@ -625,7 +625,9 @@ def _build(
                 if skipped and not skip:
                     continue  # the build will fail: do not spool rows for nothing
                 t_write = time.perf_counter()
-                writer.writer.write(arrays, ids)
+                if writer is None:
+                    writer = open_writer(signature)
+                writer.write(arrays, ids)
                 write_seconds += time.perf_counter() - t_write
             progress.advance("preprocess", len(chunk))
 
@@ -648,29 +650,26 @@ def _build(
                 f"cannot build a calibration batch from {dataset.display_url}", skipped,
                 "Fix or remove these files, or pass on_bad_input='skip' (--on-bad-input skip) to leave them out.",
             ))
-        if writer.writer.num_rows == 0:
+        if writer is None or writer.num_rows == 0:
             raise DataError(_bad_input_message(
                 f"no valid samples remain in {dataset.display_url} (all {len(refs)} selected were bad)",
                 skipped, "Check the dataset and the preprocessing.",
             ))
         if skipped:
             warnings.append(
-                f"{len(skipped)} of {len(refs)} selected inputs were skipped; the batch holds {writer.writer.num_rows}"
+                f"{len(skipped)} of {len(refs)} selected inputs were skipped; the batch holds {writer.num_rows}"
                 + (f" instead of {config.num_samples}" if config.num_samples is not None else "")
             )
-        document = {
-            "preprocess": spec.to_dict(),
-            "skipped_inputs": len(skipped),
-            "refused_entries": len(refused),
-        }
+        document["skipped_inputs"] = len(skipped)
         t_close = time.perf_counter()
         progress.start("write", total=1, unit="batch")
-        info = writer.close_with_spec(document)
+        info = writer.close(spec=document)
         progress.advance("write")
         progress.finish("write")
         wall["write"] = write_seconds + (time.perf_counter() - t_close)
     except BaseException:
-        writer.writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
     for message in warnings:
         logger.warning("%s", message)
