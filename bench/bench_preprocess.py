@@ -186,7 +186,12 @@ def parallel_ceiling(data: Path, spec: Any, workers: int, limit: int) -> dict[st
 def single_process(data: Path, output: Path, *, num_samples: int | None, seed: int, spec: Any, chunk: int) -> dict[str, Any]:
     from trtcal.workers.batch_format import InputInfo
     from trtcal.workers.planned_writer import PlannedBatchWriter
-    from trtcal.workers.preprocess import DEFAULT_MAX_IMAGE_PIXELS, decode_image, output_shape, transform_image
+    from trtcal.workers.preprocess import (
+        DEFAULT_MAX_IMAGE_PIXELS,
+        decode_image,
+        output_shape,
+        transform_image,
+    )
     from trtcal.workers.selection import select_samples
     from trtcal.workers.sources import (
         list_shard,
@@ -336,8 +341,8 @@ def main() -> int:
         ("read", s["read"], None, f"{w['read']:.2f} worker-s"),
         ("decode", s["decode"], None, f"{w['decode']:.2f} worker-s"),
         ("transform", s["transform"], None, f"{w['transform']:.2f} worker-s"),
-        ("read+decode+transform+spool", s_process, r["process"], "Ray: wall, rows streamed into the writer"),
-        ("write (spool + sort/hash/publish)", s["write"], r_publish, "Ray: driver spool time + publish"),
+        ("read+decode+transform+place rows", s_process, r["process"], "Ray: wall, rows placed in the final file as they come"),
+        ("write (place rows + finish hash, fsync, publish)", s["write"], r_publish, "Ray: driver pwrite time + close"),
         ("total", s["total"], r["total"], ""),
     ]
     print()
@@ -352,7 +357,7 @@ def main() -> int:
     print()
     print(f"images/s end to end (list .. published batch): single {end_to_end[0]:.1f}, Ray {end_to_end[1]:.1f} "
           f"-> {end_to_end[1] / end_to_end[0]:.2f}x")
-    print(f"images/s list .. transform (rows streamed into the spool, before the one-batch publish): "
+    print(f"images/s list .. transform (rows placed in the file, before the close that publishes it): "
           f"single {through_transform[0]:.1f}, Ray {through_transform[1]:.1f} -> "
           f"{through_transform[1] / through_transform[0]:.2f}x")
     print(f"parallel ceiling (decode+transform only, {ceiling['images']} images, {args.workers} plain processes vs 1, "
