@@ -6,7 +6,7 @@
     trtcal batch show BATCH_URL [--json] [--no-verify]
 
 S3 credentials and endpoints come from the usual AWS environment variables (AWS_ENDPOINT_URL
-included) or `--storage-option key=value`.
+included) or `--storage-option KEY=VALUE`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from trtcal.errors import ConfigError
+from trtcal.cli._options import add_storage_option, parse_storage_options
 
 __all__ = ["register", "build_config_from_args", "run_build", "run_show"]
 
@@ -60,9 +60,7 @@ def register(subparsers: Any) -> None:
     build.add_argument("--stratify", action="store_true", default=None, help="draw evenly per class folder / label")
     build.add_argument("--input-name", metavar="NAME", help="the model input the arrays feed (default: input)")
     build.add_argument("--max-image-pixels", type=int, metavar="N", help="decompression-bomb limit per image")
-    build.add_argument(
-        "--storage-option", action="append", metavar="KEY=VALUE", help="fsspec option for the dataset and output; repeatable"
-    )
+    add_storage_option(build, what="the dataset and the output")
     build.add_argument("--report-json", metavar="FILE", help="write the build report (skipped files, timings) as JSON")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.set_defaults(func=run_build)
@@ -71,30 +69,8 @@ def register(subparsers: Any) -> None:
     show.add_argument("batch", metavar="BATCH_URL")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.add_argument("--no-verify", action="store_true", help="do not recompute the fingerprint")
-    show.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec option; repeatable")
+    add_storage_option(show, what="the batch")
     show.set_defaults(func=run_show)
-
-
-def _storage_options(pairs: list[str] | None) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--storage-option must be KEY=VALUE, got {pair!r}")
-        if key == "endpoint_url":
-            options.setdefault("client_kwargs", {})["endpoint_url"] = value
-        else:
-            options[key] = _option_value(value)
-    return options
-
-
-def _option_value(text: str) -> Any:
-    """'true'/'false'/numbers as JSON values (s3fs wants anon=False, not the string 'false'); else the text."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return text
-    return value if isinstance(value, (bool, int, float)) else text
 
 
 def build_config_from_args(args: argparse.Namespace) -> Any:
@@ -132,7 +108,7 @@ def run_build(args: argparse.Namespace) -> int:
     progress = TqdmProgress(enabled=not args.no_progress and not getattr(args, "quiet", False))
     report = build_batch_from_config(
         args.data, args.output, config, address=args.address, progress=progress,
-        storage_options=_storage_options(args.storage_option),
+        storage_options=parse_storage_options(args.storage_option),
     )
     if args.report_json:
         with open(args.report_json, "w", encoding="utf-8") as f:
@@ -159,7 +135,7 @@ def run_build(args: argparse.Namespace) -> int:
 def run_show(args: argparse.Namespace) -> int:
     from trtcal.workers.batch_format import FINGERPRINT_SCHEME, open_batch
 
-    with open_batch(args.batch, verify=not args.no_verify, **_storage_options(args.storage_option)) as batch:
+    with open_batch(args.batch, verify=not args.no_verify, **parse_storage_options(args.storage_option)) as batch:
         inputs = [info.to_dict() for info in batch.inputs.values()]
         spec = dict(batch.spec)
         description = {

@@ -18,13 +18,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from trtcal.cli._options import add_storage_option, parse_storage_options
 from trtcal.errors import ConfigError, CorruptEntryError, StorageError
 
 log = logging.getLogger(__name__)
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SECRET_OPTION = re.compile(r"(^|_)(key|secret|token|password)($|_)", re.IGNORECASE)
 _NOISY_LOGGERS = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "aiohttp", "asyncio")
 
 
@@ -51,47 +51,10 @@ def parse_moment(text: str, now: datetime | None = None) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def parse_storage_options(pairs: Sequence[str] | None) -> dict[str, Any]:
-    """`k=v` pairs; dotted keys nest (`client_kwargs.region_name=eu-west-1`); JSON objects, lists,
-    booleans and integers are decoded, except for credential options, which stay strings."""
-    options: dict[str, Any] = {}
-    for pair in pairs or ():
-        name, sep, raw = pair.partition("=")
-        if not sep or not name or any(not part for part in name.split(".")):
-            raise ConfigError(f"--storage-option {name or pair!r}: expected KEY=VALUE")
-        value: Any = raw
-        leaf = name.rsplit(".", 1)[-1]
-        if not _SECRET_OPTION.search(leaf):
-            if raw[:1] in "{[" and raw:
-                try:
-                    value = json.loads(raw)
-                except json.JSONDecodeError:
-                    raise ConfigError(f"--storage-option {name}: value is not valid JSON") from None
-            elif raw in ("true", "false"):
-                value = raw == "true"
-            elif re.fullmatch(r"-?\d+", raw):
-                value = int(raw)
-        target = options
-        parts = name.split(".")
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise ConfigError(f"--storage-option {name}: {part} is already set to a plain value")
-        target[parts[-1]] = value
-    return options
-
-
 def _add_store_arguments(parser: argparse.ArgumentParser, *, read_from: bool) -> None:
     parser.add_argument("store", metavar="STORE", help="store root: local path, s3://bucket/prefix, memory://name")
     parser.add_argument("--namespace", default=None, help="namespace (e.g. a team); ls/verify/gc: filter (all when omitted)")
-    parser.add_argument(
-        "--storage-option",
-        dest="storage_options",
-        action="append",
-        default=None,
-        metavar="KEY=VALUE",
-        help="fsspec/s3fs option, repeatable (endpoint_url=…, key=…, client_kwargs.region_name=…)",
-    )
+    add_storage_option(parser, dest="storage_options")
     parser.add_argument("--json", action="store_true", default=None, help="machine-readable output")
     if read_from:
         parser.add_argument(

@@ -4,7 +4,8 @@ Runs `trtcal.orchestrator.dataset.calibrate_dataset`: a store hit copies the art
 preprocesses the dataset on Ray workers (or takes a prepared .arrow/.npy/.npz batch), calibrates in
 the calibration actor and publishes. Progress bars per stage go to stderr (on a terminal), the final
 table (or `--json`) to stdout; errors are one paragraph on stderr (with `--json`, also a JSON
-object `{"error": {"type", "message"}}` on stdout), the traceback only with -v.
+object `{"error": {"type", "message"}}` on stdout, plus `"internal": true` for a bug in trtcal), the
+traceback only with -v.
 
 The argument groups are built by functions (`add_calibration_arguments`, `add_data_arguments`,
 `add_job_arguments`) so other commands reuse them. Options default to None: `JobConfig` and
@@ -19,6 +20,7 @@ import json
 import sys
 from typing import Any
 
+from trtcal.cli._options import add_storage_option, parse_storage_options
 from trtcal.errors import ConfigError, TrtcalError
 
 __all__ = ["register", "add_calibration_arguments", "add_data_arguments", "add_job_arguments", "config_from_args", "job_config_from_args", "run"]
@@ -112,19 +114,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                        help="other stores searched (read-only) before computing; repeat")
     store.add_argument("--namespace", default=None, help="store namespace (e.g. your team)")
     store.add_argument("--read-only", action="store_true", default=None, help="never write to the store")
-    store.add_argument("--storage-option", action="append", default=None, metavar="KEY=VALUE",
-                       help="fsspec option for the store and dataset, e.g. endpoint_url=http://…; repeat")
+    add_storage_option(store, what="the store and the dataset")
     store.add_argument("--no-qdq", action="store_true", default=None, help="do not export the Q/DQ ONNX model")
-
-
-def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--storage-option {item!r} must look like KEY=VALUE")
-        options[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return options
 
 
 def job_config_from_args(args: argparse.Namespace) -> Any:
@@ -243,9 +234,15 @@ def run(args: argparse.Namespace) -> int:
         config = job_config_from_args(args)
         with json_only_stdout(args.json):
             result = calibrate_dataset(args.model, args.data, config=config, progress=LabelledProgress(bars))
-    except TrtcalError as exc:
+    except Exception as exc:
         if args.json:  # machines get the error on stdout too; the paragraph still goes to stderr
-            json.dump({"error": {"type": type(exc).__name__, "message": str(exc)}}, sys.stdout, indent=2, sort_keys=True)
+            from trtcal.cli import scrubber_for
+
+            scrub = scrubber_for(args)  # the same masking as the paragraph on stderr
+            error: dict[str, Any] = {"type": type(exc).__name__, "message": scrub(exc)}
+            if not isinstance(exc, TrtcalError):  # a bug in trtcal: one line, like the paragraph
+                error.update(message=scrub(" ".join(str(exc).split())), internal=True)
+            json.dump({"error": error}, sys.stdout, indent=2, sort_keys=True)
             sys.stdout.write("\n")
         raise
     if args.json:

@@ -988,7 +988,7 @@ def _npy_mapping(path: str) -> tuple[_FileMapping, npt.NDArray[Any]]:
         raise DataError(f"{path} is truncated: its header promises {shape} {dtype} but the file is shorter")
     if count == 0 or any(int(d) > np.iinfo(np.intp).max for d in shape):
         mapping.close()
-        raise DataError(f"{path} holds no values (shape {shape}); calibration data needs at least one row")
+        raise DataError(f"{path} holds no rows with values (shape {shape}); calibration needs at least one sample")
     arr = np.frombuffer(mapping.mmap, dtype=dtype, count=count, offset=offset)
     arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
     return mapping, arr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trtcal.cli import build_parser
-from trtcal.cli.cmd_batch import _storage_options, build_config_from_args
+from trtcal.cli.cmd_batch import build_config_from_args
 from trtcal.errors import ConfigError
 from trtcal.workers.build import BatchBuildConfig
 from trtcal.workers.preprocess import PRESETS, preset
@@ -43,8 +43,9 @@ def test_bad_values_are_config_errors(extra):
 
 
 def test_storage_options():
-    assert _storage_options(["anon=false", "key=abc", "default_block_size=1024", "endpoint_url=http://127.0.0.1:9000"]) == {
-        "anon": False, "key": "abc", "default_block_size": 1024, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}
-    }
-    with pytest.raises(ConfigError):
-        _storage_options(["novalue"])
+    """`batch` parses --storage-option like every other subcommand (tests/unit/cli/test_storage_options.py)."""
+    from trtcal.cli._options import parse_storage_options
+
+    args = build_parser().parse_args(["batch", "show", "b.arrow", "--storage-option", "anon=false",
+                                      "--storage-option", "endpoint_url=http://127.0.0.1:9000"])
+    assert parse_storage_options(args.storage_option) == {"anon": False, "endpoint_url": "http://127.0.0.1:9000"}
