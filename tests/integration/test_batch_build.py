@@ -63,6 +63,7 @@ def test_same_bytes_for_1_2_and_4_workers(ray_local, photo_dataset, tmp_path):
         out = tmp_path / f"w{workers}.arrow"
         report = _build(photo_dataset, out, workers=workers, progress=progress)
         assert report.num_rows == NUM_SAMPLES and report.workers == workers and report.skipped == ()
+        assert report.worker_seconds["write"] > 0  # same node: the tasks wrote their rows into the file
         outputs[workers] = out.read_bytes()
     assert outputs[1] == outputs[2] == outputs[4]
     _no_leftovers(tmp_path, {"w1.arrow", "w2.arrow", "w4.arrow"})

@@ -38,7 +38,7 @@ import numpy.typing as npt
 from trtcal.errors import ConfigError, DataError, TrtcalError, WorkerError
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 from trtcal.workers.batch_format import InputInfo
-from trtcal.workers.planned_writer import PlannedBatchWriter
+from trtcal.workers.planned_writer import PlannedBatchWriter, RowPlacement
 from trtcal.workers.preprocess import (
     DEFAULT_MAX_IMAGE_PIXELS,
     InputRejected,
@@ -227,18 +227,34 @@ class _ChunkResult:
     groups: list[tuple[list[str], dict[str, npt.NDArray[Any]]]]
     rejected: list[tuple[str, str, str, str]]  # (sample_id, path, reason, detail)
     timings: dict[str, float]
+    placed: list[str] = field(default_factory=list)  # ids the task wrote into the batch file itself
 
 
 def _signature(arrays: Mapping[str, npt.NDArray[Any]]) -> tuple[tuple[str, tuple[int, ...], str], ...]:
     return tuple((name, tuple(int(d) for d in a.shape), a.dtype.name) for name, a in sorted(arrays.items()))
 
 
+def _on_node(node: str) -> bool:
+    """Whether this task runs on the Ray node `node` (so it sees the driver's files)."""
+    try:
+        import ray
+
+        return bool(ray.get_runtime_context().get_node_id() == node)
+    except Exception:  # not inside Ray
+        return False
+
+
 def _process_task(
-    dataset: Dataset, refs: Sequence[SampleRef], spec: PreprocessSpec, input_name: str, max_pixels: int
+    dataset: Dataset, refs: Sequence[SampleRef], spec: PreprocessSpec, input_name: str, max_pixels: int,
+    place: RowPlacement | None = None, first_row: int = 0,
 ) -> _ChunkResult:
-    """Read, decode and transform one chunk of samples; never raises for a bad input."""
+    """Read, decode and transform one chunk of samples; never raises for a bad input.
+
+    With `place` (the batch file's layout) and on the driver's node, valid rows are written straight
+    into the batch file at ``first_row + their index in refs`` and only their ids go back.
+    """
     fs = dataset.filesystem()
-    timings = {"read": 0.0, "decode": 0.0, "transform": 0.0}
+    timings = {"read": 0.0, "decode": 0.0, "transform": 0.0, "write": 0.0}
     rows: list[tuple[str, dict[str, npt.NDArray[Any]]]] = []
     rejected: list[tuple[str, str, str, str]] = []
 
@@ -297,7 +313,23 @@ def _process_task(
     stacked = [
         (ids, {name: np.stack([m[name] for m in members]) for name in members[0]}) for ids, members in groups.values()
     ]
-    return _ChunkResult(groups=stacked, rejected=rejected, timings=timings)
+    placed: list[str] = []
+    if place is not None and stacked and _on_node(place.node):
+        t0 = time.perf_counter()
+        position = {ref.sample_id: first_row + k for k, ref in enumerate(refs)}
+        kept = []
+        for ids, arrays in stacked:
+            if place.accepts(arrays):
+                try:
+                    place.write_rows([position[s] for s in ids], arrays)
+                    placed.extend(ids)
+                    continue
+                except OSError:
+                    pass  # the driver writes these rows instead (and reports any error)
+            kept.append((ids, arrays))
+        stacked = kept
+        timings["write"] += time.perf_counter() - t0
+    return _ChunkResult(groups=stacked, rejected=rejected, timings=timings, placed=placed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,6 +442,10 @@ class _Runner:
         self.list_task = ray.remote(_list_task).options(num_returns=2, **options)
         self.resolve_task = ray.remote(_resolve_task).options(**options)
         self.process_task = ray.remote(_process_task).options(**options)
+        try:
+            self.node_id: str | None = ray.get_runtime_context().get_node_id()
+        except Exception:  # pragma: no cover - a driver outside any node: rows travel back
+            self.node_id = None
 
     def map_unordered(
         self, submit: Callable[[Any], Any], items: Iterable[Any], on_result: Callable[[Any, Any], None]
@@ -487,8 +523,9 @@ def _bad_input_message(what: str, bad: Sequence[BadInput], advice: str) -> str:
     return f"{what}: {len(bad)} bad input(s) ({summary}):\n" + "\n".join(lines) + f"\n{advice}"
 
 
-def _chunks(refs: Sequence[SampleRef], size: int) -> list[list[SampleRef]]:
-    return [list(refs[i : i + size]) for i in range(0, len(refs), size)]
+def _chunks(refs: Sequence[SampleRef], size: int) -> list[tuple[int, list[SampleRef]]]:
+    """(position of the first row in sorted id order, the chunk's refs)."""
+    return [(i, list(refs[i : i + size])) for i in range(0, len(refs), size)]
 
 
 def _build(
@@ -608,7 +645,7 @@ def _build(
             writer = open_writer(expected)
         progress.start("preprocess", total=len(refs), unit="img")
 
-        def on_chunk(chunk: list[SampleRef], result: _ChunkResult) -> None:
+        def on_chunk(item: tuple[int, list[SampleRef]], result: _ChunkResult) -> None:
             nonlocal write_seconds, writer
             for key, value in result.timings.items():
                 worker_seconds[key] = worker_seconds.get(key, 0.0) + value
@@ -629,11 +666,16 @@ def _build(
                     writer = open_writer(signature)
                 writer.write(arrays, ids)
                 write_seconds += time.perf_counter() - t_write
-            progress.advance("preprocess", len(chunk))
+            if result.placed:
+                assert writer is not None
+                writer.mark_written(result.placed)
+            progress.advance("preprocess", len(item[1]))
 
-        submit = lambda chunk: run.process_task.remote(  # noqa: E731
-            dataset, chunk, spec, config.input_name, config.max_image_pixels
-        )
+        def submit(item: tuple[int, list[SampleRef]]) -> Any:
+            place = None if writer is None or run.node_id is None else writer.placement(run.node_id)
+            first_row, chunk = item
+            return run.process_task.remote(dataset, chunk, spec, config.input_name, config.max_image_pixels, place, first_row)
+
         remaining = chunks
         if state["expected"] is None:
             # The batch's shape is that of the first valid sample in id order: probe chunk by chunk.

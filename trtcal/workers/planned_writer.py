@@ -52,7 +52,7 @@ from trtcal.workers.batch_format import (
     validate_sample_ids,
 )
 
-__all__ = ["PlannedBatchWriter"]
+__all__ = ["PlannedBatchWriter", "RowPlacement"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,62 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done : done + _PWRITE_MAX], offset + done)
 
 
+def _runs(rows: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
+    """(start, stop) index ranges of `rows` whose values are consecutive: one pwrite each."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate(([0], breaks)).tolist()
+    stops = np.concatenate((breaks, [len(rows)])).tolist()
+    return list(zip(starts, stops))
+
+
+def _little_endian_rows(arr: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    arr = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
+    return arr.reshape(arr.shape[0], -1).view(np.uint8)
+
+
+def _write_rows(
+    fd: int, rows: npt.NDArray[np.int64], columns: Mapping[str, npt.NDArray[Any]],
+    values_offset: Mapping[str, int], row_bytes: Mapping[str, int],
+) -> None:
+    for name, arr in columns.items():
+        data = _little_endian_rows(arr)
+        for a, b in _runs(rows):
+            _pwrite_all(fd, data[a:b].reshape(-1).data, values_offset[name] + int(rows[a]) * row_bytes[name])
+
+
+@dataclass(frozen=True)
+class RowPlacement:
+    """Where rows go in a `PlannedBatchWriter`'s temp file, for processes on the same machine.
+
+    Picklable: a worker that can see `path` writes its rows itself (`write_rows`) and tells the
+    writer which ids it wrote (`PlannedBatchWriter.mark_written`); the rows then never travel
+    through the driver. `node` is an opaque tag the caller uses to tell whether a worker shares
+    the file system (e.g. Ray's node id).
+    """
+
+    path: str
+    node: str
+    inputs: tuple[InputInfo, ...]
+    values_offset: Mapping[str, int]
+    row_bytes: Mapping[str, int]
+
+    def accepts(self, arrays: Mapping[str, npt.NDArray[Any]]) -> bool:
+        """Whether rows of these arrays have this batch's inputs, shapes and dtypes."""
+        if set(arrays) != {i.name for i in self.inputs}:
+            return False
+        return all(
+            arrays[i.name].shape[1:] == i.shape and arrays[i.name].dtype == np.dtype(i.dtype) for i in self.inputs
+        )
+
+    def write_rows(self, rows: Sequence[int], arrays: Mapping[str, npt.NDArray[Any]]) -> None:
+        """Write rows at these row indices (positions in sorted id order). Raises OSError."""
+        fd = os.open(self.path, os.O_WRONLY)  # never creates: the file belongs to the writer
+        try:
+            _write_rows(fd, np.asarray(rows, dtype=np.int64), arrays, self.values_offset, self.row_bytes)
+        finally:
+            os.close(fd)
+
+
 class PlannedBatchWriter:
     """Writes rows straight to their place in the final Arrow file; see the module docstring.
 
@@ -246,18 +302,9 @@ class PlannedBatchWriter:
 
     def write(self, arrays: Mapping[str, npt.ArrayLike], sample_ids: Sequence[str]) -> None:
         """Place rows (any order relative to other calls); every id must be one of the planned ones."""
-        if self._state != "open":
-            raise ConfigError(f"PlannedBatchWriter for {self._target.url!r} is {self._state}; create a new one")
-        self._raise_thread_error()
-        ids = list(sample_ids)
+        rows, ids = self._rows_of(sample_ids)
         if not ids:
             return
-        try:
-            rows = np.fromiter((self._position[s] for s in ids), dtype=np.int64, count=len(ids))
-        except KeyError as exc:
-            raise DataError(f"sample id {exc.args[0]!r:.80} is not one of the batch's planned ids") from None
-        except TypeError:
-            raise DataError("sample ids must be strings") from None
         if set(arrays) != set(self._written):
             raise DataError(f"rows carry inputs {sorted(arrays)}; the batch has {sorted(self._written)}")
         columns = {}
@@ -268,27 +315,48 @@ class PlannedBatchWriter:
                     f"input {info.name!r}: rows of shape {list(arr.shape[1:])} {arr.dtype} do not match the batch's "
                     f"{list(info.shape)} {info.dtype}"
                 )
-            if self._written[info.name][rows].any() or len(np.unique(rows)) != len(rows):
-                raise DataError(f"sample id {ids[0]!r:.80}...: rows were already written; sample ids must be unique")
-            columns[info.name] = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
-        # Runs of consecutive rows become one pwrite each.
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        starts = np.concatenate(([0], breaks))
-        stops = np.concatenate((breaks, [len(rows)]))
+            columns[info.name] = arr
         try:
-            for info in self._inputs:
-                data = columns[info.name].reshape(len(ids), -1).view(np.uint8)
-                row_bytes = self._row_bytes[info.name]
-                base = self._layout.values_offset[info.name]
-                for a, b in zip(starts.tolist(), stops.tolist()):
-                    _pwrite_all(self._fd, data[a:b].reshape(-1).data, base + int(rows[a]) * row_bytes)
+            _write_rows(self._fd, rows, columns, self._layout.values_offset, self._row_bytes)
         except OSError as exc:
             self.abort()
             raise _as_storage_error(exc, self._target.url) from exc
+        self._mark(rows)
+
+    def placement(self, node: str) -> RowPlacement:
+        """What a process on this machine needs to write rows itself (see `RowPlacement`)."""
+        return RowPlacement(
+            path=self._target.tmp_path, node=node, inputs=self._inputs,
+            values_offset=dict(self._layout.values_offset), row_bytes=dict(self._row_bytes),
+        )
+
+    def mark_written(self, sample_ids: Sequence[str]) -> None:
+        """Record rows that another process wrote through `placement()`."""
+        rows, ids = self._rows_of(sample_ids)
+        if ids:
+            self._mark(rows)
+
+    def _rows_of(self, sample_ids: Sequence[str]) -> tuple[npt.NDArray[np.int64], list[str]]:
+        if self._state != "open":
+            raise ConfigError(f"PlannedBatchWriter for {self._target.url!r} is {self._state}; create a new one")
+        self._raise_thread_error()
+        ids = list(sample_ids)
+        try:
+            rows = np.fromiter((self._position[s] for s in ids), dtype=np.int64, count=len(ids))
+        except KeyError as exc:
+            raise DataError(f"sample id {exc.args[0]!r:.80} is not one of the batch's planned ids") from None
+        except TypeError:
+            raise DataError("sample ids must be strings") from None
+        first = self._written[self._inputs[0].name]
+        if len(np.unique(rows)) != len(rows) or first[rows].any():
+            raise DataError(f"sample id {ids[0]!r:.80}...: rows were already written; sample ids must be unique")
+        return rows, ids
+
+    def _mark(self, rows: npt.NDArray[np.int64]) -> None:
         with self._cond:
             for info in self._inputs:
                 self._written[info.name][rows] = True
-            self._bytes_written += sum(len(ids) * self._row_bytes[i.name] for i in self._inputs)
+            self._bytes_written += sum(len(rows) * self._row_bytes[i.name] for i in self._inputs)
             self._cond.notify_all()
 
     # -- background work
