@@ -82,13 +82,57 @@ def test_fingerprint_follows_the_documented_procedure() -> None:
         ],
     }
     header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    h = hashlib.sha256(FINGERPRINT_SCHEME.encode() + b"\n")
+    assert FINGERPRINT_SCHEME == "trtcal-batch-sha256-v2"
+    h = hashlib.sha256(b"trtcal-batch-sha256-v2\n")
     h.update(struct.pack("<Q", len(header_bytes)) + header_bytes)
     for s in ids:
         h.update(struct.pack("<Q", len(s.encode())) + s.encode())
-    h.update(arrays["image"].astype("<f4").tobytes())
-    h.update(arrays["mask"].tobytes())
+    for name in ("image", "mask"):
+        for row in arrays[name]:
+            h.update(hashlib.sha256(row.astype(row.dtype.newbyteorder("<")).tobytes()).digest())
     assert compute_fingerprint(ids, arrays) == "sha256:" + h.hexdigest()
+
+    # Format 2 files: the values as one stream.
+    v1 = hashlib.sha256(b"trtcal-batch-sha256-v1\n")
+    v1.update(struct.pack("<Q", len(header_bytes)) + header_bytes)
+    for s in ids:
+        v1.update(struct.pack("<Q", len(s.encode())) + s.encode())
+    v1.update(arrays["image"].astype("<f4").tobytes())
+    v1.update(arrays["mask"].tobytes())
+    assert compute_fingerprint(ids, arrays, scheme="trtcal-batch-sha256-v1") == "sha256:" + v1.hexdigest()
+
+
+def test_fingerprint_is_the_same_on_one_thread_and_many(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big enough for several hashing chunks: the threaded path must fold digests in row order."""
+    import trtcal.workers.batch_format as bf
+
+    monkeypatch.setattr(bf, "_HASH_CHUNK", 4096)
+    arrays, ids = _data(300)
+    many = compute_fingerprint(ids, arrays)
+    monkeypatch.setattr(bf, "_hash_threads", lambda: 1)
+    assert compute_fingerprint(ids, arrays) == many
+
+
+def test_format_2_batches_are_still_read_and_verified(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from trtcal.workers.batch_format import record_batch
+
+    arrays, ids = _data(6)
+    v1 = compute_fingerprint(ids, arrays, scheme="trtcal-batch-sha256-v1")
+    batch = record_batch(ids, arrays, "{}", v1)
+    meta = dict(batch.schema.metadata)
+    meta[b"trtcal.format_version"] = b"2"
+    batch = batch.replace_schema_metadata(meta)
+    for name, fingerprint in (("ok.arrow", v1), ("bad.arrow", compute_fingerprint(ids, arrays))):
+        batch = batch.replace_schema_metadata({**meta, b"trtcal.fingerprint": fingerprint.encode()})
+        with pa.OSFile(str(tmp_path / name), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+    with open_batch(tmp_path / "ok.arrow") as opened:
+        assert opened.fingerprint == v1
+        opened.slice(1, 3).verify()
+    with pytest.raises(DataError, match="corrupt or was modified"):
+        open_batch(tmp_path / "bad.arrow")
 
 
 def test_same_rows_in_any_order_give_identical_bytes(tmp_path: Path) -> None:

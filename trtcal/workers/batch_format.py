@@ -74,7 +74,11 @@ META_SPEC = b"trtcal.spec"
 META_FORMAT_VERSION = b"trtcal.format_version"
 META_FINGERPRINT = b"trtcal.fingerprint"
 # Tag hashed first; changes only if the hashing procedure itself changes.
-FINGERPRINT_SCHEME = "trtcal-batch-sha256-v1"
+FINGERPRINT_SCHEME = "trtcal-batch-sha256-v2"
+# Format 2 files hashed the values as one stream (serial); still read and verified.
+_FINGERPRINT_SCHEME_V1 = "trtcal-batch-sha256-v1"
+_SCHEME_OF_FORMAT = {str(FORMAT_VERSION): FINGERPRINT_SCHEME, "2": _FINGERPRINT_SCHEME_V1}
+DIGEST_BYTES = 32
 MAX_SAMPLE_ID_BYTES = 1024
 # Numeric types that map 1:1 onto Arrow primitives and read back zero-copy (bool is bit-packed).
 SUPPORTED_DTYPES = tuple(
@@ -187,10 +191,25 @@ def _le_bytes_view(arr: npt.NDArray[Any]) -> memoryview:
     return le.reshape(-1).view(np.uint8).data
 
 
+def row_digests(rows: npt.NDArray[Any]) -> bytes:
+    """sha256 of each row's values (C order, little endian), concatenated: 32 bytes per row.
+
+    Rows are hashed independently, so any process can hash the rows it holds, in parallel."""
+    data = np.ascontiguousarray(rows).astype(rows.dtype.newbyteorder("<"), copy=False)
+    data = data.reshape(data.shape[0], -1).view(np.uint8)
+    sha256 = hashlib.sha256
+    return b"".join(sha256(data[i]).digest() for i in range(data.shape[0]))  # releases the GIL per row
+
+
+def _hash_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def compute_fingerprint(
     sample_ids: Sequence[str],
     columns: Mapping[str, npt.NDArray[Any]],
     *,
+    scheme: str = FINGERPRINT_SCHEME,
     _release: Any = None,
 ) -> str:
     """sha256 fingerprint of a calibration batch's content, independent of the order rows arrived in.
@@ -203,34 +222,60 @@ def compute_fingerprint(
        ``{"num_rows": N, "inputs": [{"name", "shape", "dtype"} ... sorted by name]}``, preceded
        by its byte length as an unsigned 64-bit little-endian integer;
     3. every sample id in order, each as its UTF-8 length (u64 LE) then its UTF-8 bytes;
-    4. every input in name order: its ``[N, *shape]`` values in C order, little endian.
+    4. every input in name order, every row in order: the 32-byte sha256 of that row's values in
+       C order, little endian (`row_digests`).
+
+    Part 4 hashes rows independently so that writers and readers hash on all cores (the workers
+    that produce rows hash them; `verify` uses threads). Files of format 2 used
+    ``trtcal-batch-sha256-v1``, where part 4 is the values themselves as one stream: pass that as
+    `scheme` to check them.
 
     The spec is not hashed: it is metadata kept (and keyed) separately, so identical data written
     with a reworded spec keeps its fingerprint.
     """
+    if scheme not in (FINGERPRINT_SCHEME, _FINGERPRINT_SCHEME_V1):
+        raise ConfigError(f"unknown fingerprint scheme {scheme!r}")
     names = sorted(columns)
-    digest = fingerprint_digest(sample_ids, _inputs_of(columns))
+    digest = fingerprint_digest(sample_ids, _inputs_of(columns), scheme=scheme)
     for n in names:
         arr = columns[n]
         if arr.shape[0] != len(sample_ids):
             raise DataError(f"input {n!r} has {arr.shape[0]} rows but there are {len(sample_ids)} sample ids")
         row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
         rows_per_chunk = max(1, _HASH_CHUNK // max(row_bytes, 1))
-        for start in range(0, arr.shape[0], rows_per_chunk):
-            part = arr[start : start + rows_per_chunk]
-            digest.update(_le_bytes_view(part))
+        parts = [arr[start : start + rows_per_chunk] for start in range(0, arr.shape[0], rows_per_chunk)]
+        if scheme == _FINGERPRINT_SCHEME_V1:
+            for part in parts:
+                digest.update(_le_bytes_view(part))
+                if _release is not None:
+                    _release(part)
+            continue
+
+        def hash_part(part: npt.NDArray[Any]) -> bytes:
+            out = row_digests(part)
             if _release is not None:
                 _release(part)
+            return out
+
+        if len(parts) == 1 or _hash_threads() == 1:
+            for part in parts:
+                digest.update(hash_part(part))
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(_hash_threads(), thread_name_prefix="trtcal-hash") as pool:
+                for out in pool.map(hash_part, parts):  # in order
+                    digest.update(out)
     return "sha256:" + digest.hexdigest()
 
 
-def fingerprint_digest(sample_ids: Sequence[str], inputs: Sequence[InputInfo]) -> Any:
+def fingerprint_digest(sample_ids: Sequence[str], inputs: Sequence[InputInfo], *, scheme: str = FINGERPRINT_SCHEME) -> Any:
     """A sha256 object fed with parts 1-3 of the fingerprint (see `compute_fingerprint`); the
-    caller feeds part 4, the values, in input-name order."""
+    caller feeds part 4 (the row digests) in input-name order."""
     header = {"num_rows": len(sample_ids), "inputs": [i.to_dict() for i in sorted(inputs, key=lambda i: i.name)]}
     header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     digest = hashlib.sha256()
-    digest.update(FINGERPRINT_SCHEME.encode("utf-8") + b"\n")
+    digest.update(scheme.encode("utf-8") + b"\n")
     digest.update(struct.pack("<Q", len(header_bytes)) + header_bytes)
     id_chunk: list[bytes] = []
     for s in sample_ids:
@@ -662,8 +707,10 @@ class CalibrationBatch:
         mapping: _FileMapping | None = None,
         keepalive: Any = None,
         rows: _Rows | None = None,
+        fingerprint_scheme: str = FINGERPRINT_SCHEME,
     ) -> None:
         self._columns = dict(columns)
+        self._fingerprint_scheme = fingerprint_scheme
         self._all_ids = sample_ids
         self.fingerprint = fingerprint
         self.spec: Mapping[str, Any] = spec
@@ -748,7 +795,7 @@ class CalibrationBatch:
         return CalibrationBatch(
             columns=self._columns, sample_ids=self._all_ids, fingerprint=self.fingerprint, spec=self.spec,
             source=self.source, mapping=self._mapping, keepalive=self._keepalive,
-            rows=_Rows(self._rows.start + start, self._rows.start + stop),
+            rows=_Rows(self._rows.start + start, self._rows.start + stop), fingerprint_scheme=self._fingerprint_scheme,
         )
 
     def _check_range(self, start: int, stop: int) -> tuple[int, int]:
@@ -759,7 +806,8 @@ class CalibrationBatch:
     def verify(self) -> None:
         """Recompute the fingerprint of the whole batch; DataError if it does not match."""
         actual = compute_fingerprint(
-            self._all_ids, self._columns, _release=self._mapping.release if self._mapping else None
+            self._all_ids, self._columns, scheme=self._fingerprint_scheme,
+            _release=self._mapping.release if self._mapping else None,
         )
         if actual != self.fingerprint:
             raise DataError(
@@ -836,8 +884,11 @@ def _checked_batch_from_ipc(buffer: Any, source: str, mapping: _FileMapping | No
     if missing:
         raise DataError(f"{source} lacks the schema metadata {missing}; it was not written by trtcal's batch writer")
     version = metadata[META_FORMAT_VERSION].decode("ascii", "replace")
-    if version != str(FORMAT_VERSION):
-        raise DataError(f"{source} has trtcal format version {version!r}; this trtcal reads {FORMAT_VERSION}")
+    if version not in _SCHEME_OF_FORMAT:
+        raise DataError(
+            f"{source} has trtcal format version {version!r}; this trtcal reads {sorted(_SCHEME_OF_FORMAT)}: "
+            "rebuild the batch with this trtcal (trtcal batch build)"
+        )
     try:
         spec = json.loads(metadata[META_SPEC].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -870,7 +921,7 @@ def _checked_batch_from_ipc(buffer: Any, source: str, mapping: _FileMapping | No
         raise DataError(f"{source}: no input columns besides {SAMPLE_ID_COLUMN!r}")
     result = CalibrationBatch(
         columns=columns, sample_ids=sample_ids, fingerprint=fingerprint, spec=spec, source=source,
-        mapping=mapping, keepalive=(buffer, batch),
+        mapping=mapping, keepalive=(buffer, batch), fingerprint_scheme=_SCHEME_OF_FORMAT[version],
     )
     if verify:
         result.verify()

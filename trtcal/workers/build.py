@@ -227,7 +227,8 @@ class _ChunkResult:
     groups: list[tuple[list[str], dict[str, npt.NDArray[Any]]]]
     rejected: list[tuple[str, str, str, str]]  # (sample_id, path, reason, detail)
     timings: dict[str, float]
-    placed: list[str] = field(default_factory=list)  # ids the task wrote into the batch file itself
+    # (ids, digests per input) of rows the task wrote into the batch file itself
+    placed: list[tuple[list[str], dict[str, bytes]]] = field(default_factory=list)
 
 
 def _signature(arrays: Mapping[str, npt.NDArray[Any]]) -> tuple[tuple[str, tuple[int, ...], str], ...]:
@@ -313,7 +314,7 @@ def _process_task(
     stacked = [
         (ids, {name: np.stack([m[name] for m in members]) for name in members[0]}) for ids, members in groups.values()
     ]
-    placed: list[str] = []
+    placed: list[tuple[list[str], dict[str, bytes]]] = []
     if place is not None and stacked and _on_node(place.node):
         t0 = time.perf_counter()
         position = {ref.sample_id: first_row + k for k, ref in enumerate(refs)}
@@ -321,8 +322,7 @@ def _process_task(
         for ids, arrays in stacked:
             if place.accepts(arrays):
                 try:
-                    place.write_rows([position[s] for s in ids], arrays)
-                    placed.extend(ids)
+                    placed.append((ids, place.write_rows([position[s] for s in ids], arrays)))
                     continue
                 except OSError:
                     pass  # the driver writes these rows instead (and reports any error)
@@ -666,9 +666,9 @@ def _build(
                     writer = open_writer(signature)
                 writer.write(arrays, ids)
                 write_seconds += time.perf_counter() - t_write
-            if result.placed:
+            for ids, digests in result.placed:
                 assert writer is not None
-                writer.mark_written(result.placed)
+                writer.mark_written(ids, digests)
             progress.advance("preprocess", len(item[1]))
 
         def submit(item: tuple[int, list[SampleRef]]) -> Any:

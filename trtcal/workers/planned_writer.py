@@ -11,11 +11,13 @@ offset as soon as it arrives, in any order:
           sample ids, footer) and notes where each values buffer starts (zero bytes copied).
 2. place  `write` puts rows at ``values_offset + row * row_bytes`` with `os.pwrite` into a
           preallocated temp file (a full disk fails here, before any work is lost).
-3. hash   a thread feeds sha256 with the rows in id order as that prefix grows (the fingerprint of
-          `compute_fingerprint`, unchanged); another flushes written data to disk every
-          `flush_bytes`, so little is left dirty for the final fsync.
-4. close  the plan is redone with the real fingerprint (same length, same layout), its small
-          pieces are written, the file is fsynced and published atomically like `BatchWriter`'s.
+3. hash   each row's sha256 (part 4 of `compute_fingerprint`) is computed where the row is: by
+          the worker that wrote it, or by a thread pool reading back what `write` put in the file;
+          a thread flushes written data to disk every `flush_bytes`, so little is left dirty for
+          the final fsync.
+4. close  the row digests are folded into the fingerprint (32 bytes per row), the plan is redone
+          with it (same length, same layout), its small pieces are written, the file is fsynced
+          and published atomically like `BatchWriter`'s.
 
 The file is byte-identical to what `BatchWriter` or `write_batch` writes for the same rows (a
 test checks it as bytes). Rows that never arrive (inputs skipped as bad) are allowed: `close`
@@ -25,12 +27,14 @@ then rewrites the rows that did through `BatchWriter`, the slow path, once.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import mmap
 import os
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +43,7 @@ import numpy.typing as npt
 
 from trtcal.errors import ConfigError, DataError
 from trtcal.workers.batch_format import (
+    DIGEST_BYTES,
     BatchInfo,
     BatchWriter,
     InputInfo,
@@ -49,6 +54,7 @@ from trtcal.workers.batch_format import (
     canonical_spec_json,
     fingerprint_digest,
     record_batch,
+    row_digests,
     validate_sample_ids,
 )
 
@@ -57,7 +63,7 @@ __all__ = ["PlannedBatchWriter", "RowPlacement"]
 logger = logging.getLogger(__name__)
 
 _PLACEHOLDER_FINGERPRINT = "sha256:" + "0" * 64  # same length as every real one: same layout
-_HASH_STEP = 32 << 20  # bytes hashed per step (and unmapped after)
+_HASH_STEP = 32 << 20  # bytes per read-back hashing job
 _PWRITE_MAX = 1 << 30  # Linux writes at most ~2 GiB per call
 
 
@@ -182,10 +188,10 @@ def _write_rows(
 class RowPlacement:
     """Where rows go in a `PlannedBatchWriter`'s temp file, for processes on the same machine.
 
-    Picklable: a worker that can see `path` writes its rows itself (`write_rows`) and tells the
-    writer which ids it wrote (`PlannedBatchWriter.mark_written`); the rows then never travel
-    through the driver. `node` is an opaque tag the caller uses to tell whether a worker shares
-    the file system (e.g. Ray's node id).
+    Picklable: a worker that can see `path` writes its rows itself (`write_rows`, which also
+    returns their digests) and the caller hands ids and digests to the writer's `mark_written`;
+    the rows then never travel through the driver. `node` is an opaque tag the caller uses to tell
+    whether a worker shares the file system (e.g. Ray's node id).
     """
 
     path: str
@@ -202,13 +208,16 @@ class RowPlacement:
             arrays[i.name].shape[1:] == i.shape and arrays[i.name].dtype == np.dtype(i.dtype) for i in self.inputs
         )
 
-    def write_rows(self, rows: Sequence[int], arrays: Mapping[str, npt.NDArray[Any]]) -> None:
-        """Write rows at these row indices (positions in sorted id order). Raises OSError."""
+    def write_rows(self, rows: Sequence[int], arrays: Mapping[str, npt.NDArray[Any]]) -> dict[str, bytes]:
+        """Write rows at these row indices (positions in sorted id order); their digests per input.
+
+        Raises OSError."""
         fd = os.open(self.path, os.O_WRONLY)  # never creates: the file belongs to the writer
         try:
             _write_rows(fd, np.asarray(rows, dtype=np.int64), arrays, self.values_offset, self.row_bytes)
         finally:
             os.close(fd)
+        return {name: row_digests(arr) for name, arr in arrays.items()}
 
 
 class PlannedBatchWriter:
@@ -231,6 +240,7 @@ class PlannedBatchWriter:
         spec: Mapping[str, Any],
         filesystem: Any = None,
         flush_bytes: int = 256 << 20,
+        hash_threads: int | None = None,
         **storage_options: Any,
     ) -> None:
         ids = sorted(validate_sample_ids(sample_ids))
@@ -249,6 +259,7 @@ class PlannedBatchWriter:
         self._target = _Target(path_or_url, filesystem, storage_options)
         self._row_bytes = {i.name: int(np.prod(i.shape, dtype=np.int64)) * np.dtype(i.dtype).itemsize for i in self._inputs}
         self._written = {i.name: np.zeros(len(ids), dtype=bool) for i in self._inputs}
+        self._digests = {i.name: np.zeros((len(ids), DIGEST_BYTES), dtype=np.uint8) for i in self._inputs}
         self._state = "open"
         self.info: BatchInfo | None = None
         self._fd = -1
@@ -259,6 +270,7 @@ class PlannedBatchWriter:
         self._bytes_written = 0
         self._bytes_flushed = 0
         self._flush_bytes = max(1, int(flush_bytes))
+        self._hash_jobs: list[Future[None]] = []
         try:
             self._layout = _plan_layout(ids, self._inputs, self._spec_json, _PLACEHOLDER_FINGERPRINT, self._target.local_dir)
             self._fd = os.open(self._target.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -272,14 +284,10 @@ class PlannedBatchWriter:
             self._close_file()
             self._target.discard()
             raise
-        self._digest = fingerprint_digest(ids, self._inputs)
-        self._hash_cursor = (0, 0)  # (input index, row) of the next row to hash
-        self._threads = [
-            threading.Thread(target=self._guard, args=(self._hash_rows,), name="trtcal-batch-hash", daemon=True),
-            threading.Thread(target=self._guard, args=(self._flush_data,), name="trtcal-batch-flush", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        threads = hash_threads if hash_threads is not None else min(4, os.cpu_count() or 1)
+        self._hash_pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="trtcal-batch-hash")
+        self._flusher = threading.Thread(target=self._flush_data, name="trtcal-batch-flush", daemon=True)
+        self._flusher.start()
 
     def _preallocate(self) -> None:
         if hasattr(os, "posix_fallocate"):
@@ -301,7 +309,9 @@ class PlannedBatchWriter:
         return len(self._ids)
 
     def write(self, arrays: Mapping[str, npt.ArrayLike], sample_ids: Sequence[str]) -> None:
-        """Place rows (any order relative to other calls); every id must be one of the planned ones."""
+        """Place rows (any order relative to other calls); every id must be one of the planned ones.
+
+        The rows' digests are computed by a thread pool from the file, off the caller's thread."""
         rows, ids = self._rows_of(sample_ids)
         if not ids:
             return
@@ -321,6 +331,12 @@ class PlannedBatchWriter:
         except OSError as exc:
             self.abort()
             raise _as_storage_error(exc, self._target.url) from exc
+        for info in self._inputs:
+            step = max(1, _HASH_STEP // self._row_bytes[info.name])
+            for a, b in _runs(rows):
+                first, last = int(rows[a]), int(rows[b - 1]) + 1
+                for start in range(first, last, step):
+                    self._hash_jobs.append(self._hash_pool.submit(self._hash_from_file, info.name, start, min(last, start + step)))
         self._mark(rows)
 
     def placement(self, node: str) -> RowPlacement:
@@ -330,16 +346,23 @@ class PlannedBatchWriter:
             values_offset=dict(self._layout.values_offset), row_bytes=dict(self._row_bytes),
         )
 
-    def mark_written(self, sample_ids: Sequence[str]) -> None:
-        """Record rows that another process wrote through `placement()`."""
+    def mark_written(self, sample_ids: Sequence[str], digests: Mapping[str, bytes]) -> None:
+        """Record rows that another process wrote through `placement()`, with their digests."""
         rows, ids = self._rows_of(sample_ids)
-        if ids:
-            self._mark(rows)
+        if not ids:
+            return
+        if set(digests) != set(self._written):
+            raise DataError(f"digests for inputs {sorted(digests)}; the batch has {sorted(self._written)}")
+        for name, raw in digests.items():
+            if len(raw) != len(ids) * DIGEST_BYTES:
+                raise DataError(f"input {name!r}: {len(raw)} digest bytes for {len(ids)} rows")
+            self._digests[name][rows] = np.frombuffer(raw, dtype=np.uint8).reshape(len(ids), DIGEST_BYTES)
+        self._mark(rows)
 
     def _rows_of(self, sample_ids: Sequence[str]) -> tuple[npt.NDArray[np.int64], list[str]]:
         if self._state != "open":
             raise ConfigError(f"PlannedBatchWriter for {self._target.url!r} is {self._state}; create a new one")
-        self._raise_thread_error()
+        self._raise_background_error()
         ids = list(sample_ids)
         try:
             rows = np.fromiter((self._position[s] for s in ids), dtype=np.int64, count=len(ids))
@@ -361,78 +384,60 @@ class PlannedBatchWriter:
 
     # -- background work
 
-    def _guard(self, work: Any) -> None:
+    def _hash_from_file(self, name: str, start: int, stop: int) -> None:
+        """Digests of rows [start, stop) of input `name`, read back from the file (page cache)."""
+        assert self._view is not None
+        row_bytes = self._row_bytes[name]
+        offset = self._layout.values_offset[name] + start * row_bytes
+        rows = np.frombuffer(self._view, dtype=np.uint8, count=(stop - start) * row_bytes, offset=offset)
         try:
-            work()
-        except BaseException as exc:  # handed to the caller at the next write/close
-            with self._cond:
-                self._error = exc
-                self._cond.notify_all()
+            self._digests[name][start:stop] = np.frombuffer(row_digests(rows.reshape(stop - start, row_bytes)), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+        finally:
+            del rows
+        # Hashed pages stay in the page cache; dropping them from this mapping keeps RSS flat.
+        page = mmap.PAGESIZE
+        begin = offset - offset % page
+        if hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self._view.madvise(mmap.MADV_DONTNEED, begin, offset + (stop - start) * row_bytes - begin)
+            except (OSError, ValueError):  # pragma: no cover - platform without madvise
+                pass
 
-    def _raise_thread_error(self) -> None:
-        if self._error is not None:
-            error = self._error
+    def _flush_data(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self._bytes_written - self._bytes_flushed < self._flush_bytes and not self._stopping:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    target = self._bytes_written
+                os.fdatasync(self._fd)  # releases the GIL; keeps the final fsync short
+                self._bytes_flushed = target
+        except BaseException as exc:  # handed to the caller at the next write/close
+            self._error = exc
+
+    def _raise_background_error(self) -> None:
+        error = self._error
+        pending = []
+        for job in self._hash_jobs:
+            if not job.done():
+                pending.append(job)
+            elif job.exception() is not None:
+                error = error or job.exception()
+        self._hash_jobs = pending
+        if error is not None:
             self.abort()
             if isinstance(error, OSError):
                 raise _as_storage_error(error, self._target.url) from error
             raise error
 
-    def _hash_rows(self) -> None:
-        assert self._view is not None
-        view = memoryview(self._view)
-        try:
-            for k, info in enumerate(self._inputs):
-                written = self._written[info.name]
-                row_bytes = self._row_bytes[info.name]
-                base = self._layout.values_offset[info.name]
-                step_rows = max(1, _HASH_STEP // row_bytes)
-                row = 0
-                while row < len(self._ids):
-                    with self._cond:
-                        while not written[row] and not self._stopping:
-                            self._cond.wait()
-                        if not written[row]:
-                            return
-                        stop = row + 1
-                        limit = min(len(self._ids), row + step_rows)
-                        while stop < limit and written[stop]:
-                            stop += 1
-                    start_byte, stop_byte = base + row * row_bytes, base + stop * row_bytes
-                    self._digest.update(view[start_byte:stop_byte])  # releases the GIL
-                    self._release(start_byte, stop_byte)
-                    row = stop
-                    self._hash_cursor = (k, row)
-            self._hash_cursor = (len(self._inputs), 0)
-        finally:
-            view.release()
-
-    def _release(self, start: int, stop: int) -> None:
-        # Hashed pages stay in the page cache; dropping them from this mapping keeps RSS flat.
-        page = mmap.PAGESIZE
-        start -= start % page
-        if self._view is not None and hasattr(mmap, "MADV_DONTNEED") and stop > start:
-            try:
-                self._view.madvise(mmap.MADV_DONTNEED, start, stop - start)
-            except (OSError, ValueError):  # pragma: no cover - platform without madvise
-                pass
-
-    def _flush_data(self) -> None:
-        while True:
-            with self._cond:
-                while self._bytes_written - self._bytes_flushed < self._flush_bytes and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                target = self._bytes_written
-            os.fdatasync(self._fd)  # releases the GIL; keeps the final fsync short
-            self._bytes_flushed = target
-
-    def _stop_threads(self) -> None:
+    def _stop_background(self) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        for thread in self._threads:
-            thread.join()
+        self._flusher.join()
+        self._hash_pool.shutdown(wait=True, cancel_futures=True)
 
     # -- finishing
 
@@ -451,19 +456,21 @@ class PlannedBatchWriter:
             if any(not np.array_equal(p, present[0]) for p in present[1:]):
                 raise DataError("some rows were written for one input but not for another")
             if present[0].all():
-                with self._cond:
-                    while self._hash_cursor[0] < len(self._inputs) and self._error is None:
-                        self._cond.wait(0.05)
-                self._raise_thread_error()
-                self._stop_threads()
-                fingerprint = "sha256:" + self._digest.hexdigest()
+                self._raise_background_error()
+                for job in self._hash_jobs:
+                    job.result()
+                self._stop_background()
+                digest = fingerprint_digest(self._ids, self._inputs)
+                for info in self._inputs:
+                    digest.update(self._digests[info.name].tobytes())
+                fingerprint = "sha256:" + digest.hexdigest()
                 try:
                     info = self._finish_in_place(fingerprint)
                 except _LayoutChanged as exc:
                     logger.info("batch layout changed at close (%s); rewriting the rows once", exc)
                     info = self._rewrite(present[0])
             else:
-                self._stop_threads()
+                self._stop_background()
                 info = self._rewrite(present[0])
         except OSError as exc:
             self.abort()
@@ -485,8 +492,6 @@ class PlannedBatchWriter:
         os.fsync(self._fd)
         self._close_file()
         nbytes = self._target.publish()
-        import json
-
         return BatchInfo(
             path=self._target.url, num_rows=len(self._ids), inputs=self._inputs, fingerprint=fingerprint,
             spec=json.loads(self._spec_json), nbytes=nbytes,
@@ -494,26 +499,22 @@ class PlannedBatchWriter:
 
     def _rewrite(self, present: npt.NDArray[np.bool_]) -> BatchInfo:
         """Slow path: the rows that arrived, through `BatchWriter` (which publishes to the same URL)."""
-        import json
-
         path_or_url, filesystem, options = self._args
         rows = np.flatnonzero(present)
-        writer = BatchWriter(path_or_url, spec=json.loads(self._spec_json), filesystem=filesystem, **options)
-        with writer:
-            assert self._view is not None
-            step = max(1, _HASH_STEP // max(self._row_bytes.values()))
+        assert self._view is not None
+        columns = {}
+        for info in self._inputs:
+            dtype = np.dtype(info.dtype).newbyteorder("<")
+            columns[info.name] = np.frombuffer(
+                self._view, dtype=dtype, count=len(self._ids) * self._row_bytes[info.name] // dtype.itemsize,
+                offset=self._layout.values_offset[info.name],
+            ).reshape(len(self._ids), *info.shape)
+        step = max(1, _HASH_STEP // max(self._row_bytes.values()))
+        with BatchWriter(path_or_url, spec=json.loads(self._spec_json), filesystem=filesystem, **options) as writer:
             for a in range(0, len(rows), step):
                 chunk = rows[a : a + step]
-                arrays = {}
-                for info in self._inputs:
-                    dtype = np.dtype(info.dtype).newbyteorder("<")
-                    values = np.frombuffer(
-                        self._view, dtype=dtype, count=len(self._ids) * self._row_bytes[info.name] // dtype.itemsize,
-                        offset=self._layout.values_offset[info.name],
-                    ).reshape(len(self._ids), *info.shape)
-                    arrays[info.name] = values[chunk]
-                writer.write(arrays, [self._ids[r] for r in chunk.tolist()])
-            del values
+                writer.write({name: values[chunk] for name, values in columns.items()}, [self._ids[r] for r in chunk.tolist()])
+        del columns
         self._close_file()
         self._target.discard()
         assert writer.info is not None
@@ -535,8 +536,8 @@ class PlannedBatchWriter:
         if self._state in ("aborted", "closed"):
             return
         self._state = "aborted"
-        if hasattr(self, "_threads"):
-            self._stop_threads()
+        if hasattr(self, "_flusher"):
+            self._stop_background()
         self._close_file()
         self._target.discard()
 
