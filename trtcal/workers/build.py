@@ -207,17 +207,36 @@ class _ShardSummary:
     inputs: dict[str, tuple[tuple[int, ...], str]]
 
 
-def _list_task(dataset: Dataset, shard: Shard, stratify: bool) -> tuple[_ShardSummary, ShardListing]:
-    listing = list_shard(dataset, shard)
-    summary = _ShardSummary(
-        counts=listing.class_counts(stratify), kind=listing.kind, refused=listing.refused,
-        ignored=listing.ignored, inputs=listing.inputs,
-    )
-    return summary, listing
+def _list_task(
+    dataset: Dataset, shards: Sequence[Shard], stratify: bool
+) -> tuple[list[_ShardSummary], list[ShardListing]]:
+    """List a group of shards (one task per shard costs more in scheduling than a small listing)."""
+    summaries, listings = [], []
+    for shard in shards:
+        listing = list_shard(dataset, shard)
+        summaries.append(_ShardSummary(
+            counts=listing.class_counts(stratify), kind=listing.kind, refused=listing.refused,
+            ignored=listing.ignored, inputs=listing.inputs,
+        ))
+        listings.append(listing)
+    return summaries, listings
 
 
-def _resolve_task(listing: ShardListing, chosen: Mapping[str, npt.NDArray[np.int64]], stratify: bool) -> list[SampleRef]:
-    return resolve_selection(listing, chosen, stratify)
+def _resolve_task(
+    listings: Sequence[ShardListing], chosen: Sequence[Mapping[str, npt.NDArray[np.int64]]], stratify: bool
+) -> list[SampleRef]:
+    refs: list[SampleRef] = []
+    for listing, picked in zip(listings, chosen):
+        if picked:
+            refs.extend(resolve_selection(listing, picked, stratify))
+    return refs
+
+
+def _groups(count: int, num_groups: int) -> list[range]:
+    """`count` items split into at most `num_groups` contiguous, near-equal ranges."""
+    num_groups = max(1, min(count, num_groups))
+    bounds = [count * k // num_groups for k in range(num_groups + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 @dataclass
@@ -549,18 +568,21 @@ def _build(
     shards = plan.shards
     progress.start("list", total=len(shards), unit="shard")
     summaries: dict[int, _ShardSummary] = {}
-    listings: dict[int, Any] = {}
+    listings: dict[int, Any] = {}  # group index -> ObjectRef of that group's listings
+    # A few shards per task: enough tasks to keep every worker busy, few enough to schedule cheaply.
+    groups = _groups(len(shards), 4 * workers)
 
-    def submit_list(index: int) -> Any:
-        summary_ref, listing_ref = run.list_task.remote(dataset, shards[index], config.stratify)
-        listings[index] = listing_ref
+    def submit_list(group: int) -> Any:
+        summary_ref, listing_ref = run.list_task.remote(dataset, [shards[i] for i in groups[group]], config.stratify)
+        listings[group] = listing_ref
         return summary_ref
 
-    def on_listed(index: int, summary: _ShardSummary) -> None:
-        summaries[index] = summary
-        progress.advance("list")
+    def on_listed(group: int, group_summaries: list[_ShardSummary]) -> None:
+        for index, summary in zip(groups[group], group_summaries):
+            summaries[index] = summary
+        progress.advance("list", len(groups[group]))
 
-    run.map_unordered(submit_list, range(len(shards)), on_listed)
+    run.map_unordered(submit_list, range(len(groups)), on_listed)
     progress.finish("list")
     ordered = [summaries[i] for i in range(len(shards))]
     refused = _split_refused(dataset, plan.refused)
@@ -601,12 +623,13 @@ def _build(
             "using all of them"
         )
     refs: list[SampleRef] = []
-    chosen_shards = [i for i, chosen in enumerate(selection.per_shard) if chosen]
+    chosen_groups = [g for g, members in enumerate(groups) if any(selection.per_shard[i] for i in members)]
 
-    def submit_resolve(index: int) -> Any:
-        return run.resolve_task.remote(listings[index], selection.per_shard[index], config.stratify)
+    def submit_resolve(group: int) -> Any:
+        chosen = [selection.per_shard[i] for i in groups[group]]
+        return run.resolve_task.remote(listings[group], chosen, config.stratify)
 
-    run.map_unordered(submit_resolve, chosen_shards, lambda _i, shard_refs: refs.extend(shard_refs))
+    run.map_unordered(submit_resolve, chosen_groups, lambda _g, group_refs: refs.extend(group_refs))
     listings.clear()  # the listings leave the object store
     refs.sort(key=lambda r: r.sample_id)
     for a, b in zip(refs, refs[1:]):
