@@ -150,6 +150,17 @@ def _child_breakdown(data: str) -> dict[str, Any]:
             fill_counts(value, 2048, amax[name], tensor=name)
         return time.perf_counter() - t0
 
+    def whole_pass(fn: Any) -> float:
+        # One runner pass over every row (model run + statistics), as calibrate() runs it.
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1000 * min(times) / n
+
+    pass1 = whole_pass(lambda: runner.collect_stats(batch, micro_batch=MICRO_BATCH))
+    pass2 = whole_pass(lambda: runner.collect_counts(batch, amax, num_bins=2048, micro_batch=MICRO_BATCH))
     values = runner.run(next(batch.iter_micro_batches(1)))
     return {
         "seconds": 0.0,
@@ -160,6 +171,8 @@ def _child_breakdown(data: str) -> dict[str, Any]:
             "run_all_tensors_as_outputs": best(timed(runner._run_reusing)),
             "reduce_stats_all_tensors": best(stats_only),
             "fill_counts_all_tensors": best(fill_only),
+            "pass1_collect_stats": pass1,
+            "pass2_collect_counts": pass2,
         },
     }
 
@@ -346,6 +359,13 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, work: Pa
                 f"{2 * ms['run_all_tensors_as_outputs'] + ms['reduce_stats_all_tensors'] + ms['fill_counts_all_tensors']:.1f}"
                 f" = {(2 * ms['run_all_tensors_as_outputs'] + ms['reduce_stats_all_tensors'] + ms['fill_counts_all_tensors']) / ms['plain_run_enable_all']:.1f}x plain_run_enable_all",
             ]
+            if "pass1_collect_stats" in ms:
+                both = ms["pass1_collect_stats"] + ms["pass2_collect_counts"]
+                lines.append(
+                    f"- both runner passes (pass1_collect_stats + pass2_collect_counts): {both:.1f}"
+                    f" = {both / ms['plain_run_enable_all']:.1f}x plain_run_enable_all"
+                    f", {both / ms['plain_run_disable_all']:.1f}x plain_run_disable_all"
+                )
     lines += ["", "Load average (1 min) before/after each run:", ""]
     for r in rows:
         lines.append(f"- N={r['n']} {r['kind']}: {r['load_before']:.2f} / {r['load_after']:.2f}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +47,9 @@ NonFinitePolicy = Literal["error", "ignore"]
 
 # Elements per chunk when filling: keeps temporaries in L2 so the fill is one pass over memory.
 _CHUNK = 1 << 16
+# np.add.at got a fast path for 1-d integer indices in numpy 1.25 (about 1.5x faster than
+# np.bincount, which scans the indices for their min and max before counting); both are exact.
+_ADD_AT_IS_FAST = np.lib.NumpyVersion(np.__version__) >= "1.25.0"
 
 FloatArray = npt.NDArray[np.floating]
 
@@ -189,6 +192,13 @@ def fill_counts(
 
     Values above `hist_amax` (impossible in exact two-pass mode) are clamped into the last bin.
     Non-finite values raise NonFiniteError (policy "error") or are skipped (policy "ignore").
+
+    Each chunk of `_CHUNK` values takes the fast path when its largest scaled value is at most
+    `float32(hist_amax) * inv_width` (always, in exact two-pass mode): `|x * inv_width|` is then
+    exactly the clamped product of the bin rule (float32 rounding is symmetric in sign and
+    monotonic), and indices past the last bin are folded into it after counting. Any other
+    chunk (NaN, Inf, values above the range) goes through `_fill_chunk_clamped`, the bin rule
+    step by step, so the counts never depend on which path a chunk took.
     """
     _check_policy(nonfinite)
     if num_bins < 1:
@@ -206,21 +216,67 @@ def fill_counts(
             reduce_stats(flat, tensor=tensor, nonfinite="error")
         counts[0] = finite
         return counts
-    buf = np.empty(min(_CHUNK, flat.size), dtype=np.float32)
-    for start in range(0, flat.size, _CHUNK):
-        chunk = flat[start : start + _CHUNK]
-        a = buf[: chunk.size]
-        np.abs(chunk if chunk.dtype == np.float32 else chunk.astype(np.float32), out=a)
-        if not np.isfinite(a.max()):  # NaN and Inf both surface in the max
-            if nonfinite == "error":
-                reduce_stats(chunk, tensor=tensor, nonfinite="error")
-            a = a[np.isfinite(a)]
-        np.minimum(a, np.float32(hist_amax), out=a)  # clamp first: no overflow in the multiply
-        np.multiply(a, inv_width, out=a)
-        idx = a.astype(np.intp)
-        np.minimum(idx, num_bins - 1, out=idx)
-        counts += np.bincount(idx, minlength=num_bins)
+    amax32 = np.float32(hist_amax)
+    # The scaled value of hist_amax itself: about num_bins, or NaN when hist_amax overflows float32
+    # (inv_width 0), which sends every chunk down the clamped path.
+    with np.errstate(invalid="ignore"):
+        top: np.float32 = amax32 * inv_width
+    # Bins num_bins-1 .. int(top) all mean "the last bin"; they are folded into it at the end.
+    wide = np.zeros(max(num_bins, int(top) + 1) if np.isfinite(top) else num_bins, dtype=np.int64)
+    scaled = np.empty(min(_CHUNK, flat.size), dtype=np.float32)
+    idx = np.empty(scaled.size, dtype=np.intp)
+    # float32 -> int32 -> intp is about 1.6x faster than float32 -> intp and truncates the same
+    # way for values that fit int32 (every scaled value is <= top here).
+    idx32 = np.empty(scaled.size, dtype=np.int32) if wide.size < np.iinfo(np.int32).max else None
+    with np.errstate(over="ignore", invalid="ignore"):  # |x| far above the range or NaN top: the clamped path handles it
+        for start in range(0, flat.size, _CHUNK):
+            chunk = flat[start : start + _CHUNK]
+            a = scaled[: chunk.size]
+            np.multiply(chunk if chunk.dtype == np.float32 else chunk.astype(np.float32), inv_width, out=a)
+            np.abs(a, out=a)
+            if not a.max() <= top:  # NaN and Inf both surface in the max (NaN fails the comparison)
+                counts += _fill_chunk_clamped(chunk, num_bins, amax32, inv_width, tensor=tensor, nonfinite=nonfinite)
+                continue
+            i = idx[: chunk.size]
+            if idx32 is None:
+                np.copyto(i, a, casting="unsafe")  # truncation == floor for non-negative values
+            else:
+                np.copyto(idx32[: chunk.size], a, casting="unsafe")
+                np.copyto(i, idx32[: chunk.size])
+            _count_into(wide, i)
+    counts += wide[:num_bins]
+    counts[num_bins - 1] += wide[num_bins:].sum()
     return counts
+
+
+def _count_into(counts: npt.NDArray[np.int64], idx: npt.NDArray[np.intp]) -> None:
+    """counts[k] += number of k in idx (every idx within range)."""
+    if _ADD_AT_IS_FAST:
+        np.add.at(counts, idx, 1)
+    else:  # pragma: no cover - numpy < 1.25
+        counts += np.bincount(idx, minlength=counts.size)
+
+
+def _fill_chunk_clamped(
+    chunk: npt.NDArray[Any],
+    num_bins: int,
+    amax32: np.float32,
+    inv_width: np.float32,
+    *,
+    tensor: str,
+    nonfinite: NonFinitePolicy,
+) -> npt.NDArray[np.int64]:
+    """The bin rule step by step (clamp |x| to the range, scale, truncate, clamp the index)."""
+    a = np.abs(chunk if chunk.dtype == np.float32 else chunk.astype(np.float32))
+    if not np.isfinite(a.max()):  # NaN and Inf both surface in the max
+        if nonfinite == "error":
+            reduce_stats(chunk, tensor=tensor, nonfinite="error")
+        a = a[np.isfinite(a)]
+    np.minimum(a, amax32, out=a)  # clamp first: no overflow in the multiply
+    np.multiply(a, inv_width, out=a)
+    idx = a.astype(np.intp)
+    np.minimum(idx, num_bins - 1, out=idx)
+    return np.bincount(idx, minlength=num_bins).astype(np.int64, copy=False)
 
 
 def histogram_of(

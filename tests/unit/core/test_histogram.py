@@ -13,6 +13,7 @@ from trtcal.core import (
     merge_stats,
     reduce_stats,
 )
+from trtcal.core.histogram import bin_indices
 from trtcal.errors import ConfigError, NonFiniteError
 
 
@@ -130,3 +131,99 @@ def test_tiny_range_is_degenerate_not_a_crash():
     assert counts[0] == 2 and counts.sum() == 2
     h = histogram_of(x)
     assert h.counts.sum() == 2
+
+
+# -- the fast fill path against the bin rule applied step by step --------------------------------
+
+
+def _stepwise_counts(x, num_bins, hist_amax):
+    """The documented bin rule, vectorised the obvious way: |float32(x)|, drop NaN/Inf, bin_indices, bincount."""
+    a = np.abs(np.asarray(x).astype(np.float32).reshape(-1))
+    a = a[np.isfinite(a)]
+    return np.bincount(bin_indices(a, num_bins, hist_amax), minlength=num_bins).astype(np.int64)
+
+
+def _edge_values(num_bins, hist_amax):
+    """Every bin edge k / inv_width in float32 and its float32 neighbours, both signs, plus the range ends."""
+    amax32 = np.float32(hist_amax)
+    with np.errstate(over="ignore"):
+        inv = np.float32(num_bins) / amax32
+    if not np.isfinite(inv):  # a degenerate range: everything lands in bin 0
+        inv = np.float32(1.0) / amax32
+    edges = (np.arange(num_bins + 1, dtype=np.float32) / inv).astype(np.float32)
+    near = np.concatenate(
+        [edges, np.nextafter(edges, np.float32(0)), np.nextafter(edges, np.float32(np.inf)), [0.0, amax32]]
+    ).astype(np.float32)
+    near = near[near <= amax32]
+    return np.concatenate([near, -near, [np.float32(-0.0)]]).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_bins", [1, 2, 7, 64, 2048])
+@pytest.mark.parametrize("hist_amax", [1.0, 6.0, 0.1, 3.7e-3, 2.5e-30, 1.0e38, 123.456789, 5.877472e-39])
+def test_fill_is_exact_at_every_bin_edge(num_bins, hist_amax):
+    x = _edge_values(num_bins, hist_amax)
+    want = _stepwise_counts(x, num_bins, hist_amax)
+    got = fill_counts(x, num_bins, hist_amax)
+    assert got.dtype == np.int64 and np.array_equal(got, want)
+    if num_bins <= 64 and hist_amax > 1e-35:  # slow_histogram has no degenerate-range rule
+        assert np.array_equal(got, slow_histogram(x, num_bins, hist_amax))
+    # every edge value again, spread over several chunks (one chunk per call path)
+    many = np.tile(x, 1 + (3 << 16) // x.size)
+    assert np.array_equal(fill_counts(many, num_bins, hist_amax), _stepwise_counts(many, num_bins, hist_amax))
+
+
+def test_fill_is_exact_on_activation_like_data_over_many_chunks():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(5 * ((1 << 16) + 123)).astype(np.float32) * np.float32(3.3)
+    relu6 = np.clip(x, 0, 6).astype(np.float32)  # many exact zeros, a saturated top
+    for arr in (x, relu6, x.reshape(5, -1)[:, ::3]):  # non-contiguous too
+        amax = float(np.abs(arr).max())
+        for num_bins in (2048, 128, 3):
+            assert np.array_equal(fill_counts(arr, num_bins, amax), _stepwise_counts(arr, num_bins, amax))
+
+
+def test_fill_chunks_with_values_above_the_range_or_nonfinite_take_the_clamped_path():
+    rng = np.random.default_rng(8)
+    x = rng.uniform(-1.0, 1.0, 4 * (1 << 16)).astype(np.float32)
+    x[5] = 1.5  # above hist_amax (alone in its chunk): clamped into the last bin
+    x[(1 << 16) + 6] = -3.0e38  # would overflow the multiply
+    x[2 * (1 << 16) + 9] = np.nan
+    x[3 * (1 << 16)] = -np.inf
+    counts = fill_counts(x, 256, 1.0, nonfinite="ignore")
+    assert np.array_equal(counts, _stepwise_counts(x, 256, 1.0))
+    assert counts.sum() == x.size - 2 and counts[-1] >= 2
+    with pytest.raises(NonFiniteError, match="deep_tensor") as info:
+        fill_counts(x, 256, 1.0, tensor="deep_tensor")
+    assert (info.value.nan_count, info.value.inf_count) == (1, 0)  # the first chunk holding a non-finite value
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int32, np.int64])
+def test_fill_converts_other_dtypes_to_float32_first(dtype):
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal(70_000) * 1000).astype(dtype)
+    amax = float(np.abs(x.astype(np.float32)).max())
+    assert np.array_equal(fill_counts(x, 2048, amax), _stepwise_counts(x, 2048, amax))
+    # a range below the data: clamped into the last bin, the same as the bin rule
+    assert np.array_equal(fill_counts(x, 2048, amax / 3), _stepwise_counts(x, 2048, amax / 3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 4096),
+    st.floats(1e-30, 1e30),
+    st.floats(0.25, 4.0),
+    st.integers(0, 2**32 - 1),
+)
+def test_fill_matches_the_stepwise_rule_for_any_range(num_bins, scale, range_ratio, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(rng.integers(1, 3 * (1 << 16))) * scale).astype(np.float32)
+    hist_amax = float(np.abs(x).max()) * range_ratio  # above or below the data's own max
+    assert np.array_equal(fill_counts(x, num_bins, hist_amax), _stepwise_counts(x, num_bins, hist_amax))
+
+
+def test_fill_with_a_range_beyond_float32_bins_like_the_rule():
+    # float32(1e39) is inf, so inv_width is 0: every finite value lands in bin 0 (the clamped path)
+    x = np.array([0.0, 1.0, -3e38, 3e38, np.inf], dtype=np.float32)
+    with np.errstate(over="ignore"):  # float32(1e39) overflows, in trtcal.core as in the reference
+        counts = fill_counts(x, 64, 1e39, nonfinite="ignore")
+        assert np.array_equal(counts, _stepwise_counts(x, 64, 1e39)) and counts[0] == 4
