@@ -467,16 +467,19 @@ class _Runner:
             self.node_id = None
 
     def map_unordered(
-        self, submit: Callable[[Any], Any], items: Iterable[Any], on_result: Callable[[Any, Any], None]
+        self, submit: Callable[[Any], Any], items: Iterable[Any], on_result: Callable[[Any, Any], None],
+        *, in_flight: int | None = None,
     ) -> None:
-        """submit(item) -> ObjectRef for each item, at most `workers` pending; on_result(item, value)."""
+        """submit(item) -> ObjectRef for each item, at most `in_flight` (default `workers`) pending;
+        on_result(item, value)."""
+        limit = in_flight or self.workers
         pending: dict[Any, Any] = {}
         queue = iter(items)
         exhausted = False
 
         def refill() -> None:
             nonlocal exhausted
-            while not exhausted and len(pending) < self.workers:
+            while not exhausted and len(pending) < limit:
                 try:
                     item = next(queue)
                 except StopIteration:
@@ -705,7 +708,9 @@ def _build(
             while remaining and state["expected"] is None:
                 run.map_unordered(submit, remaining[:1], on_chunk)
                 remaining = remaining[1:]
-        run.map_unordered(submit, remaining, on_chunk)
+        # One task queued behind each running one: a worker that finishes starts the next chunk at
+        # once instead of waiting for the driver's round trip (results are ids only, or one chunk).
+        run.map_unordered(submit, remaining, on_chunk, in_flight=2 * workers)
         progress.finish("preprocess")
         wall["process"] = time.perf_counter() - t_process
 
