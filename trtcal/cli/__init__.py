@@ -12,6 +12,7 @@ Exit status of `trtcal COMMAND`:
     3    `submit`/`jobs`: the job was STOPPED
     70   internal error: any other exception, i.e. a bug in trtcal (EX_SOFTWARE of sysexits.h)
     130  interrupted (Ctrl-C)
+    141  stdout was closed by its reader (`trtcal cache ls | head`); nothing is printed
 
 Errors are one paragraph on stderr, with credentials masked; -v adds the traceback (masked too).
 """
@@ -35,6 +36,7 @@ log = logging.getLogger("trtcal")
 EXIT_ERROR = 2
 EXIT_INTERNAL_ERROR = 70
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader closed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(verbose, quiet)
     try:
         rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe surfaces here, inside the handlers below
     except TrtcalError as exc:  # its message was written for users (and scrubbed); mask again anyway
         scrub = scrubber_for(args)
         if verbose:
@@ -171,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trtcal: interrupted; nothing half-written was published", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`trtcal cache ls | head`): not an error. Point stdout at devnull so
+        # the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:
         return _internal_error(exc, args, verbose)
     return int(rc or 0)

@@ -137,3 +137,22 @@ def test_user_errors_keep_exit_code_2_and_interrupts_130(
     _ls_fails_with(monkeypatch, KeyboardInterrupt())
     rc, _, err = _run(capsys, "cache", "ls", store)
     assert rc == 130 and "interrupted" in err and "internal error" not in err
+
+
+def test_a_reader_that_closes_the_pipe_is_not_an_error(tmp_path: Path) -> None:
+    """`trtcal cache ls | head`: a real closed pipe (its read end closed before trtcal writes)."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "trtcal", "cache", "ls", str(tmp_path / "store"), "--json"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == ""
