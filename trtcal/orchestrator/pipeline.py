@@ -47,7 +47,7 @@ from trtcal.core.histogram import Histogram, TensorStats
 from trtcal.core.ranges import apply_manual_ranges
 from trtcal.core.scales import compute_amax
 from trtcal.core.weights import SAFE_SCALE
-from trtcal.errors import ConfigError, DataError
+from trtcal.errors import ConfigError, DataError, ModelError
 from trtcal.orchestrator.config import CalibrationConfig
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 
@@ -250,6 +250,38 @@ def resolve_batch(batch: Any, input_names: Sequence[str]) -> Any:
     raise ConfigError(f"batch must be a CalibrationBatch, a path/URL or a mapping of arrays, got {type(batch).__name__}")
 
 
+def _worker_batch_file(loaded: LoadedModel, cal_batch: CalibrationBatch) -> str | None:
+    """The local batch file worker processes can open themselves (with the model file), or None."""
+    source = cal_batch.source
+    if "://" in source or not os.path.isfile(loaded.source) or not os.path.isfile(source):
+        return None
+    if not source.lower().endswith((".arrow", ".npy")) or cal_batch.row_range != (0, cal_batch.total_rows):
+        return None
+    return source
+
+
+def _collect_in_workers(
+    cfg: CalibrationConfig, loaded: LoadedModel, runner: OnnxRuntimeRunner, source: str, num_rows: int,
+    micro_batch: int, workers: int, need_histograms: bool, progress: ProgressCallback,
+) -> tuple[dict[str, TensorStats], dict[str, Any]]:
+    """Both passes in `workers` processes on contiguous slices, merged exactly (integer counts, max/min)."""
+    from trtcal.runners.data_parallel import DataParallelStatistics, WorkerSpec
+
+    spec = WorkerSpec(
+        model=loaded.source, batch=source, input_name=sorted(runner.inputs)[0], runner="onnxruntime", device="cpu",
+        tensors=cfg.tensors, intra_op_num_threads=max(1, (os.cpu_count() or 1) // workers),
+    )
+    logger.info("collecting statistics in %d worker processes", workers)
+    with DataParallelStatistics(spec, ["cpu"] * workers) as pool:
+        stats, counts = pool.collect(
+            num_rows, micro_batch=micro_batch, num_bins=cfg.num_bins, nonfinite=cfg.nonfinite,  # type: ignore[arg-type]
+            progress=progress, histograms=need_histograms,
+        )
+    if set(stats) != set(runner.tensor_names):
+        raise ModelError(f"worker processes calibrated other tensors than this process: {sorted(set(stats) ^ set(runner.tensor_names))[:5]}")
+    return stats, counts
+
+
 # ---------------------------------------------------------------------------------------------
 # Output directory
 
@@ -330,6 +362,7 @@ def calibrate(
     nonfinite: str = _UNSET,
     manual_ranges: Mapping[str, float] | None = _UNSET,
     device: str = _UNSET,
+    workers: int = _UNSET,
     config: CalibrationConfig | None = None,
     progress: ProgressCallback = NO_PROGRESS,
 ) -> CalibrationResult:
@@ -342,7 +375,7 @@ def calibrate(
         output_dir: where to publish the artifacts (None: compute only). Created atomically; an
             earlier trtcal output there is replaced, any other non-empty directory is refused.
         algorithms, trt_version, micro_batch, num_bins, method_params, tensors, nonfinite,
-            manual_ranges, device: fields of `CalibrationConfig` (defaults live there); an explicit
+            manual_ranges, device, workers: fields of `CalibrationConfig` (defaults live there); an explicit
             keyword overrides the same field of `config`. None means the default.
         config: a full `CalibrationConfig`.
         progress: receives "statistics" and "histograms" stages in samples.
@@ -359,7 +392,7 @@ def calibrate(
     given: dict[str, Any] = {
         "algorithms": algorithms, "trt_version": trt_version, "micro_batch": micro_batch, "num_bins": num_bins,
         "method_params": method_params, "tensors": tensors, "nonfinite": nonfinite,
-        "manual_ranges": manual_ranges, "device": device,
+        "manual_ranges": manual_ranges, "device": device, "workers": workers,
     }
     overrides = {k: v for k, v in given.items() if v is not _UNSET and v is not None}
     for key in ("algorithms", "tensors"):
@@ -410,22 +443,36 @@ def _calibrate_open_batch(
         layout.micro_batch(cfg.micro_batch),
     )
 
-    t0 = time.perf_counter()
-    stats = runner.collect_stats(
-        cal_batch, micro_batch=cfg.micro_batch, nonfinite=cfg.nonfinite, progress=progress  # type: ignore[arg-type]
-    )
-    timings["statistics"] = time.perf_counter() - t0
-
+    need_histograms = not set(cfg.algorithms) <= _HISTOGRAM_FREE_METHODS
     histograms: dict[str, Histogram] = {}
-    if not set(cfg.algorithms) <= _HISTOGRAM_FREE_METHODS:
+    workers = cfg.resolved_workers() if cfg.device == "cpu" else 1
+    source = _worker_batch_file(loaded, cal_batch) if workers > 1 else None
+    if workers > 1 and source is None:
+        logger.info("collecting in this process: %d workers need a local model file and a local .arrow/.npy batch", workers)
+    if source is not None:
         t0 = time.perf_counter()
-        hist_amax = {n: stats[n].amax for n in runner.tensor_names}
-        counts = runner.collect_counts(
-            cal_batch, hist_amax, num_bins=cfg.num_bins, micro_batch=cfg.micro_batch,
-            nonfinite=cfg.nonfinite, progress=progress,  # type: ignore[arg-type]
+        stats, counts = _collect_in_workers(
+            cfg, loaded, runner, source, cal_batch.num_rows, layout.micro_batch(cfg.micro_batch), workers,
+            need_histograms, progress,
         )
-        histograms = {n: Histogram(counts=counts[n], hist_amax=hist_amax[n], stats=stats[n]) for n in runner.tensor_names}
-        timings["histograms"] = time.perf_counter() - t0
+        timings["statistics+histograms" if need_histograms else "statistics"] = time.perf_counter() - t0
+    else:
+        t0 = time.perf_counter()
+        stats = runner.collect_stats(
+            cal_batch, micro_batch=cfg.micro_batch, nonfinite=cfg.nonfinite, progress=progress  # type: ignore[arg-type]
+        )
+        timings["statistics"] = time.perf_counter() - t0
+        if need_histograms:
+            t0 = time.perf_counter()
+            counts = runner.collect_counts(
+                cal_batch, {n: stats[n].amax for n in runner.tensor_names}, num_bins=cfg.num_bins,
+                micro_batch=cfg.micro_batch, nonfinite=cfg.nonfinite, progress=progress,  # type: ignore[arg-type]
+            )
+            timings["histograms"] = time.perf_counter() - t0
+    if need_histograms:
+        histograms = {
+            n: Histogram(counts=counts[n], hist_amax=stats[n].amax, stats=stats[n]) for n in runner.tensor_names
+        }
 
     t0 = time.perf_counter()
     tensor_names = runner.tensor_names
@@ -451,7 +498,7 @@ def _calibrate_open_batch(
             "inputs": [info.to_dict() for info in cal_batch.inputs.values()],
         },
         "config": cfg.to_dict(),
-        "runner": {**runner.info, "micro_batch": layout.micro_batch(cfg.micro_batch)},
+        "runner": {**runner.info, "micro_batch": layout.micro_batch(cfg.micro_batch), "workers": workers if source else 1},
         "tensors": len(tensor_names),
         "default_cache": cache_name(cfg.algorithms[0]),
         "artifacts": {

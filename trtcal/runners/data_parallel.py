@@ -380,14 +380,19 @@ class DataParallelStatistics:
         num_bins: int = DEFAULT_NUM_BINS,
         nonfinite: NonFinitePolicy = "error",
         progress: ProgressCallback = NO_PROGRESS,
+        histograms: bool = True,
     ) -> tuple[dict[str, TensorStats], dict[str, npt.NDArray[np.int64]]]:
-        """Pass 1 on every worker, merge, pass 2 on the merged amax, merge. Returns (stats, counts)."""
+        """Pass 1 on every worker, merge, pass 2 on the merged amax, merge. Returns (stats, counts);
+        counts is empty with `histograms=False` (pass 1 only)."""
         slices = plan_slices(num_rows, len(self.devices), micro_batch)
         if not slices:
             raise ConfigError("the calibration batch is empty: nothing to collect")
-        progress.start("statistics", 2 * len(slices), "slice")
+        progress.start("statistics", (2 if histograms else 1) * len(slices), "slice")
         stats = merge_slice_stats(self._run("stats", slices, micro_batch=micro_batch, nonfinite=nonfinite))
         progress.advance("statistics", len(slices))
+        if not histograms:
+            progress.finish("statistics")
+            return stats, {}
         amax = hist_amax_of(stats)
         counts = merge_slice_counts(
             self._run("counts", slices, hist_amax=amax, num_bins=num_bins, micro_batch=micro_batch, nonfinite=nonfinite)

@@ -726,6 +726,11 @@ class CalibrationBatch:
         return self._rows.stop - self._rows.start
 
     @property
+    def total_rows(self) -> int:
+        """Rows of the whole batch this one is (a slice of)."""
+        return len(self._all_ids)
+
+    @property
     def row_range(self) -> tuple[int, int]:
         return (self._rows.start, self._rows.stop)
 
