@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 MODEL = Path(os.environ.get("TRTCAL_TEST_MODEL", REPO.parent / "shared" / "models" / "efficientnet_lite0.onnx"))
 MICRO_BATCH = 32
 ORT_BATCH = 20  # divides 100, 500 and 1000
-KINDS = ("plain-enable-all", "plain-disable-all", "trtcal", "trtcal-workers", "ort-entropy", "ort-percentile", "breakdown")
+KINDS = ("plain-enable-all", "plain-disable-all", "trtcal", "trtcal-processes", "ort-entropy", "ort-percentile", "breakdown")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,17 +62,17 @@ def _child_plain(data: str, level: str) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t0}
 
 
-def _child_trtcal(data: str, out: str, workers: int = 1) -> dict[str, Any]:
+def _child_trtcal(data: str, out: str, processes: int = 1) -> dict[str, Any]:
     import trtcal
 
     t0 = time.perf_counter()
     result = trtcal.calibrate(
-        MODEL, data, algorithms=("entropy2", "percentile"), output_dir=out, micro_batch=MICRO_BATCH, workers=workers
+        MODEL, data, algorithms=("entropy2", "percentile"), output_dir=out, micro_batch=MICRO_BATCH, processes=processes
     )
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds, "timings": result.timings, "tensors": len(result.tensor_names),
-        "workers": result.manifest["runner"]["workers"],
+        "processes": result.manifest["runner"]["processes"],
         "artifacts_sha256": {k: v["sha256"] for k, v in result.manifest["artifacts"].items()},
     }
 
@@ -191,8 +191,8 @@ def child_main(kind: str, data: str, out: str) -> None:
         result = _child_plain(data, "ORT_DISABLE_ALL")
     elif kind == "trtcal":
         result = _child_trtcal(data, os.path.join(out, "artifacts"))
-    elif kind == "trtcal-workers":  # workers=0: one process per 2 cores, at most 8
-        result = _child_trtcal(data, os.path.join(out, "artifacts-workers"), workers=0)
+    elif kind == "trtcal-processes":  # processes=0: one per 2 cores, at most 8
+        result = _child_trtcal(data, os.path.join(out, "artifacts-processes"), processes=0)
     elif kind == "ort-entropy":
         result = _child_ort(data, out, "Entropy")
     elif kind == "ort-percentile":
@@ -349,12 +349,12 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, work: Pa
             cells.extend(fmt_run(by[(n, kind)]) if (n, kind) in by else ("-", "-"))
         lines.append("| " + " | ".join(cells) + " |")
     for n in args.sizes:
-        par, trt = by.get((n, "trtcal-workers"), {}), by.get((n, "trtcal"), {})
+        par, trt = by.get((n, "trtcal-processes"), {}), by.get((n, "trtcal"), {})
         plain_all = by.get((n, "plain-enable-all"), {})
         if par.get("status") == "ok":
             same = trt.get("artifacts_sha256") == par.get("artifacts_sha256") if trt.get("status") == "ok" else None
             lines.append(
-                f"\ntrtcal with workers=0 ({par['workers']} processes) at N={n}: {par['seconds']:.1f} s, peak RSS "
+                f"\ntrtcal with processes=0 ({par['processes']} processes) at N={n}: {par['seconds']:.1f} s, peak RSS "
                 f"{par['vmhwm_mib'] / 1024:.2f} GiB (parent process only)"
                 + (f", {trt['seconds'] / par['seconds']:.2f}x faster than one process" if trt.get("status") == "ok" else "")
                 + (f", {par['seconds'] / plain_all['seconds']:.1f}x the plain ENABLE_ALL pass" if plain_all.get("status") == "ok" else "")
@@ -362,7 +362,7 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, work: Pa
             )
     lines += ["", "trtcal stage timings (seconds):", ""]
     for n in args.sizes:
-        for kind in ("trtcal", "trtcal-workers"):
+        for kind in ("trtcal", "trtcal-processes"):
             trt = by.get((n, kind), {})
             if trt.get("status") == "ok":
                 stages = ", ".join(f"{k} {v:.1f}" for k, v in trt["timings"].items())

@@ -13,7 +13,7 @@
 #
 # Phase 2, through the device tool:
 #     run(command="bash bench/device_calibrate.sh device-run 100 500", carry=[".whl-cal"])
-#   (KINDS="trtcal trtcal-workers ..." picks the runs; default: all but the breakdown)
+#   (KINDS="trtcal trtcal-processes ..." picks the runs; default: all but the breakdown)
 #   installs the wheels into .device-site/, then runs
 #   bench/bench_calibrate.py --sizes <sizes> --limit-gib 100 and copies its table to $OUT.
 set -euo pipefail
@@ -65,7 +65,7 @@ EOF
     nproc; free -g | head -2
     out=${OUT:-/tmp/out}; mkdir -p "$out"
     # shellcheck disable=SC2068
-    kinds=${KINDS:-plain-enable-all plain-disable-all trtcal trtcal-workers ort-entropy ort-percentile}
+    kinds=${KINDS:-plain-enable-all plain-disable-all trtcal trtcal-processes ort-entropy ort-percentile}
     # shellcheck disable=SC2086
     python3 bench/bench_calibrate.py --sizes ${sizes[@]} --kinds $kinds --limit-gib 100 --work-dir /tmp/trtcal-cal \
       --results "$out/RESULTS-calibrate-device.md" 2>&1 | tee "$out/log.txt" | tail -60

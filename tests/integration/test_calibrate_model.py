@@ -104,24 +104,24 @@ def test_shuffled_sample_order_gives_identical_bytes(first_run: Any, efficientne
         assert first[name] == shuffled[name], name
 
 
-@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("processes", [2, 3])
 def test_worker_processes_give_the_bytes_of_one(first_run: Any, efficientnet_path: Path, photo_batch_path: Path,
-                                               tmp_path: Path, workers: int) -> None:
-    """calibrate(workers=k): k processes on contiguous slices, merged exactly; 48 rows, micro-batch 5,
+                                               tmp_path: Path, processes: int) -> None:
+    """calibrate(processes=k): k processes on contiguous slices, merged exactly; 48 rows, micro-batch 5,
     so the slices are uneven and end mid-way through the one-process micro-batches of 32 too."""
     _result, out = first_run
     result = calibrate(efficientnet_path, photo_batch_path, algorithms=METHODS, output_dir=tmp_path / "w",
-                       micro_batch=5, workers=workers)
-    assert result.manifest["runner"]["workers"] == workers
+                       micro_batch=5, processes=processes)
+    assert result.manifest["runner"]["processes"] == processes
     first, parallel = _artifacts(out), _artifacts(tmp_path / "w")
     different = [name for name in HASHED if first[name] != parallel[name]]
-    assert different == [], f"{workers} workers changed {different}"
+    assert different == [], f"{processes} processes changed {different}"
 
 
-def test_workers_fall_back_to_this_process_for_in_memory_batches(efficientnet_path: Path, photo_arrays: Any) -> None:
+def test_processes_fall_back_to_this_process_for_in_memory_batches(efficientnet_path: Path, photo_arrays: Any) -> None:
     arrays, _ids = photo_arrays
-    result = calibrate(efficientnet_path, {INPUT_NAME: arrays[:6]}, algorithms=("minmax",), workers=2)
-    assert result.manifest["runner"]["workers"] == 1
+    result = calibrate(efficientnet_path, {INPUT_NAME: arrays[:6]}, algorithms=("minmax",), processes=2)
+    assert result.manifest["runner"]["processes"] == 1
 
 
 def test_micro_batch_size_does_not_change_the_artifacts(first_run: Any, efficientnet_path: Path,

@@ -37,7 +37,7 @@ class CalibrationConfig:
             (they are counted in ranges.json).
         manual_ranges: tensor -> amax that overrides (or adds to) the calibrated value.
         device: "cpu", or "cuda"/"cuda:N" with onnxruntime-gpu installed.
-        workers: CPU processes that collect the statistics, each on a contiguous slice of the
+        processes: CPU processes that collect the statistics, each on a contiguous slice of the
             batch, merged exactly (the artifacts are the bytes of one worker; tested). 1: in this
             process. 0: one per 2 cores, at most 8. Needs a local .arrow/.npy batch file (other
             batches are collected in this process). Not part of any cache key.
@@ -52,7 +52,7 @@ class CalibrationConfig:
     nonfinite: str = "error"
     manual_ranges: Mapping[str, float] = field(default_factory=dict)
     device: str = "cpu"
-    workers: int = 1
+    processes: int = 1
 
     def __post_init__(self) -> None:
         algorithms = (self.algorithms,) if isinstance(self.algorithms, str) else tuple(self.algorithms)
@@ -117,13 +117,13 @@ class CalibrationConfig:
             self.device in ("cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         ):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 0 <= self.workers <= 256:
-            raise ConfigError(f"workers must be an int from 0 (auto) to 256, got {self.workers!r}")
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or not 0 <= self.processes <= 256:
+            raise ConfigError(f"processes must be an int from 0 (auto) to 256, got {self.processes!r}")
 
-    def resolved_workers(self) -> int:
-        """`workers` with 0 (auto) resolved for this machine."""
-        if self.workers:
-            return self.workers
+    def resolved_processes(self) -> int:
+        """`processes` with 0 (auto) resolved for this machine."""
+        if self.processes:
+            return self.processes
         return max(1, min(8, (os.cpu_count() or 1) // 2))
 
     def to_dict(self) -> dict[str, Any]:

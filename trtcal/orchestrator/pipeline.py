@@ -362,7 +362,7 @@ def calibrate(
     nonfinite: str = _UNSET,
     manual_ranges: Mapping[str, float] | None = _UNSET,
     device: str = _UNSET,
-    workers: int = _UNSET,
+    processes: int = _UNSET,
     config: CalibrationConfig | None = None,
     progress: ProgressCallback = NO_PROGRESS,
 ) -> CalibrationResult:
@@ -375,7 +375,7 @@ def calibrate(
         output_dir: where to publish the artifacts (None: compute only). Created atomically; an
             earlier trtcal output there is replaced, any other non-empty directory is refused.
         algorithms, trt_version, micro_batch, num_bins, method_params, tensors, nonfinite,
-            manual_ranges, device, workers: fields of `CalibrationConfig` (defaults live there); an explicit
+            manual_ranges, device, processes: fields of `CalibrationConfig` (defaults live there); an explicit
             keyword overrides the same field of `config`. None means the default.
         config: a full `CalibrationConfig`.
         progress: receives "statistics" and "histograms" stages in samples.
@@ -392,7 +392,7 @@ def calibrate(
     given: dict[str, Any] = {
         "algorithms": algorithms, "trt_version": trt_version, "micro_batch": micro_batch, "num_bins": num_bins,
         "method_params": method_params, "tensors": tensors, "nonfinite": nonfinite,
-        "manual_ranges": manual_ranges, "device": device, "workers": workers,
+        "manual_ranges": manual_ranges, "device": device, "processes": processes,
     }
     overrides = {k: v for k, v in given.items() if v is not _UNSET and v is not None}
     for key in ("algorithms", "tensors"):
@@ -445,7 +445,7 @@ def _calibrate_open_batch(
 
     need_histograms = not set(cfg.algorithms) <= _HISTOGRAM_FREE_METHODS
     histograms: dict[str, Histogram] = {}
-    workers = cfg.resolved_workers() if cfg.device == "cpu" else 1
+    workers = cfg.resolved_processes() if cfg.device == "cpu" else 1
     source = _worker_batch_file(loaded, cal_batch) if workers > 1 else None
     if workers > 1 and source is None:
         logger.info("collecting in this process: %d workers need a local model file and a local .arrow/.npy batch", workers)
@@ -498,7 +498,7 @@ def _calibrate_open_batch(
             "inputs": [info.to_dict() for info in cal_batch.inputs.values()],
         },
         "config": cfg.to_dict(),
-        "runner": {**runner.info, "micro_batch": layout.micro_batch(cfg.micro_batch), "workers": workers if source else 1},
+        "runner": {**runner.info, "micro_batch": layout.micro_batch(cfg.micro_batch), "processes": workers if source else 1},
         "tensors": len(tensor_names),
         "default_cache": cache_name(cfg.algorithms[0]),
         "artifacts": {
