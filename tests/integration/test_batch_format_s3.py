@@ -44,3 +44,26 @@ def test_write_and_open_through_s3(s3_server, s3_bucket: str, tmp_path: Path) ->
 
     with pytest.raises(DataError, match="does not exist"):
         open_batch(f"s3://{s3_bucket}/calib/missing.arrow", **options)
+
+
+def test_planned_writer_publishes_to_s3_with_the_bytes_of_write_batch(s3_server, s3_bucket: str, tmp_path: Path) -> None:
+    """PlannedBatchWriter builds the file in the local temp dir and uploads it once, whole."""
+    import fsspec
+
+    from trtcal.workers.batch_format import InputInfo
+    from trtcal.workers.planned_writer import PlannedBatchWriter
+
+    options = s3_server.storage_options()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((20, 3, 8, 8)).astype(np.float32)
+    ids = [f"train/n{i:04d}.JPEG" for i in range(20)]
+    write_batch(tmp_path / "ref.arrow", {"input": x}, ids, spec={"preset": "test"})
+    url = f"s3://{s3_bucket}/planned/batch.arrow"
+    with PlannedBatchWriter(url, sample_ids=ids, inputs=[InputInfo("input", (3, 8, 8), "float32")],
+                            spec={"preset": "test"}, **options) as writer:
+        for part in np.array_split(rng.permutation(20), 4):
+            writer.write({"input": x[part]}, [ids[i] for i in part])
+    fs = fsspec.filesystem("s3", **options)
+    assert fs.cat_file(url) == (tmp_path / "ref.arrow").read_bytes()
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/planned", refresh=True)] == ["batch.arrow"]
+    assert open_batch(url, **options).fingerprint == writer.info.fingerprint
