@@ -7,7 +7,14 @@ and ends only the processes it started, by PID (never `ray stop`).
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.ray", "tests.fixtures.data"]
 
 
+import signal  # noqa: E402
+
 import pytest  # noqa: E402
+
+# A run started in the background by a non-interactive shell (`bash .ci/run &`) inherits SIGINT
+# ignored, and so would every trtcal child the interrupt tests signal: give them the default back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")
