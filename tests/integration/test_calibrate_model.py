@@ -124,6 +124,23 @@ def test_processes_fall_back_to_this_process_for_in_memory_batches(efficientnet_
     assert result.manifest["runner"]["processes"] == 1
 
 
+def test_processes_fall_back_when_the_main_module_is_stdin(efficientnet_path: Path, photo_batch_path: Path) -> None:
+    """`python - < script.py` has no main file for multiprocessing's spawn to re-import: collect here."""
+    import subprocess
+    import sys
+
+    from tests.fixtures.data import REPO_ROOT
+
+    script = (
+        f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); import trtcal\n"
+        f"r = trtcal.calibrate({str(efficientnet_path)!r}, {str(photo_batch_path)!r}, algorithms=('minmax',), processes=2)\n"
+        "print('processes', r.manifest['runner']['processes'])\n"
+    )
+    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("processes 1")
+
+
 def test_micro_batch_size_does_not_change_the_artifacts(first_run: Any, efficientnet_path: Path,
                                                        photo_batch_path: Path, tmp_path: Path) -> None:
     """Measured: with ORT_DISABLE_ALL on CPU, ONNX Runtime's kernels give bitwise the same activations

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -250,6 +251,13 @@ def resolve_batch(batch: Any, input_names: Sequence[str]) -> Any:
     raise ConfigError(f"batch must be a CalibrationBatch, a path/URL or a mapping of arrays, got {type(batch).__name__}")
 
 
+def _can_spawn() -> bool:
+    """multiprocessing's spawn re-imports the main module from its file: a script read from stdin
+    (`python - < x.py`) has none, and its children would die at start."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is None or os.path.exists(main_file)
+
+
 def _worker_batch_file(loaded: LoadedModel, cal_batch: CalibrationBatch) -> str | None:
     """The local batch file worker processes can open themselves (with the model file), or None."""
     source = cal_batch.source
@@ -446,9 +454,12 @@ def _calibrate_open_batch(
     need_histograms = not set(cfg.algorithms) <= _HISTOGRAM_FREE_METHODS
     histograms: dict[str, Histogram] = {}
     workers = cfg.resolved_processes() if cfg.device == "cpu" else 1
-    source = _worker_batch_file(loaded, cal_batch) if workers > 1 else None
+    source = _worker_batch_file(loaded, cal_batch) if workers > 1 and _can_spawn() else None
     if workers > 1 and source is None:
-        logger.info("collecting in this process: %d workers need a local model file and a local .arrow/.npy batch", workers)
+        logger.info(
+            "collecting in this process: %d processes need a local model file, a local .arrow/.npy batch and a "
+            "main module that is a file (not stdin)", workers,
+        )
     if source is not None:
         t0 = time.perf_counter()
         stats, counts = _collect_in_workers(
