@@ -39,17 +39,14 @@ sys.path.insert(0, str(REPO))
 MODEL = Path(os.environ.get("TRTCAL_TEST_MODEL", REPO.parent / "shared" / "models" / "efficientnet_lite0.onnx"))
 MICRO_BATCH = 32
 ORT_BATCH = 20  # divides 100, 500 and 1000
-KINDS = (
-    "plain-enable-all", "plain-disable-all", "trtcal", "trtcal-processes", "ort-entropy", "ort-percentile", "breakdown",
-    "plain-cuda", "trtcal-cuda",  # need onnxruntime-gpu and a GPU
-)
+KINDS = ("plain-enable-all", "plain-disable-all", "trtcal", "trtcal-processes", "ort-entropy", "ort-percentile", "breakdown")
 
 
 # ---------------------------------------------------------------------------------------------
 # Children (one measured run each)
 
 
-def _child_plain(data: str, level: str, provider: str = "CPUExecutionProvider") -> dict[str, Any]:
+def _child_plain(data: str, level: str) -> dict[str, Any]:
     import numpy as np
     import onnxruntime as ort
 
@@ -57,25 +54,20 @@ def _child_plain(data: str, level: str, provider: str = "CPUExecutionProvider") 
 
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    session = ort.InferenceSession(str(MODEL), options, providers=[provider])
-    if session.get_providers()[0] != provider:
-        raise SystemExit(f"{provider} is not available: {session.get_providers()}")
+    session = ort.InferenceSession(str(MODEL), options, providers=["CPUExecutionProvider"])
     batch = open_batch(data, verify=False)
-    if provider != "CPUExecutionProvider":  # first run: kernel selection and allocations, not timed
-        session.run(["logits"], {"input": np.ascontiguousarray(next(batch.iter_micro_batches(MICRO_BATCH))["input"])})
     t0 = time.perf_counter()
     for feed in batch.iter_micro_batches(MICRO_BATCH):
         session.run(["logits"], {"input": np.ascontiguousarray(feed["input"])})
     return {"seconds": time.perf_counter() - t0}
 
 
-def _child_trtcal(data: str, out: str, processes: int = 1, device: str = "cpu") -> dict[str, Any]:
+def _child_trtcal(data: str, out: str, processes: int = 1) -> dict[str, Any]:
     import trtcal
 
     t0 = time.perf_counter()
     result = trtcal.calibrate(
-        MODEL, data, algorithms=("entropy2", "percentile"), output_dir=out, micro_batch=MICRO_BATCH, processes=processes,
-        device=device,
+        MODEL, data, algorithms=("entropy2", "percentile"), output_dir=out, micro_batch=MICRO_BATCH, processes=processes
     )
     seconds = time.perf_counter() - t0
     return {
@@ -201,10 +193,6 @@ def child_main(kind: str, data: str, out: str) -> None:
         result = _child_trtcal(data, os.path.join(out, "artifacts"))
     elif kind == "trtcal-processes":  # processes=0: one per 2 cores, at most 8
         result = _child_trtcal(data, os.path.join(out, "artifacts-processes"), processes=0)
-    elif kind == "plain-cuda":
-        result = _child_plain(data, "ORT_ENABLE_ALL", provider="CUDAExecutionProvider")
-    elif kind == "trtcal-cuda":
-        result = _child_trtcal(data, os.path.join(out, "artifacts-cuda"), device="cuda")
     elif kind == "ort-entropy":
         result = _child_ort(data, out, "Entropy")
     elif kind == "ort-percentile":
@@ -360,14 +348,6 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, work: Pa
         for kind in ("ort-entropy", "ort-percentile"):
             cells.extend(fmt_run(by[(n, kind)]) if (n, kind) in by else ("-", "-"))
         lines.append("| " + " | ".join(cells) + " |")
-    for n in args.sizes:
-        cuda, plain_cuda = by.get((n, "trtcal-cuda"), {}), by.get((n, "plain-cuda"), {})
-        if cuda.get("status") == "ok" and plain_cuda.get("status") == "ok":
-            lines.append(
-                f"\nGPU (ONNX Runtime CUDA provider) at N={n}: plain FP32 pass {plain_cuda['seconds']:.2f} s, "
-                f"trtcal.calibrate(device='cuda') {cuda['seconds']:.2f} s = {cuda['seconds'] / plain_cuda['seconds']:.1f}x"
-                f" (stages: {', '.join(f'{k} {v:.2f}' for k, v in cuda['timings'].items())})"
-            )
     for n in args.sizes:
         par, trt = by.get((n, "trtcal-processes"), {}), by.get((n, "trtcal"), {})
         plain_all = by.get((n, "plain-enable-all"), {})
