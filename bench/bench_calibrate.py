@@ -39,7 +39,10 @@ sys.path.insert(0, str(REPO))
 MODEL = Path(os.environ.get("TRTCAL_TEST_MODEL", REPO.parent / "shared" / "models" / "efficientnet_lite0.onnx"))
 MICRO_BATCH = 32
 ORT_BATCH = 20  # divides 100, 500 and 1000
-KINDS = ("plain-enable-all", "plain-disable-all", "trtcal", "trtcal-processes", "ort-entropy", "ort-percentile", "breakdown")
+KINDS = (
+    "plain-enable-all", "plain-disable-all", "trtcal", "trtcal-processes", "ort-entropy", "ort-percentile", "breakdown",
+    "plain-torch-cuda", "trtcal-cuda",  # need PyTorch with CUDA and a GPU
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,17 +65,39 @@ def _child_plain(data: str, level: str) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t0}
 
 
-def _child_trtcal(data: str, out: str, processes: int = 1) -> dict[str, Any]:
+def _child_plain_torch_cuda(data: str) -> dict[str, Any]:
+    """The GPU anchor: one FP32 forward over every row with the runner calibrate(device="cuda") uses
+    here (PyTorch), no statistics; timed from the first micro-batch (cold kernels included)."""
+    import torch
+
+    from trtcal.runners.torch_runner import TorchRunner, _inference, fp32_exact
+    from trtcal.workers.batch_format import open_batch
+
+    runner = TorchRunner(MODEL, device="cuda")
+    batch = open_batch(data, verify=False)
+    with fp32_exact(), _inference():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for feeds, _rows in runner._micro_batches(batch, 0, batch.num_rows, MICRO_BATCH):
+            for _name, _value in runner._forward(feeds):
+                pass
+        torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - t0, "device": torch.cuda.get_device_name(0)}
+
+
+def _child_trtcal(data: str, out: str, processes: int = 1, device: str = "cpu") -> dict[str, Any]:
     import trtcal
 
     t0 = time.perf_counter()
     result = trtcal.calibrate(
-        MODEL, data, algorithms=("entropy2", "percentile"), output_dir=out, micro_batch=MICRO_BATCH, processes=processes
+        MODEL, data, algorithms=("entropy2", "percentile"), output_dir=out, micro_batch=MICRO_BATCH, processes=processes,
+        device=device,
     )
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds, "timings": result.timings, "tensors": len(result.tensor_names),
         "processes": result.manifest["runner"]["processes"],
+        "runner": result.manifest["runner"]["kind"],
         "artifacts_sha256": {k: v["sha256"] for k, v in result.manifest["artifacts"].items()},
     }
 
@@ -193,6 +218,10 @@ def child_main(kind: str, data: str, out: str) -> None:
         result = _child_trtcal(data, os.path.join(out, "artifacts"))
     elif kind == "trtcal-processes":  # processes=0: one per 2 cores, at most 8
         result = _child_trtcal(data, os.path.join(out, "artifacts-processes"), processes=0)
+    elif kind == "plain-torch-cuda":
+        result = _child_plain_torch_cuda(data)
+    elif kind == "trtcal-cuda":
+        result = _child_trtcal(data, os.path.join(out, "artifacts-cuda"), device="cuda")
     elif kind == "ort-entropy":
         result = _child_ort(data, out, "Entropy")
     elif kind == "ort-percentile":
@@ -348,6 +377,15 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, work: Pa
         for kind in ("ort-entropy", "ort-percentile"):
             cells.extend(fmt_run(by[(n, kind)]) if (n, kind) in by else ("-", "-"))
         lines.append("| " + " | ".join(cells) + " |")
+    for n in args.sizes:
+        cuda, plain_cuda = by.get((n, "trtcal-cuda"), {}), by.get((n, "plain-torch-cuda"), {})
+        if cuda.get("status") == "ok" and plain_cuda.get("status") == "ok":
+            lines.append(
+                f"\nGPU ({plain_cuda['device']}, runner {cuda['runner']}) at N={n}: plain FP32 forward "
+                f"{plain_cuda['seconds']:.2f} s; trtcal.calibrate(device='cuda') {cuda['seconds']:.2f} s = "
+                f"{cuda['seconds'] / plain_cuda['seconds']:.2f}x (stages: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in cuda["timings"].items()) + ")"
+            )
     for n in args.sizes:
         par, trt = by.get((n, "trtcal-processes"), {}), by.get((n, "trtcal"), {})
         plain_all = by.get((n, "plain-enable-all"), {})

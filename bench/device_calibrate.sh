@@ -13,7 +13,8 @@
 #
 # Phase 2, through the device tool:
 #     run(command="bash bench/device_calibrate.sh device-run 100 500", carry=[".whl-cal"])
-#   (KINDS="trtcal trtcal-processes ..." picks the runs; default: all but the breakdown)
+#   (KINDS="trtcal trtcal-processes ..." picks the runs; default: all CPU kinds but the breakdown;
+#   GPU_TESTS=1 KINDS="plain-torch-cuda trtcal-cuda" runs tests/gpu and the GPU comparison)
 #   installs the wheels into .device-site/, then runs
 #   bench/bench_calibrate.py --sizes <sizes> --limit-gib 100 and copies its table to $OUT.
 set -euo pipefail
@@ -63,6 +64,10 @@ EOF
     export PYTHONPATH="$PWD/.device-site:$PWD" PYTHONUNBUFFERED=1 TRTCAL_TEST_MODEL="$PWD/.whl-cal/efficientnet_lite0.onnx"
     python3 -c "import onnx, onnxruntime, numpy, pyarrow; print('onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__, 'numpy', numpy.__version__, 'pyarrow', pyarrow.__version__)"
     nproc; free -g | head -2
+    out=${OUT:-/tmp/out}; mkdir -p "$out"
+    if [ -n "${GPU_TESTS:-}" ]; then  # the GPU tests too (tests/gpu), e.g. GPU_TESTS=1 KINDS="plain-torch-cuda trtcal-cuda"
+      python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$out/pytest-gpu.txt"
+    fi
     out=${OUT:-/tmp/out}; mkdir -p "$out"
     # shellcheck disable=SC2068
     kinds=${KINDS:-plain-enable-all plain-disable-all trtcal trtcal-processes ort-entropy ort-percentile}

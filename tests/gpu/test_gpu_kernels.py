@@ -188,3 +188,22 @@ def test_ort_cuda_provider_feeds_device_kernels(photo_batch) -> None:
     stats = runner.collect_stats(photo_batch, micro_batch=8)
     want = OnnxRuntimeRunner(MODEL_PATH, device="cuda").collect_stats(photo_batch, micro_batch=8)
     assert stats == want  # same ORT CUDA activations, device kernels == core
+
+
+def test_calibrate_on_cuda_without_onnxruntime_gpu_uses_the_torch_runner(photo_batch, tmp_path) -> None:
+    """trtcal.calibrate(device="cuda") where only PyTorch sees the GPU: the PyTorch runner collects on
+    the GPU; the amax values match the CPU ONNX Runtime run to FP32 kernel differences."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed: calibrate uses its CUDA provider")
+    import trtcal
+
+    gpu = trtcal.calibrate(MODEL_PATH, photo_batch, algorithms=("minmax", "entropy2"), device="cuda", output_dir=tmp_path / "g")
+    cpu = trtcal.calibrate(MODEL_PATH, photo_batch, algorithms=("minmax", "entropy2"))
+    assert gpu.manifest["runner"]["kind"] == "torch" and gpu.manifest["runner"]["device"].startswith("cuda")
+    again = trtcal.calibrate(MODEL_PATH, photo_batch, algorithms=("minmax", "entropy2"), device="cuda", output_dir=tmp_path / "h")
+    for name in ("calibration.minmax.cache", "ranges.json", "histograms.npy"):
+        assert (tmp_path / "g" / name).read_bytes() == (tmp_path / "h" / name).read_bytes(), name  # deterministic on GPU
+    for tensor, amax in cpu.amax["minmax"].items():
+        assert gpu.amax["minmax"][tensor] == pytest.approx(amax, rel=1e-4, abs=1e-6), tensor

@@ -36,7 +36,8 @@ class CalibrationConfig:
         nonfinite: "error" raises NonFiniteError naming the tensor; "ignore" skips NaN/Inf values
             (they are counted in ranges.json).
         manual_ranges: tensor -> amax that overrides (or adds to) the calibrated value.
-        device: "cpu", or "cuda"/"cuda:N" with onnxruntime-gpu installed.
+        device: "cpu", or "cuda"/"cuda:N": ONNX Runtime's CUDA provider when onnxruntime-gpu is
+            installed, else the PyTorch runner (statistics on the GPU) when torch sees CUDA.
         processes: CPU processes that collect the statistics, each on a contiguous slice of the
             batch, merged exactly (the artifacts are the bytes of one worker; tested). 1: in this
             process. 0: one per 2 cores, at most 8. Needs a local .arrow/.npy batch file (other

@@ -251,6 +251,30 @@ def resolve_batch(batch: Any, input_names: Sequence[str]) -> Any:
     raise ConfigError(f"batch must be a CalibrationBatch, a path/URL or a mapping of arrays, got {type(batch).__name__}")
 
 
+def _runner_for(cfg: CalibrationConfig, loaded: LoadedModel) -> OnnxRuntimeRunner:
+    """ONNX Runtime on the CPU, or with its CUDA provider; for "cuda" without onnxruntime-gpu, the
+    PyTorch runner (trtcal's ONNX interpreter on torch, statistics computed on the GPU)."""
+    from trtcal.runners.onnxruntime import OnnxRuntimeRunner
+
+    if cfg.device != "cpu":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers() and _torch_sees_cuda():
+            from trtcal.runners.torch_runner import TorchRunner
+
+            logger.info("onnxruntime has no CUDA provider here: collecting with the PyTorch runner on %s", cfg.device)
+            return TorchRunner(loaded, tensors=cfg.tensors, device=cfg.device)  # type: ignore[return-value]
+    return OnnxRuntimeRunner(loaded, tensors=cfg.tensors, device=cfg.device)
+
+
+def _torch_sees_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 def _can_spawn() -> bool:
     """multiprocessing's spawn re-imports the main module from its file: a script read from stdin
     (`python - < x.py`) has none, and its children would die at start."""
@@ -395,7 +419,7 @@ def calibrate(
         ConfigError, DataError (incl. NonFiniteError), ModelError, BackendUnavailableError,
         StorageError. Nothing is left in `output_dir` when any of them is raised.
     """
-    from trtcal.runners.onnxruntime import OnnxRuntimeRunner, load_model
+    from trtcal.runners.onnxruntime import load_model
 
     given: dict[str, Any] = {
         "algorithms": algorithms, "trt_version": trt_version, "micro_batch": micro_batch, "num_bins": num_bins,
@@ -419,7 +443,7 @@ def calibrate(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     loaded = load_model(model)
-    runner = OnnxRuntimeRunner(loaded, tensors=cfg.tensors, device=cfg.device)
+    runner = _runner_for(cfg, loaded)
     timings["load_model"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
