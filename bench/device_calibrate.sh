@@ -68,7 +68,6 @@ EOF
     if [ -n "${GPU_TESTS:-}" ]; then  # the GPU tests too (tests/gpu), e.g. GPU_TESTS=1 KINDS="plain-torch-cuda trtcal-cuda"
       python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$out/pytest-gpu.txt"
     fi
-    out=${OUT:-/tmp/out}; mkdir -p "$out"
     # shellcheck disable=SC2068
     kinds=${KINDS:-plain-enable-all plain-disable-all trtcal trtcal-processes ort-entropy ort-percentile}
     # shellcheck disable=SC2086
