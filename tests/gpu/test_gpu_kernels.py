@@ -202,7 +202,7 @@ def test_calibrate_on_cuda_without_onnxruntime_gpu_uses_the_torch_runner(photo_b
     gpu = trtcal.calibrate(MODEL_PATH, photo_batch, algorithms=("minmax", "entropy2"), device="cuda", output_dir=tmp_path / "g")
     cpu = trtcal.calibrate(MODEL_PATH, photo_batch, algorithms=("minmax", "entropy2"))
     assert gpu.manifest["runner"]["kind"] == "torch" and gpu.manifest["runner"]["device"].startswith("cuda")
-    again = trtcal.calibrate(MODEL_PATH, photo_batch, algorithms=("minmax", "entropy2"), device="cuda", output_dir=tmp_path / "h")
+    trtcal.calibrate(MODEL_PATH, photo_batch, algorithms=("minmax", "entropy2"), device="cuda", output_dir=tmp_path / "h")
     for name in ("calibration.minmax.cache", "ranges.json", "histograms.npy"):
         assert (tmp_path / "g" / name).read_bytes() == (tmp_path / "h" / name).read_bytes(), name  # deterministic on GPU
     for tensor, amax in cpu.amax["minmax"].items():
