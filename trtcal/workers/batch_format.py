@@ -185,18 +185,23 @@ def _check_input_name(name: object) -> str:
     return name
 
 
+def le_row_bytes(arr: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    """Each row's values as bytes, C order, little endian: shape [rows, row_bytes] (copies only on
+    big-endian machines or for non-contiguous input). What is hashed and what is written."""
+    le = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
+    return le.reshape(le.shape[0], -1).view(np.uint8)
+
+
 def _le_bytes_view(arr: npt.NDArray[Any]) -> memoryview:
     """The array's bytes, C order, little endian (copies only on big-endian machines)."""
-    le = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
-    return le.reshape(-1).view(np.uint8).data
+    return le_row_bytes(arr).reshape(-1).data
 
 
 def row_digests(rows: npt.NDArray[Any]) -> bytes:
     """sha256 of each row's values (C order, little endian), concatenated: 32 bytes per row.
 
     Rows are hashed independently, so any process can hash the rows it holds, in parallel."""
-    data = np.ascontiguousarray(rows).astype(rows.dtype.newbyteorder("<"), copy=False)
-    data = data.reshape(data.shape[0], -1).view(np.uint8)
+    data = le_row_bytes(rows)
     sha256 = hashlib.sha256
     return b"".join(sha256(data[i]).digest() for i in range(data.shape[0]))  # releases the GIL per row
 
@@ -559,9 +564,8 @@ class BatchWriter:
             if s in self._seen:
                 raise DataError(f"sample id {s!r:.80} was already written; sample ids must be unique")
         for info in self._inputs:
-            arr = np.ascontiguousarray(columns[info.name]).astype(np.dtype(info.dtype).newbyteorder("<"), copy=False)
             try:
-                self._files[info.name].write(arr.reshape(-1).view(np.uint8).data)
+                self._files[info.name].write(_le_bytes_view(columns[info.name]))
             except OSError as exc:
                 raise _as_storage_error(exc, self._target.url) from exc
         self._seen.update(ids)

@@ -50,9 +50,11 @@ from trtcal.workers.batch_format import (
     _as_storage_error,
     _check_array,
     _check_input_name,
+    _FileMapping,
     _Target,
     canonical_spec_json,
     fingerprint_digest,
+    le_row_bytes,
     record_batch,
     row_digests,
     validate_sample_ids,
@@ -169,17 +171,12 @@ def _runs(rows: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
     return list(zip(starts, stops))
 
 
-def _little_endian_rows(arr: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
-    arr = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
-    return arr.reshape(arr.shape[0], -1).view(np.uint8)
-
-
 def _write_rows(
     fd: int, rows: npt.NDArray[np.int64], columns: Mapping[str, npt.NDArray[Any]],
     values_offset: Mapping[str, int], row_bytes: Mapping[str, int],
 ) -> None:
     for name, arr in columns.items():
-        data = _little_endian_rows(arr)
+        data = le_row_bytes(arr)
         for a, b in _runs(rows):
             _pwrite_all(fd, data[a:b].reshape(-1).data, values_offset[name] + int(rows[a]) * row_bytes[name])
 
@@ -263,7 +260,7 @@ class PlannedBatchWriter:
         self._state = "open"
         self.info: BatchInfo | None = None
         self._fd = -1
-        self._view: mmap.mmap | None = None
+        self._view: _FileMapping | None = None  # read-back of what `write` put in the file
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self._stopping = False
@@ -275,7 +272,7 @@ class PlannedBatchWriter:
             self._layout = _plan_layout(ids, self._inputs, self._spec_json, _PLACEHOLDER_FINGERPRINT, self._target.local_dir)
             self._fd = os.open(self._target.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             self._preallocate()
-            self._view = mmap.mmap(self._fd, self._layout.size, access=mmap.ACCESS_READ)
+            self._view = _FileMapping(self._target.tmp_path)
         except OSError as exc:
             self._close_file()
             self._target.discard()
@@ -389,19 +386,10 @@ class PlannedBatchWriter:
         assert self._view is not None
         row_bytes = self._row_bytes[name]
         offset = self._layout.values_offset[name] + start * row_bytes
-        rows = np.frombuffer(self._view, dtype=np.uint8, count=(stop - start) * row_bytes, offset=offset)
-        try:
-            self._digests[name][start:stop] = np.frombuffer(row_digests(rows.reshape(stop - start, row_bytes)), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
-        finally:
-            del rows
-        # Hashed pages stay in the page cache; dropping them from this mapping keeps RSS flat.
-        page = mmap.PAGESIZE
-        begin = offset - offset % page
-        if hasattr(mmap, "MADV_DONTNEED"):
-            try:
-                self._view.madvise(mmap.MADV_DONTNEED, begin, offset + (stop - start) * row_bytes - begin)
-            except (OSError, ValueError):  # pragma: no cover - platform without madvise
-                pass
+        rows = np.frombuffer(self._view.mmap, dtype=np.uint8, count=(stop - start) * row_bytes, offset=offset)
+        digests = row_digests(rows.reshape(stop - start, row_bytes))
+        self._digests[name][start:stop] = np.frombuffer(digests, dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+        self._view.release(rows)  # hashed pages stay in the page cache; this keeps RSS flat
 
     def _flush_data(self) -> None:
         try:
@@ -506,7 +494,7 @@ class PlannedBatchWriter:
         for info in self._inputs:
             dtype = np.dtype(info.dtype).newbyteorder("<")
             columns[info.name] = np.frombuffer(
-                self._view, dtype=dtype, count=len(self._ids) * self._row_bytes[info.name] // dtype.itemsize,
+                self._view.mmap, dtype=dtype, count=len(self._ids) * self._row_bytes[info.name] // dtype.itemsize,
                 offset=self._layout.values_offset[info.name],
             ).reshape(len(self._ids), *info.shape)
         step = max(1, _HASH_STEP // max(self._row_bytes.values()))
@@ -522,10 +510,7 @@ class PlannedBatchWriter:
 
     def _close_file(self) -> None:
         if self._view is not None:
-            try:
-                self._view.close()
-            except BufferError:  # a numpy view is alive; the map goes with it
-                pass
+            self._view.close()
             self._view = None
         if self._fd >= 0:
             os.close(self._fd)
