@@ -423,7 +423,7 @@ def phase_hostile(work: Path, scale: int) -> dict[str, Any]:
     from PIL import Image
 
     from trtcal.core.cache_format import read_trt_cache
-    from trtcal.orchestrator.pipeline import calibrate
+    from trtcal.orchestrator.calibrate import calibrate
     from trtcal.storage.index import parse_index_name
     from trtcal.storage.manifest import parse_manifest
     from trtcal.storage.names import check_artifact_name, check_key, check_namespace

@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from trtcal.orchestrator.config import CalibrationConfig
-from trtcal.orchestrator.dataset import JobConfig, calibrate_dataset
+from trtcal.config import BatchConfig, CalibrationConfig, JobConfig, StoreSettings
 from trtcal.orchestrator.demo import write_photo_dataset
+from trtcal.orchestrator.job import calibrate_dataset
 from trtcal.progress import RecordingProgress
 from trtcal.storage import CacheStore
 
@@ -323,7 +323,8 @@ def test_the_calibration_actor_killed_mid_run_is_restarted_and_changes_nothing(
 ) -> None:
     progress = KillActorOnce()
     config = JobConfig(
-        num_samples=12, preprocess="efficientnet-lite", store=str(tmp_path / "store"), output=str(tmp_path / "out"),
+        batch=BatchConfig(num_samples=12, preprocess="efficientnet-lite"), store=StoreSettings(url=str(tmp_path / "store")),
+        output=str(tmp_path / "out"),
         calibration=CalibrationConfig(algorithms=METHODS, micro_batch=MICRO_BATCH),
     )
     result = calibrate_dataset(str(MODEL), str(photos), config=config, progress=progress)
@@ -425,7 +426,7 @@ def test_a_read_only_store_computes_without_publishing(
     store = tmp_path / "readonly-store"
     progress = RecordingProgress()
     config = JobConfig(
-        num_samples=12, preprocess="efficientnet-lite", store=str(store), read_only=True,
+        batch=BatchConfig(num_samples=12, preprocess="efficientnet-lite"), store=StoreSettings(url=str(store), read_only=True),
         output=str(tmp_path / "out"), calibration=CalibrationConfig(algorithms=METHODS, micro_batch=MICRO_BATCH),
     )
     result = calibrate_dataset(str(MODEL), str(photos), config=config, progress=progress)

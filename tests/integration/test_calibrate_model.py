@@ -16,7 +16,7 @@ from tests.unit.runners import tiny_models
 from trtcal.cli import main as cli_main
 from trtcal.core.cache_format import read_trt_cache
 from trtcal.errors import DataError, ModelError, NonFiniteError
-from trtcal.orchestrator.pipeline import calibrate
+from trtcal.orchestrator.calibrate import calibrate
 from trtcal.workers.batch_format import open_batch, write_batch
 
 pytestmark = pytest.mark.slow

@@ -31,7 +31,7 @@ import pytest
 
 from trtcal.errors import ConfigError
 from trtcal.orchestrator import jobs
-from trtcal.orchestrator.pipeline import calibrate
+from trtcal.orchestrator.calibrate import calibrate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = REPO_ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"

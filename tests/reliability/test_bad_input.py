@@ -301,7 +301,7 @@ class _Planted:
 
 
 def test_pickles_planted_as_tensor_files_or_batches_are_never_unpickled(tmp_path: Path) -> None:
-    from trtcal.orchestrator.pipeline import calibrate
+    from trtcal.orchestrator.calibrate import calibrate
 
     marker = tmp_path / "EXECUTED"
     model = write_tiny_cnn(tmp_path / "m.onnx")
@@ -337,7 +337,7 @@ def _with_external_weight(location: str) -> Any:
 
 @pytest.mark.parametrize("location", ["../../../../../../etc/passwd", "/etc/passwd", "../secret.bin", "sub/../../secret.bin"])
 def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path, location: str) -> None:
-    from trtcal.orchestrator.pipeline import calibrate
+    from trtcal.orchestrator.calibrate import calibrate
 
     folder = tmp_path / "model"
     (folder / "sub").mkdir(parents=True)
@@ -383,7 +383,7 @@ def test_external_data_location_never_makes_trtcal_read_a_device_or_fifo(tmp_pat
 
 
 def test_tensor_names_that_cannot_be_written_to_a_cache_are_a_clear_error(tmp_path: Path) -> None:
-    from trtcal.orchestrator.pipeline import calibrate
+    from trtcal.orchestrator.calibrate import calibrate
 
     names = {"r1": "evil\nname: 7f000000", "c2": "../../etc/x", "pool": "ü" * 300, "flat": "a:b c"}
     model = tmp_path / "hostile.onnx"
@@ -404,7 +404,7 @@ def test_tensor_names_that_cannot_be_written_to_a_cache_are_a_clear_error(tmp_pa
 
 @pytest.mark.parametrize("content", [b"", b"\x08\x07" * 10, os.urandom(4096), b"ir_version: 8", b"\x0a\xff\xff\xff\xff\x0f"])
 def test_invalid_onnx_models_are_a_model_error(tmp_path: Path, content: bytes) -> None:
-    from trtcal.orchestrator.pipeline import calibrate
+    from trtcal.orchestrator.calibrate import calibrate
 
     model = tmp_path / "bad.onnx"
     model.write_bytes(content)
@@ -415,7 +415,7 @@ def test_invalid_onnx_models_are_a_model_error(tmp_path: Path, content: bytes) -
 
 
 def test_batch_missing_a_model_input_names_it(tmp_path: Path) -> None:
-    from trtcal.orchestrator.pipeline import calibrate
+    from trtcal.orchestrator.calibrate import calibrate
 
     model = write_tiny_cnn(tmp_path / "m.onnx")
     np.savez(tmp_path / "wrong.npz", other=tiny_batch(4))

@@ -221,7 +221,7 @@ def test_disk_full_while_writing_the_batch_is_a_clear_error_and_nothing_is_publi
     import tempfile
 
     from tests.unit.workers.images import write_photo_folder
-    from trtcal.orchestrator.dataset import calibrate_dataset
+    from trtcal.orchestrator.job import calibrate_dataset
 
     data = tmp_path / "photos"
     write_photo_folder(data, classes={"a": ("astronaut", "coffee", "chelsea", "rocket"), "b": ("camera", "coins", "moon", "clock")})
@@ -249,7 +249,7 @@ def test_batch_writer_on_a_full_disk_raises_a_trtcal_error(small_disk: Path) -> 
 
 def _calibrate_onto_full_output(ray_local: Any, small_disk: Path, tmp_path: Path) -> tuple[BaseException, Path, str]:
     """Publish to a roomy store, then copy the artifacts out to a nearly full disk."""
-    from trtcal.orchestrator.dataset import calibrate_dataset
+    from trtcal.orchestrator.job import calibrate_dataset
 
     model = write_tiny_cnn(tmp_path / "tiny.onnx")
     np.save(tmp_path / "batch.npy", tiny_batch(8))

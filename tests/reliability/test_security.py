@@ -106,7 +106,9 @@ class _Planted:
 def test_pickle_planted_as_a_stored_batch_is_never_unpickled(ray_local: Any, tmp_path: Path) -> None:
     """Someone with write access to the shared store commits a well-formed batch entry (hashes and all)
     whose batch.arrow is a pickle. The next job that hits it must refuse the batch, not run it."""
-    from trtcal.orchestrator.dataset import JobConfig, _preprocess_spec, batch_key_inputs, calibrate_dataset
+    from trtcal.config import JobConfig
+    from trtcal.orchestrator.job import calibrate_dataset
+    from trtcal.orchestrator.keys import batch_key_inputs
     from trtcal.storage import compute_cache_key
 
     marker = tmp_path / "EXECUTED"
@@ -115,8 +117,8 @@ def test_pickle_planted_as_a_stored_batch_is_never_unpickled(ray_local: Any, tmp
     model = tmp_path / "tiny224.onnx"
     model.write_bytes(tiny_cnn(side=224).SerializeToString())
     store_url = str(tmp_path / "store")
-    config = JobConfig(store=store_url, num_samples=4, preprocess="imagenet", device="cpu", workers=1)
-    inputs = batch_key_inputs(str(data), config, _preprocess_spec(config.preprocess))
+    config = JobConfig.from_options(store=store_url, num_samples=4, preprocess="imagenet", device="cpu", workers=1)
+    inputs = batch_key_inputs(str(data), config.batch)
     CacheStore(store_url).publish(
         compute_cache_key(inputs), {"batch.arrow": pickle.dumps(_Planted(marker))}, key_inputs=inputs,
         extra={"fingerprint": "0" * 64, "num_rows": 4},
@@ -302,7 +304,7 @@ def test_a_read_only_identity_cannot_write_and_the_bucket_is_unchanged(planted_s
 
 
 def test_read_only_calibration_computes_but_leaves_the_store_byte_for_byte_unchanged(ray_local: Any, tmp_path: Path) -> None:
-    from trtcal.orchestrator.dataset import calibrate_dataset
+    from trtcal.orchestrator.job import calibrate_dataset
 
     model = write_tiny_cnn(tmp_path / "tiny.onnx")
     np.save(tmp_path / "batch.npy", tiny_batch(8))

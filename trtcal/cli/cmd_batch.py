@@ -17,8 +17,9 @@ import sys
 from typing import Any
 
 from trtcal.cli._options import add_storage_option, parse_storage_options
+from trtcal.config import OnBadInput, choices
 
-__all__ = ["register", "build_config_from_args", "run_build", "run_show"]
+__all__ = ["register", "batch_config_from_args", "run_build", "run_show"]
 
 
 def register(subparsers: Any) -> None:
@@ -56,7 +57,7 @@ def register(subparsers: Any) -> None:
     )
     build.add_argument("--workers", type=int, metavar="W", help="tasks in flight (default: the cluster's CPUs)")
     build.add_argument("--address", metavar="A", help="Ray cluster address (default: an embedded local Ray)")
-    build.add_argument("--on-bad-input", choices=("skip", "fail"), help="corrupt/unreadable inputs: fail (default) or skip")
+    build.add_argument("--on-bad-input", choices=choices(OnBadInput), help="corrupt/unreadable inputs: fail (default) or skip")
     build.add_argument("--stratify", action="store_true", default=None, help="draw evenly per class folder / label")
     build.add_argument("--input-name", metavar="NAME", help="the model input the arrays feed (default: input)")
     build.add_argument("--max-image-pixels", type=int, metavar="N", help="decompression-bomb limit per image")
@@ -73,40 +74,37 @@ def register(subparsers: Any) -> None:
     show.set_defaults(func=run_show)
 
 
-def build_config_from_args(args: argparse.Namespace) -> Any:
-    """BatchBuildConfig from the options given (None means "not given": the dataclass default applies)."""
-    from trtcal.workers.build import BatchBuildConfig
-    from trtcal.workers.preprocess import PreprocessSpec, parse_preprocess, preset
+# BatchConfig fields that `batch build` and `calibrate` both take from options of the same name.
+_BATCH_OPTIONS = ("num_samples", "seed", "workers", "on_bad_input", "stratify", "input_name", "max_image_pixels")
 
-    overrides = {"layout": args.layout, "dtype": args.dtype, "interpolation": args.interpolation}
+
+def batch_config_from_args(args: argparse.Namespace) -> Any:
+    """A BatchConfig from the options given (None means "not given": BatchConfig's default applies).
+
+    Shared by `batch build` and `calibrate`; options a command does not have count as not given.
+    """
+    from dataclasses import replace
+
+    from trtcal.config import BatchConfig
+    from trtcal.workers.preprocess import parse_preprocess
+
+    overrides = {k: getattr(args, k, None) for k in ("layout", "dtype", "interpolation")}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    values: dict[str, Any] = {name: getattr(args, name, None) for name in _BATCH_OPTIONS}
     if args.preprocess is not None:
-        spec = parse_preprocess(args.preprocess, **overrides)
-    elif any(v is not None for v in overrides.values()):
-        spec = preset("imagenet", **{k: v for k, v in overrides.items() if v is not None})
-    else:
-        spec = PreprocessSpec()
-    kwargs: dict[str, Any] = {"preprocess": spec}
-    for name, value in (
-        ("num_samples", args.num_samples),
-        ("seed", args.seed),
-        ("workers", args.workers),
-        ("on_bad_input", args.on_bad_input),
-        ("stratify", args.stratify),
-        ("input_name", args.input_name),
-        ("max_image_pixels", args.max_image_pixels),
-    ):
-        if value is not None:
-            kwargs[name] = value
-    return BatchBuildConfig(**kwargs)
+        values["preprocess"] = parse_preprocess(args.preprocess, **overrides)
+    elif overrides:
+        values["preprocess"] = replace(BatchConfig().preprocess, **overrides)
+    return BatchConfig().with_overrides(**values)
 
 
 def run_build(args: argparse.Namespace) -> int:
     from trtcal.cli.progress import TqdmProgress
-    from trtcal.workers.build import build_batch_from_config
+    from trtcal.workers.build import build_batch
 
-    config = build_config_from_args(args)
+    config = batch_config_from_args(args)
     progress = TqdmProgress(enabled=not args.no_progress and not getattr(args, "quiet", False))
-    report = build_batch_from_config(
+    report = build_batch(
         args.data, args.output, config, address=args.address, progress=progress,
         storage_options=parse_storage_options(args.storage_option),
     )

@@ -1,6 +1,6 @@
 """`trtcal calibrate MODEL --data URL [--store URL] [--output DIR] ...`: the whole job, one command.
 
-Runs `trtcal.orchestrator.dataset.calibrate_dataset`: a store hit copies the artifacts out; a miss
+Runs `trtcal.orchestrator.job.calibrate_dataset`: a store hit copies the artifacts out; a miss
 preprocesses the dataset on Ray workers (or takes a prepared .arrow/.npy/.npz batch), calibrates in
 the calibration actor and publishes. Progress bars per stage go to stderr (on a terminal), the final
 table (or `--json`) to stdout; errors are one paragraph on stderr (with `--json`, also a JSON
@@ -8,8 +8,8 @@ object `{"error": {"type", "message"}}` on stdout, plus `"internal": true` for a
 traceback only with -v.
 
 The argument groups are built by functions (`add_calibration_arguments`, `add_data_arguments`,
-`add_job_arguments`) so other commands reuse them. Options default to None: `JobConfig` and
-`CalibrationConfig` are the only source of defaults.
+`add_job_arguments`) so other commands reuse them. Options default to None: the dataclasses of
+`trtcal.config` are the only source of defaults (and of the choices offered).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 from trtcal.cli._options import add_storage_option, parse_storage_options
+from trtcal.config import ActorDevice, Backend, Nonfinite, OnBadInput, TensorSelection, choices
 from trtcal.errors import ConfigError, TrtcalError
 
 __all__ = ["register", "add_calibration_arguments", "add_data_arguments", "add_job_arguments", "config_from_args", "job_config_from_args", "run"]
@@ -58,7 +59,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
         help="'all' floating activations, 'quantizable' op inputs, or a comma-separated list of tensor names",
     )
     group.add_argument(
-        "--on-nonfinite", choices=("error", "ignore"), default=None, dest="nonfinite",
+        "--on-nonfinite", choices=choices(Nonfinite), default=None, dest="nonfinite",
         help="NaN/Inf activations: fail naming the tensor, or skip those values",
     )
     group.add_argument(
@@ -69,7 +70,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """A CalibrationConfig with only the options given on the command line set."""
-    from trtcal.orchestrator.config import CalibrationConfig
+    from trtcal.config import CalibrationConfig
 
     values: dict[str, Any] = {}
     if args.algorithms:
@@ -79,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         if value is not None:
             values[option] = value
     if args.tensors is not None:
-        values["tensors"] = args.tensors if args.tensors in ("all", "quantizable") else tuple(
+        values["tensors"] = args.tensors if args.tensors in choices(TensorSelection) else tuple(
             t.strip() for t in args.tensors.split(",") if t.strip()
         )
     if args.percentile is not None:
@@ -104,14 +105,14 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--preprocess", default=None, metavar="P",
                       help="imagenet, efficientnet-lite, raw, or package.module:function")
     data.add_argument("--stratify", action="store_true", default=None, help="draw evenly per class folder")
-    data.add_argument("--on-bad-input", choices=("fail", "skip"), default=None,
+    data.add_argument("--on-bad-input", choices=choices(OnBadInput), default=None,
                       help="corrupt/unreadable inputs: fail listing them, or skip and report them")
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--address", default=None, help="Ray address (absent: an embedded local Ray; auto; ray://…)")
     cluster.add_argument("--workers", type=int, default=None, help="preprocessing tasks in flight (default: cluster CPUs)")
-    cluster.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default=None,
+    cluster.add_argument("--backend", choices=choices(Backend), default=None,
                          help="FP32 statistics by ONNX Runtime (default), or TensorRT 10's own calibrator on a GPU")
-    cluster.add_argument("--device", choices=("auto", "cpu", "gpu"), default=None,
+    cluster.add_argument("--device", choices=choices(ActorDevice), default=None,
                          help="where the calibration actor runs (auto: GPU when the cluster has one)")
     store = parser.add_argument_group("store")
     store.add_argument("--store", default=None, metavar="URL", help="cache store (default: a local store under the user cache dir)")
@@ -124,24 +125,26 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def job_config_from_args(args: argparse.Namespace) -> Any:
-    from trtcal.orchestrator.dataset import JobConfig
-    from trtcal.workers.selection import parse_num_samples
+    """A JobConfig with only the options given on the command line set."""
+    from trtcal.cli.cmd_batch import batch_config_from_args
+    from trtcal.config import ClusterConfig, JobConfig, StoreSettings
 
-    values: dict[str, Any] = {"calibration": config_from_args(args)}
-    if args.num_samples is not None:
-        values["num_samples"] = parse_num_samples(args.num_samples)
-    for option in ("seed", "preprocess", "stratify", "on_bad_input", "address", "workers", "device", "store",
-                   "namespace", "read_only", "output", "backend"):
-        value = getattr(args, option, None)
-        if value is not None:
-            values[option] = value
-    if args.read_from:
-        values["read_from"] = tuple(args.read_from)
+    def given(*names: str, **renamed: str) -> dict[str, Any]:
+        pairs = [(n, n) for n in names] + list(renamed.items())
+        return {field: getattr(args, option) for field, option in pairs if getattr(args, option, None) is not None}
+
+    values: dict[str, Any] = given("output", "backend")
     if args.storage_option:
         values["storage_options"] = parse_storage_options(args.storage_option)
     if args.no_qdq:
         values["export_qdq"] = False
-    return JobConfig(**values)
+    return JobConfig(
+        batch=batch_config_from_args(args),
+        calibration=config_from_args(args),
+        store=StoreSettings(**given("namespace", "read_only", "read_from", url="store")),
+        cluster=ClusterConfig(**given("address", "device")),
+        **values,
+    )
 
 
 # What the progress bars say for the library's stage names.
@@ -232,7 +235,7 @@ def _table(result: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from trtcal.cli.progress import TqdmProgress
-    from trtcal.orchestrator.dataset import calibrate_dataset
+    from trtcal.orchestrator.job import calibrate_dataset
 
     bars = TqdmProgress(enabled=not getattr(args, "quiet", False) and not args.json and sys.stderr.isatty())
     try:

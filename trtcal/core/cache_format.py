@@ -26,6 +26,7 @@ __all__ = [
     "hex_to_scale",
     "write_trt_cache",
     "read_trt_cache",
+    "retarget_trt_cache",
 ]
 
 # trtcal method -> the calibrator whose header a cache must carry for TensorRT to accept it.
@@ -179,3 +180,31 @@ def read_trt_cache(data: bytes) -> TrtCache:
             raise CacheFormatError(f"scale {value} of tensor {name[:80]!r} is not finite and positive ({scale!r})", line=line_no)
         scales[name] = scale
     return TrtCache(version=version, algorithm=algorithm, scale=scales)
+
+
+def retarget_trt_cache(
+    data: bytes, *, trt_version: str | int | tuple[int, ...], algorithm: str | None = None, require_tensors: bool = False
+) -> bytes:
+    """The same cache with header `TRT-<version>-<Algorithm>`, entries re-emitted bit for bit.
+
+    TensorRT ignores a cache whose header names another version or calibrator; the scales do not
+    depend on either. Entries keep their exact float32 bits (re-deriving them from amax would move
+    ~3% of them by one ulp), so only the header and formatting (padding, CRLF) can change.
+    `algorithm` is a trtcal method or a TensorRT header name; None keeps the cache's own.
+    `require_tensors`: an empty table is a CacheFormatError (a cache TensorRT is to replay).
+    """
+    cache = read_trt_cache(data)
+    if require_tensors and not cache.scale:
+        raise CacheFormatError("the calibration cache holds no tensors; nothing to replay")
+    if algorithm is None:
+        if cache.algorithm is None:
+            raise ConfigError("the stored cache has the legacy '1' header with no calibrator name; pass algorithm=")
+        try:
+            header = header_algorithm(cache.algorithm)
+        except ConfigError:  # the name came from the stored file, not from the caller
+            raise CacheFormatError(f"the stored cache names an unknown calibrator {cache.algorithm!r} in its header") from None
+    else:
+        header = header_algorithm(algorithm)
+    lines = [f"TRT-{trt_version_int(trt_version)}-{header}"]
+    lines.extend(f"{name}: {scale_to_hex(scale)}" for name, scale in cache.scale.items())
+    return ("\n".join(lines) + "\n").encode("utf-8")

@@ -137,10 +137,10 @@ def run_demo(config: DemoConfig | None = None, *, progress: ProgressCallback = N
     """Fetch, calibrate, evaluate. Returns a summary (also what `trtcal demo --json` prints)."""
     import json
 
+    from trtcal.config import BatchConfig, CalibrationConfig, JobConfig, default_store_url
     from trtcal.export.evaluate import evaluate
     from trtcal.export.qdq import export_qdq
-    from trtcal.orchestrator.config import CalibrationConfig
-    from trtcal.orchestrator.dataset import JobConfig, calibrate_dataset, default_store_url
+    from trtcal.orchestrator.job import calibrate_dataset
     from trtcal.orchestrator.model_zoo import fetch_efficientnet_lite0
 
     config = config or DemoConfig()
@@ -152,7 +152,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: ProgressCallback = N
     output = Path(config.output) if config.output else cache / "output"
 
     job = JobConfig(
-        num_samples=None, seed=config.seed, preprocess="efficientnet-lite", output=str(output),
+        batch=BatchConfig(num_samples=None, seed=config.seed, preprocess="efficientnet-lite"), output=str(output),
         calibration=CalibrationConfig(algorithms=config.algorithms),
     )
     result = calibrate_dataset(str(model), str(calib_dir), config=job, progress=progress)

@@ -35,21 +35,20 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from trtcal.config import BatchConfig, OnBadInput, choices
 from trtcal.errors import ConfigError, DataError, TrtcalError, WorkerError
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 from trtcal.workers.batch_format import InputInfo
 from trtcal.workers.planned_writer import PlannedBatchWriter, RowPlacement
 from trtcal.workers.preprocess import (
-    DEFAULT_MAX_IMAGE_PIXELS,
     InputRejected,
     PreprocessSpec,
     output_shape,
-    parse_preprocess,
     preprocess_array,
     preprocess_image_bytes,
 )
-from trtcal.workers.ray_runtime import ray_session
-from trtcal.workers.selection import make_sample_id, parse_num_samples, select_samples
+from trtcal.workers.ray_runtime import RaySessionInfo, ray_session
+from trtcal.workers.selection import make_sample_id, select_samples
 from trtcal.workers.sources import (
     Dataset,
     SampleRef,
@@ -64,62 +63,14 @@ from trtcal.workers.sources import (
     storage_options_for,
 )
 
-__all__ = ["BatchBuildConfig", "BadInput", "BuildReport", "build_batch", "build_batch_from_config", "ON_BAD_INPUT"]
+__all__ = ["BatchConfig", "BadInput", "BuildReport", "build_batch", "build_batch_on", "ON_BAD_INPUT"]
 
 logger = logging.getLogger(__name__)
 
-ON_BAD_INPUT = ("fail", "skip")
+ON_BAD_INPUT = choices(OnBadInput)
 _CHUNK_TARGET_BYTES = 8 << 20
 _DEFAULT_ROW_BYTES = 3 * 224 * 224 * 4
 _MAX_LISTED_IN_ERROR = 100
-
-
-@dataclass(frozen=True, kw_only=True)
-class BatchBuildConfig:
-    """How to build a calibration batch. Validated on construction (ConfigError names the field).
-
-    Attributes:
-        num_samples: how many samples to draw; None for all of them.
-        seed: seeds the draw (numpy PCG64).
-        preprocess: the preprocessing spec.
-        stratify: draw evenly per class (first folder level, or a list's label column).
-        workers: tasks in flight at once; None for the cluster's CPUs.
-        on_bad_input: "fail" (raise, listing every bad input) or "skip" (leave them out, report them).
-        input_name: the model input the preprocessed arrays feed (functions may return several).
-        max_image_pixels: decompression-bomb limit (width x height) per image.
-        max_retries: how often Ray reruns a task whose worker died.
-        chunk_size: samples per task; None picks ~8 MiB of output per task.
-    """
-
-    num_samples: int | None = 500
-    seed: int = 0
-    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
-    stratify: bool = False
-    workers: int | None = None
-    on_bad_input: str = "fail"
-    input_name: str = "input"
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    max_retries: int = 3
-    chunk_size: int | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "num_samples", parse_num_samples(self.num_samples))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not isinstance(self.preprocess, PreprocessSpec):
-            raise ConfigError(f"preprocess must be a PreprocessSpec, got {type(self.preprocess).__name__}")
-        if self.on_bad_input not in ON_BAD_INPUT:
-            raise ConfigError(f"on_bad_input must be one of {list(ON_BAD_INPUT)}, got {self.on_bad_input!r}")
-        for name, low in (("workers", 1), ("max_image_pixels", 1), ("max_retries", 0), ("chunk_size", 1)):
-            value = getattr(self, name)
-            if value is None and name in ("workers", "chunk_size"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.input_name, str) or not self.input_name or self.input_name == "sample_id":
-            raise ConfigError(f"input_name must be a non-empty string other than 'sample_id', got {self.input_name!r}")
-        if not isinstance(self.stratify, bool):
-            raise ConfigError(f"stratify must be True or False, got {self.stratify!r}")
 
 
 @dataclass(frozen=True)
@@ -355,98 +306,69 @@ def _process_task(
 # The driver
 
 
-def _as_spec(preprocess: PreprocessSpec | str) -> PreprocessSpec:
-    if isinstance(preprocess, PreprocessSpec):
-        return preprocess
-    if isinstance(preprocess, str):
-        return parse_preprocess(preprocess)
-    raise ConfigError(f"preprocess must be a PreprocessSpec or a preset/function name, got {type(preprocess).__name__}")
-
-
 def build_batch(
     data_url: str | os.PathLike[str],
     output_url: str | os.PathLike[str],
+    config: BatchConfig | None = None,
     *,
-    num_samples: int | str | None,
-    seed: int,
-    preprocess: PreprocessSpec | str,
-    workers: int | None = None,
     address: str | None = None,
-    on_bad_input: str = "fail",
-    input_name: str = "input",
     progress: ProgressCallback = NO_PROGRESS,
     storage_options: Mapping[str, Any] | None = None,
     output_storage_options: Mapping[str, Any] | None = None,
-    stratify: bool = False,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     runtime_env: Mapping[str, Any] | None = None,
+    **overrides: Any,
 ) -> BuildReport:
     """Build ONE calibration batch from a dataset URL and publish it at `output_url`.
 
     Args:
         data_url: folder/prefix, list file, Parquet/.npy/.npz file (see `trtcal.workers.sources`).
         output_url: where the `.arrow` batch goes (local path or fsspec URL); published atomically.
-        num_samples: how many samples (an int), or "all"/None.
-        seed: seeds the sample draw.
-        preprocess: a PreprocessSpec, a preset name, or "package.module:function".
-        workers: tasks in flight at once (default: the cluster's CPUs).
+        config: how to build it (`trtcal.config.BatchConfig`: samples, seed, preprocessing, ...).
         address: a Ray cluster to run on; None starts (and stops) an embedded Ray unless one is
-            already initialised in this process.
-        on_bad_input: "fail" or "skip" (see the module doc).
-        input_name: the model input the arrays feed.
+            already initialised in this process (then that one is used, as `calibrate_dataset` does).
         progress: receives "list", "preprocess" (images) and "write" stages.
         storage_options: fsspec options for the dataset (and the output, unless
             `output_storage_options` is given).
-        stratify: draw evenly per class.
-        max_image_pixels: decompression-bomb limit per image.
         runtime_env: a Ray runtime_env for the tasks (e.g. to ship the module of a preprocessing
             function to a cluster).
+        overrides: fields of `BatchConfig` replacing those of `config` (``num_samples=8, seed=0``).
 
     Raises:
         ConfigError: invalid arguments.  DataError: bad inputs under "fail", no valid samples,
         too few samples under "fail".  StorageError: dataset or output unreachable.
         WorkerError: Ray failed (after retries).
     """
-    config = BatchBuildConfig(
-        num_samples=num_samples,  # type: ignore[arg-type]  # parsed in __post_init__
-        seed=seed,
-        preprocess=_as_spec(preprocess),
-        stratify=stratify,
-        workers=workers,
-        on_bad_input=on_bad_input,
-        input_name=input_name,
-        max_image_pixels=max_image_pixels,
-    )
-    return build_batch_from_config(
-        data_url, output_url, config, address=address, progress=progress, storage_options=storage_options,
-        output_storage_options=output_storage_options, runtime_env=runtime_env,
-    )
+    config = (config or BatchConfig()).with_overrides(**overrides)
+    with ray_session(address, num_cpus=config.workers) as session:
+        return build_batch_on(
+            session, data_url, output_url, config, progress=progress, storage_options=storage_options,
+            output_storage_options=output_storage_options, runtime_env=runtime_env,
+        )
 
 
-def build_batch_from_config(
+def build_batch_on(
+    session: RaySessionInfo,
     data_url: str | os.PathLike[str],
     output_url: str | os.PathLike[str],
-    config: BatchBuildConfig,
+    config: BatchConfig,
     *,
-    address: str | None = None,
     progress: ProgressCallback = NO_PROGRESS,
     storage_options: Mapping[str, Any] | None = None,
     output_storage_options: Mapping[str, Any] | None = None,
     runtime_env: Mapping[str, Any] | None = None,
 ) -> BuildReport:
-    """`build_batch` with a validated config (what the orchestrator calls)."""
+    """`build_batch` on a Ray session the caller holds (`calibrate_dataset` opens one for the whole job)."""
+    import ray
+
     started = time.perf_counter()
     dataset = open_dataset(data_url, storage_options)
     output_url = os.fspath(output_url)
     out_options = storage_options_for(
         output_url, output_storage_options if output_storage_options is not None else storage_options
     )
-    with ray_session(address, num_cpus=config.workers) as session:
-        import ray
-
-        workers = config.workers or max(1, session.num_cpus)
-        run = _Runner(ray, workers, config.max_retries, runtime_env)
-        return _build(run, dataset, output_url, out_options, config, workers, progress, started)
+    workers = config.workers or max(1, session.num_cpus)
+    run = _Runner(ray, workers, config.max_retries, runtime_env)
+    return _build(_Build(run, dataset, output_url, out_options, config, workers, progress), started)
 
 
 class _Runner:
@@ -550,53 +472,101 @@ def _chunks(refs: Sequence[SampleRef], size: int) -> list[tuple[int, list[Sample
     return [(i, list(refs[i : i + size])) for i in range(0, len(refs), size)]
 
 
-def _build(
-    run: _Runner,
-    dataset: Dataset,
-    output_url: str,
-    out_options: Mapping[str, Any],
-    config: BatchBuildConfig,
-    workers: int,
-    progress: ProgressCallback,
-    started: float,
-) -> BuildReport:
-    spec = config.preprocess
-    skip = config.on_bad_input == "skip"
+@dataclass(frozen=True)
+class _Build:
+    """What every stage of one build needs (the dataset, where the batch goes, how, and the task runner)."""
+
+    run: _Runner
+    dataset: Dataset
+    output_url: str
+    out_options: Mapping[str, Any]
+    config: BatchConfig
+    workers: int
+    progress: ProgressCallback
+
+    @property
+    def skip(self) -> bool:
+        return self.config.on_bad_input == "skip"
+
+
+@dataclass
+class _Listed:
+    """The list stage's outcome: per-shard summaries (listings stay in the object store), refused entries."""
+
+    shards: list[Shard]
+    groups: list[range]
+    summaries: list[_ShardSummary]
+    listings: dict[int, Any]  # group index -> ObjectRef of that group's listings
+    refused: list[BadInput]
+    ignored: int
+    families: set[str]
+
+
+def _build(b: _Build, started: float) -> BuildReport:
     wall: dict[str, float] = {}
     warnings: list[str] = []
-
-    # 1. list
     t0 = time.perf_counter()
+    listed = _list_stage(b)
+    wall["list"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    selection, refs = _select_stage(b, listed, warnings)
+    wall["select"] = time.perf_counter() - t0
+    sink, info = _process_and_write_stage(b, listed, refs, warnings, wall)
+    for message in warnings:
+        logger.warning("%s", message)
+    wall["total"] = time.perf_counter() - started
+    return BuildReport(
+        output_url=info.path, fingerprint=info.fingerprint, num_rows=info.num_rows, inputs=info.inputs,
+        nbytes=info.nbytes, spec=sink.document, num_requested=b.config.num_samples,
+        num_candidates=selection.num_candidates, num_selected=len(refs), skipped=tuple(sink.skipped),
+        refused=tuple(sorted(listed.refused, key=lambda x: x.sample_id)), ignored_files=listed.ignored,
+        workers=b.workers, wall_seconds=wall, worker_seconds=sink.worker_seconds, warnings=tuple(warnings),
+    )
+
+
+def _list_stage(b: _Build) -> _Listed:
+    """1. list: one task per group of shards; the driver gets per-class counts, refusals and kinds."""
+    dataset = b.dataset
     plan = plan_shards(dataset)
     shards = plan.shards
-    progress.start("list", total=len(shards), unit="shard")
+    b.progress.start("list", total=len(shards), unit="shard")
     summaries: dict[int, _ShardSummary] = {}
-    listings: dict[int, Any] = {}  # group index -> ObjectRef of that group's listings
+    listings: dict[int, Any] = {}
     # A few shards per task: enough tasks to keep every worker busy, few enough to schedule cheaply.
-    groups = _groups(len(shards), 4 * workers)
+    groups = _groups(len(shards), 4 * b.workers)
 
     def submit_list(group: int) -> Any:
-        summary_ref, listing_ref = run.list_task.remote(dataset, [shards[i] for i in groups[group]], config.stratify)
+        summary_ref, listing_ref = b.run.list_task.remote(dataset, [shards[i] for i in groups[group]], b.config.stratify)
         listings[group] = listing_ref
         return summary_ref
 
     def on_listed(group: int, group_summaries: list[_ShardSummary]) -> None:
         for index, summary in zip(groups[group], group_summaries):
             summaries[index] = summary
-        progress.advance("list", len(groups[group]))
+        b.progress.advance("list", len(groups[group]))
 
-    run.map_unordered(submit_list, range(len(groups)), on_listed)
-    progress.finish("list")
+    b.run.map_unordered(submit_list, range(len(groups)), on_listed)
+    b.progress.finish("list")
     ordered = [summaries[i] for i in range(len(shards))]
     refused = _split_refused(dataset, plan.refused)
     for summary in ordered:
         refused.extend(_split_refused(dataset, summary.refused))
-    ignored = plan.ignored + sum(s.ignored for s in ordered)
-    kinds = {s.kind for s in ordered if s.kind}
+    listed = _Listed(
+        shards=list(shards), groups=groups, summaries=ordered, listings=listings, refused=refused,
+        ignored=plan.ignored + sum(s.ignored for s in ordered), families=set(),
+    )
+    listed.families = _check_listing(b, listed)
+    return listed
+
+
+def _check_listing(b: _Build, listed: _Listed) -> set[str]:
+    """One kind of data, inputs that agree, a preprocessing that fits; refusals fail unless skipped."""
+    dataset, spec = b.dataset, b.config.preprocess
+    kinds = {s.kind for s in listed.summaries if s.kind}
     families = {"tensor" if k in ("npy", "npz") else "image" for k in kinds}
     if len(families) > 1 or ({"npy", "npz"} <= kinds):
         raise DataError(f"dataset {dataset.display_url} mixes {sorted(kinds)} files; a calibration batch needs one kind")
-    tensor_inputs = [s.inputs for s in ordered if s.inputs]
+    tensor_inputs = [s.inputs for s in listed.summaries if s.inputs]
     if any(inputs != tensor_inputs[0] for inputs in tensor_inputs):
         raise DataError(f"dataset {dataset.display_url}: tensor files disagree on their inputs: {tensor_inputs[0]} vs others")
     if "tensor" in families and not (spec.is_passthrough or spec.function is not None):
@@ -604,21 +574,23 @@ def _build(
             "preprocess: tensor data (.npy/.npz) is fed as it is; use the 'raw' preset (optionally with a dtype) "
             "or a preprocessing function"
         )
-    if refused and not skip:
+    if listed.refused and not b.skip:
         raise DataError(_bad_input_message(
-            f"dataset {dataset.display_url}", refused,
+            f"dataset {dataset.display_url}", listed.refused,
             "Fix or remove these entries, or pass on_bad_input='skip' (--on-bad-input skip) to leave them out.",
         ))
-    if refused:
-        logger.warning("%d dataset entries refused while listing (see the report)", len(refused))
-    if ignored:
-        logger.info("ignored %d files with other extensions or hidden names", ignored)
-    wall["list"] = time.perf_counter() - t0
+    if listed.refused:
+        logger.warning("%d dataset entries refused while listing (see the report)", len(listed.refused))
+    if listed.ignored:
+        logger.info("ignored %d files with other extensions or hidden names", listed.ignored)
+    return families
 
-    # 2. select
-    t0 = time.perf_counter()
+
+def _select_stage(b: _Build, listed: _Listed, warnings: list[str]) -> tuple[Any, list[SampleRef]]:
+    """2. select: the seeded draw on the driver, then one task per group turns positions into samples."""
+    config, groups = b.config, listed.groups
     selection = select_samples(
-        [s.counts for s in ordered], num_samples=config.num_samples, seed=config.seed, allow_fewer=skip
+        [s.counts for s in listed.summaries], num_samples=config.num_samples, seed=config.seed, allow_fewer=b.skip
     )
     if selection.shortfall > 0:
         warnings.append(
@@ -630,127 +602,145 @@ def _build(
 
     def submit_resolve(group: int) -> Any:
         chosen = [selection.per_shard[i] for i in groups[group]]
-        return run.resolve_task.remote(listings[group], chosen, config.stratify)
+        return b.run.resolve_task.remote(listed.listings[group], chosen, config.stratify)
 
-    run.map_unordered(submit_resolve, chosen_groups, lambda _g, group_refs: refs.extend(group_refs))
-    listings.clear()  # the listings leave the object store
+    b.run.map_unordered(submit_resolve, chosen_groups, lambda _g, group_refs: refs.extend(group_refs))
+    listed.listings.clear()  # the listings leave the object store
     refs.sort(key=lambda r: r.sample_id)
-    for a, b in zip(refs, refs[1:]):
-        if a.sample_id == b.sample_id:
-            raise DataError(f"two dataset entries map to the same sample id {a.sample_id!r}: {a.path!r} and {b.path!r}")
-    wall["select"] = time.perf_counter() - t0
-    logger.info("selected %d of %d samples from %d shards", len(refs), selection.num_candidates, len(shards))
+    for x, y in zip(refs, refs[1:]):
+        if x.sample_id == y.sample_id:
+            raise DataError(f"two dataset entries map to the same sample id {x.sample_id!r}: {x.path!r} and {y.path!r}")
+    logger.info("selected %d of %d samples from %d shards", len(refs), selection.num_candidates, len(listed.shards))
+    return selection, refs
 
-    # 3. process (streamed into the writer), 4. write
-    expected_shape = output_shape(spec) if "image" in families else None
-    expected = None if expected_shape is None else ((config.input_name, expected_shape, spec.dtype),)
-    row_bytes = _DEFAULT_ROW_BYTES if expected_shape is None else int(np.prod(expected_shape)) * np.dtype(spec.dtype).itemsize
-    size = config.chunk_size or max(1, min(64, _CHUNK_TARGET_BYTES // row_bytes))
-    size = max(1, min(size, math.ceil(len(refs) / (workers * 4))))
-    chunks = _chunks(refs, size)
-    paths = {r.sample_id: r.path for r in refs}
-    skipped: list[BadInput] = []
-    worker_seconds = {"read": 0.0, "decode": 0.0, "transform": 0.0}
-    write_seconds = 0.0
-    state: dict[str, Any] = {"expected": expected}
 
-    t_process = time.perf_counter()
-    document = {"preprocess": spec.to_dict(), "skipped_inputs": 0, "refused_entries": len(refused)}
-    writer: PlannedBatchWriter | None = None
+class _ChunkSink:
+    """The driver's side of stage 3: takes each chunk's result, writes its rows (or records them as bad)."""
 
-    def open_writer(signature: Any) -> PlannedBatchWriter:
+    def __init__(self, b: _Build, refs: Sequence[SampleRef], expected: Any, num_refused: int) -> None:
+        self.b = b
+        self.refs = refs
+        self.paths = {r.sample_id: r.path for r in refs}
+        self.expected = expected
+        self.skipped: list[BadInput] = []
+        self.worker_seconds = {"read": 0.0, "decode": 0.0, "transform": 0.0}
+        self.write_seconds = 0.0
+        self.document: dict[str, Any] = {
+            "preprocess": b.config.preprocess.to_dict(), "skipped_inputs": 0, "refused_entries": num_refused,
+        }
+        self.writer: PlannedBatchWriter | None = None if expected is None else self.open_writer(expected)
+
+    def open_writer(self, signature: Any) -> PlannedBatchWriter:
         # Every row has its place from the start: the writer reserves the whole file now (a full
         # disk fails here) and hashes and flushes while the workers run.
         return PlannedBatchWriter(
-            output_url, sample_ids=[r.sample_id for r in refs],
-            inputs=[InputInfo(name, shape, dtype) for name, shape, dtype in signature], spec=document, **dict(out_options),
+            self.b.output_url, sample_ids=[r.sample_id for r in self.refs],
+            inputs=[InputInfo(name, shape, dtype) for name, shape, dtype in signature], spec=self.document,
+            **dict(self.b.out_options),
         )
 
+    def submit(self, item: tuple[int, list[SampleRef]]) -> Any:
+        b = self.b
+        place = None if self.writer is None or b.run.node_id is None else self.writer.placement(b.run.node_id)
+        first_row, chunk = item
+        return b.run.process_task.remote(
+            b.dataset, chunk, b.config.preprocess, b.config.input_name, b.config.max_image_pixels, place, first_row
+        )
+
+    def on_chunk(self, item: tuple[int, list[SampleRef]], result: _ChunkResult) -> None:
+        dataset = self.b.dataset
+        for key, value in result.timings.items():
+            self.worker_seconds[key] = self.worker_seconds.get(key, 0.0) + value
+        for sample_id, path, reason, detail in result.rejected:
+            self.skipped.append(BadInput(sample_id, _location(dataset, path), reason, detail))
+        for ids, arrays in result.groups:
+            signature = _signature_rows(arrays)
+            if self.expected is None:
+                self.expected = signature
+            if signature != self.expected:
+                detail = f"{_describe(signature)} differs from the batch's {_describe(self.expected)}"
+                self.skipped.extend(BadInput(s, _location(dataset, self.paths[s]), "shape-mismatch", detail) for s in ids)
+                continue
+            if self.skipped and not self.b.skip:
+                continue  # the build will fail: do not spool rows for nothing
+            t_write = time.perf_counter()
+            if self.writer is None:
+                self.writer = self.open_writer(signature)
+            self.writer.write(arrays, ids)
+            self.write_seconds += time.perf_counter() - t_write
+        for ids, digests in result.placed:
+            assert self.writer is not None
+            self.writer.mark_written(ids, digests)
+        self.b.progress.advance("preprocess", len(item[1]))
+
+
+def _chunk_plan(b: _Build, listed: _Listed, refs: Sequence[SampleRef]) -> tuple[Any, list[tuple[int, list[SampleRef]]]]:
+    """The batch's signature when the preprocessing fixes it, and the chunks of samples (~8 MiB each)."""
+    spec = b.config.preprocess
+    expected_shape = output_shape(spec) if "image" in listed.families else None
+    expected = None if expected_shape is None else ((b.config.input_name, expected_shape, spec.dtype),)
+    row_bytes = _DEFAULT_ROW_BYTES if expected_shape is None else int(np.prod(expected_shape)) * np.dtype(spec.dtype).itemsize
+    size = b.config.chunk_size or max(1, min(64, _CHUNK_TARGET_BYTES // row_bytes))
+    size = max(1, min(size, math.ceil(len(refs) / (b.workers * 4))))
+    return expected, _chunks(refs, size)
+
+
+def _process_and_write_stage(
+    b: _Build, listed: _Listed, refs: list[SampleRef], warnings: list[str], wall: dict[str, float]
+) -> tuple[_ChunkSink, Any]:
+    """3. process (streamed into the writer), 4. write; the batch file is aborted on any error."""
+    expected, chunks = _chunk_plan(b, listed, refs)
+    t_process = time.perf_counter()
+    sink: _ChunkSink | None = None
     try:
-        if expected is not None:
-            writer = open_writer(expected)
-        progress.start("preprocess", total=len(refs), unit="img")
-
-        def on_chunk(item: tuple[int, list[SampleRef]], result: _ChunkResult) -> None:
-            nonlocal write_seconds, writer
-            for key, value in result.timings.items():
-                worker_seconds[key] = worker_seconds.get(key, 0.0) + value
-            for sample_id, path, reason, detail in result.rejected:
-                skipped.append(BadInput(sample_id, _location(dataset, path), reason, detail))
-            for ids, arrays in result.groups:
-                signature = _signature_rows(arrays)
-                if state["expected"] is None:
-                    state["expected"] = signature
-                if signature != state["expected"]:
-                    detail = f"{_describe(signature)} differs from the batch's {_describe(state['expected'])}"
-                    skipped.extend(BadInput(s, _location(dataset, paths[s]), "shape-mismatch", detail) for s in ids)
-                    continue
-                if skipped and not skip:
-                    continue  # the build will fail: do not spool rows for nothing
-                t_write = time.perf_counter()
-                if writer is None:
-                    writer = open_writer(signature)
-                writer.write(arrays, ids)
-                write_seconds += time.perf_counter() - t_write
-            for ids, digests in result.placed:
-                assert writer is not None
-                writer.mark_written(ids, digests)
-            progress.advance("preprocess", len(item[1]))
-
-        def submit(item: tuple[int, list[SampleRef]]) -> Any:
-            place = None if writer is None or run.node_id is None else writer.placement(run.node_id)
-            first_row, chunk = item
-            return run.process_task.remote(dataset, chunk, spec, config.input_name, config.max_image_pixels, place, first_row)
-
+        sink = _ChunkSink(b, refs, expected, len(listed.refused))
+        b.progress.start("preprocess", total=len(refs), unit="img")
         remaining = chunks
-        if state["expected"] is None:
-            # The batch's shape is that of the first valid sample in id order: probe chunk by chunk.
-            while remaining and state["expected"] is None:
-                run.map_unordered(submit, remaining[:1], on_chunk)
-                remaining = remaining[1:]
+        # The batch's shape is that of the first valid sample in id order: probe chunk by chunk.
+        while remaining and sink.expected is None:
+            b.run.map_unordered(sink.submit, remaining[:1], sink.on_chunk)
+            remaining = remaining[1:]
         # One task queued behind each running one: a worker that finishes starts the next chunk at
         # once instead of waiting for the driver's round trip (results are ids only, or one chunk).
-        run.map_unordered(submit, remaining, on_chunk, in_flight=2 * workers)
-        progress.finish("preprocess")
+        b.run.map_unordered(sink.submit, remaining, sink.on_chunk, in_flight=2 * b.workers)
+        b.progress.finish("preprocess")
         wall["process"] = time.perf_counter() - t_process
-
-        skipped.sort(key=lambda b: b.sample_id)
-        if skipped and not skip:
-            raise DataError(_bad_input_message(
-                f"cannot build a calibration batch from {dataset.display_url}", skipped,
-                "Fix or remove these files, or pass on_bad_input='skip' (--on-bad-input skip) to leave them out.",
-            ))
-        if writer is None or writer.num_rows == 0:
-            raise DataError(_bad_input_message(
-                f"no valid samples remain in {dataset.display_url} (all {len(refs)} selected were bad)",
-                skipped, "Check the dataset and the preprocessing.",
-            ))
-        if skipped:
-            warnings.append(
-                f"{len(skipped)} of {len(refs)} selected inputs were skipped; the batch holds {writer.num_rows}"
-                + (f" instead of {config.num_samples}" if config.num_samples is not None else "")
-            )
-        document["skipped_inputs"] = len(skipped)
-        t_close = time.perf_counter()
-        progress.start("write", total=1, unit="batch")
-        info = writer.close(spec=document)
-        progress.advance("write")
-        progress.finish("write")
-        wall["write"] = write_seconds + (time.perf_counter() - t_close)
+        info = _write_stage(b, sink, warnings)
+        wall["write"] = sink.write_seconds + info[1]
+        return sink, info[0]
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        if sink is not None and sink.writer is not None:
+            sink.writer.abort()
         raise
-    for message in warnings:
-        logger.warning("%s", message)
-    wall["total"] = time.perf_counter() - started
-    return BuildReport(
-        output_url=info.path, fingerprint=info.fingerprint, num_rows=info.num_rows, inputs=info.inputs,
-        nbytes=info.nbytes, spec=document, num_requested=config.num_samples,
-        num_candidates=selection.num_candidates, num_selected=len(refs), skipped=tuple(skipped),
-        refused=tuple(sorted(refused, key=lambda b: b.sample_id)), ignored_files=ignored, workers=workers,
-        wall_seconds=wall, worker_seconds=worker_seconds, warnings=tuple(warnings),
-    )
+
+
+def _write_stage(b: _Build, sink: _ChunkSink, warnings: list[str]) -> tuple[Any, float]:
+    """4. write: fail on bad inputs (unless skipped), then close the writer (metadata, fsync, publish)."""
+    dataset, refs = b.dataset, sink.refs
+    sink.skipped.sort(key=lambda x: x.sample_id)
+    if sink.skipped and not b.skip:
+        raise DataError(_bad_input_message(
+            f"cannot build a calibration batch from {dataset.display_url}", sink.skipped,
+            "Fix or remove these files, or pass on_bad_input='skip' (--on-bad-input skip) to leave them out.",
+        ))
+    writer = sink.writer
+    if writer is None or writer.num_rows == 0:
+        raise DataError(_bad_input_message(
+            f"no valid samples remain in {dataset.display_url} (all {len(refs)} selected were bad)",
+            sink.skipped, "Check the dataset and the preprocessing.",
+        ))
+    if sink.skipped:
+        warnings.append(
+            f"{len(sink.skipped)} of {len(refs)} selected inputs were skipped; the batch holds {writer.num_rows}"
+            + (f" instead of {b.config.num_samples}" if b.config.num_samples is not None else "")
+        )
+    sink.document["skipped_inputs"] = len(sink.skipped)
+    t_close = time.perf_counter()
+    b.progress.start("write", total=1, unit="batch")
+    info = writer.close(spec=sink.document)
+    b.progress.advance("write")
+    b.progress.finish("write")
+    return info, time.perf_counter() - t_close
 
 
 def _signature_rows(arrays: Mapping[str, npt.NDArray[Any]]) -> tuple[tuple[str, tuple[int, ...], str], ...]:

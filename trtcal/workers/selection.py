@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from trtcal.config import check_seed, parse_num_samples
 from trtcal.errors import ConfigError, DataError
 
 __all__ = [
@@ -41,21 +42,6 @@ ALL = None  # num_samples=None means every sample
 MAX_SAMPLE_ID_BYTES = 1024  # the batch format's limit
 _ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 ROW_WIDTH = 9
-
-
-def parse_num_samples(value: str | int | None) -> int | None:
-    """'all' -> None; a positive integer (or its string) -> int. ConfigError otherwise."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
-        return None
-    if isinstance(value, bool):
-        raise ConfigError(f"num_samples must be a positive integer or 'all', got {value!r}")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"num_samples must be a positive integer or 'all', got {value!r}") from None
-    if isinstance(value, float) or number < 1:
-        raise ConfigError(f"num_samples must be a positive integer or 'all', got {value!r}")
-    return number
 
 
 def path_sort_key(relpath: str) -> tuple[str, ...]:
@@ -164,9 +150,8 @@ def select_samples(
     Raises:
         ConfigError: bad num_samples or seed.  DataError: no samples, or too few (unless allowed).
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+    check_seed(seed)  # the rules are trtcal.config's; a direct caller gets the same errors
+    if num_samples is not None and (isinstance(num_samples, bool) or parse_num_samples(num_samples) != num_samples):
         raise ConfigError(f"num_samples must be a positive integer or None (all), got {num_samples!r}")
     classes = sorted({c for shard in counts for c in shard})
     per_class_counts = np.array([[int(shard.get(c, 0)) for c in classes] for shard in counts], dtype=np.int64).reshape(

@@ -79,7 +79,7 @@ def test_verbose_after_the_subcommand(
     def broken(*args: object, **kwargs: object) -> None:
         raise AttributeError("'NoneType' object has no attribute 'shape'")
 
-    monkeypatch.setattr("trtcal.orchestrator.dataset.calibrate_dataset", broken)
+    monkeypatch.setattr("trtcal.orchestrator.job.calibrate_dataset", broken)
     argv = ["calibrate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d")]
     rc, _, err = _run(capsys, *argv)
     assert rc == EXIT_INTERNAL_ERROR and "Traceback" not in err
@@ -97,7 +97,7 @@ def test_calibrate_json_reports_a_bug_on_stdout_too(
     def broken(*args: object, **kwargs: object) -> None:
         raise KeyError(PLANTED_OPTION)
 
-    monkeypatch.setattr("trtcal.orchestrator.dataset.calibrate_dataset", broken)
+    monkeypatch.setattr("trtcal.orchestrator.job.calibrate_dataset", broken)
     rc, out, err = _run(
         capsys, "calibrate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d"), "--json",
         "--storage-option", f"token={PLANTED_OPTION}",

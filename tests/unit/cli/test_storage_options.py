@@ -62,13 +62,13 @@ def _capture(monkeypatch: pytest.MonkeyPatch, target: str, pick: Any) -> dict[st
 
 
 def _calibrate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[list[str], dict[str, Any]]:
-    seen = _capture(monkeypatch, "trtcal.orchestrator.dataset.calibrate_dataset",
+    seen = _capture(monkeypatch, "trtcal.orchestrator.job.calibrate_dataset",
                     lambda a, kw: dict(kw["config"].storage_options))
     return ["calibrate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d")], seen
 
 
 def _batch_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[list[str], dict[str, Any]]:
-    seen = _capture(monkeypatch, "trtcal.workers.build.build_batch_from_config", lambda a, kw: kw["storage_options"])
+    seen = _capture(monkeypatch, "trtcal.workers.build.build_batch", lambda a, kw: kw["storage_options"])
     return ["batch", "build", "--data", str(tmp_path / "d"), "-o", str(tmp_path / "b.arrow"), "--no-progress"], seen
 
 

@@ -11,10 +11,10 @@ import pytest
 
 from tests.unit.runners import tiny_models
 from trtcal.cli import main as cli_main
+from trtcal.config import CalibrationConfig
 from trtcal.core.cache_format import read_trt_cache
 from trtcal.errors import ConfigError, DataError, ModelError, NonFiniteError
-from trtcal.orchestrator.config import CalibrationConfig
-from trtcal.orchestrator.pipeline import SAFE_AMAX, calibrate
+from trtcal.orchestrator.calibrate import SAFE_AMAX, calibrate
 from trtcal.progress import RecordingProgress
 from trtcal.workers.batch_format import write_batch
 

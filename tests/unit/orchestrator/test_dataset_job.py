@@ -1,4 +1,4 @@
-"""The parts of `trtcal.orchestrator.dataset` that need no Ray: the actor's work as a plain function,
+"""The parts of `trtcal.orchestrator` (job, actor) that need no Ray: the actor's work as a plain function,
 where the actor reads the batch, how its progress is relayed, and the CLI's rendering of a result.
 (End to end on real Ray and S3: tests/e2e/test_calibrate_dataset.py.)
 """
@@ -14,19 +14,26 @@ import pytest
 
 from tests.unit.runners.tiny_models import mlp, small_int_inputs
 from trtcal.cli.cmd_calibrate import LabelledProgress, _table
+from trtcal.config import CalibrationConfig, JobConfig
 from trtcal.errors import ConfigError
-from trtcal.orchestrator.config import CalibrationConfig
-from trtcal.orchestrator.dataset import (
+from trtcal.orchestrator.actor import (
+    ActorRequest,
     BatchSource,
-    DatasetResult,
-    JobConfig,
     ProgressLog,
     _ProgressForwarder,
     run_calibration,
 )
+from trtcal.orchestrator.job import DatasetResult
 from trtcal.progress import RecordingProgress
 
-CAL = CalibrationConfig(algorithms=("entropy2", "minmax"), micro_batch=4).to_dict()
+CAL = CalibrationConfig(algorithms=("entropy2", "minmax"), micro_batch=4)
+
+
+def _run(model: bytes, url: str, options: dict[str, Any], cal: CalibrationConfig, export_qdq: bool, *,
+         backend: str = "onnxruntime", **kwargs: Any) -> Any:
+    request = ActorRequest(model_bytes=model, batch_url=url, calibration=cal, storage_options=options,
+                           export_qdq=export_qdq, backend=backend)
+    return run_calibration(request, **kwargs)
 
 
 @pytest.fixture
@@ -40,7 +47,7 @@ def tiny(tmp_path: Path) -> tuple[bytes, Path]:
 def test_run_calibration_reports_every_actor_stage_in_order(tiny: tuple[bytes, Path]) -> None:
     model, batch = tiny
     log = ProgressLog()
-    out = run_calibration(model, str(batch), {}, CAL, True, progress=log)
+    out = _run(model, str(batch), {}, CAL, True, progress=log)
     events = log.drain()
     assert [e[:2] for e in events if e[0] != "advance"] == [
         ("start", "statistics"), ("finish", "statistics"), ("start", "histograms"), ("finish", "histograms"),
@@ -49,24 +56,24 @@ def test_run_calibration_reports_every_actor_stage_in_order(tiny: tuple[bytes, P
     # Consecutive advances are merged: one poll carries a count, however many micro-batches ran.
     assert [e for e in events if e[0] == "advance"] == [("advance", "statistics", 10), ("advance", "histograms", 10)]
     assert log.drain() == []
-    assert {"calibration.cache", "ranges.json", "model.qdq.onnx", "run.json"} <= set(out["files"])
-    assert out["num_samples"] == 10 and set(out["timings"]) >= {"statistics", "histograms", "scales", "export_qdq"}
+    assert {"calibration.cache", "ranges.json", "model.qdq.onnx", "run.json"} <= set(out.files)
+    assert out.num_samples == 10 and set(out.timings) >= {"statistics", "histograms", "scales", "export_qdq"}
 
 
 def test_minmax_only_searches_right_after_pass_1(tiny: tuple[bytes, Path]) -> None:
     model, batch = tiny
     log = ProgressLog()
-    run_calibration(model, str(batch), {}, CalibrationConfig(algorithms=("minmax",)).to_dict(), False, progress=log)
+    _run(model, str(batch), {}, CalibrationConfig(algorithms=("minmax",)), False, progress=log)
     assert [e[1] for e in log.drain() if e[0] == "start"] == ["statistics", "search"]
 
 
 def test_a_batch_sent_as_bytes_gives_the_same_artifacts(tiny: tuple[bytes, Path], tmp_path: Path) -> None:
     model, batch = tiny
-    from_path = run_calibration(model, str(batch), {}, CAL, True)
+    from_path = _run(model, str(batch), {}, CAL, True)
     elsewhere = str(tmp_path / "on-another-node" / "batch.npy")  # does not exist here
-    from_bytes = run_calibration(model, elsewhere, {}, CAL, True, batch_bytes=batch.read_bytes())
+    from_bytes = _run(model, elsewhere, {}, CAL, True, batch_bytes=batch.read_bytes())
     for name in ("calibration.cache", "calibration.minmax.cache", "ranges.json", "histograms.npy", "model.qdq.onnx"):
-        assert from_path["files"][name] == from_bytes["files"][name], name
+        assert from_path.files[name] == from_bytes.files[name], name
 
 
 def test_batch_source_prefers_the_local_file_on_the_drivers_node() -> None:
@@ -161,9 +168,9 @@ def test_json_has_the_stage_times_under_their_names() -> None:
 
 def test_job_config_names_the_bad_field() -> None:
     with pytest.raises(ConfigError, match="workers"):
-        JobConfig(workers=0)
+        JobConfig.from_options(workers=0)
     with pytest.raises(ConfigError, match="device"):
-        JobConfig(device="tpu")
+        JobConfig.from_options(device="tpu")
 
 
 class _Cluster:
@@ -178,7 +185,7 @@ class _Cluster:
 
 def test_device_resolution() -> None:
     from trtcal.errors import BackendUnavailableError
-    from trtcal.orchestrator.dataset import cuda_runner_available, resolve_device
+    from trtcal.orchestrator.actor import cuda_runner_available, resolve_device
 
     assert resolve_device(_Cluster(0), "auto") == "cpu" and resolve_device(_Cluster(0), "cpu") == "cpu"
     assert resolve_device(_Cluster(1), "cpu") == "cpu" and resolve_device(_Cluster(1), "gpu") == "gpu"

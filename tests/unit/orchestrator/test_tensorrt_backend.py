@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from trtcal.cli import main as cli_main
+from trtcal.config import CalibrationConfig, JobConfig
 from trtcal.errors import BackendUnavailableError, ConfigError
-from trtcal.orchestrator.config import CalibrationConfig
-from trtcal.orchestrator.dataset import JobConfig, run_calibration
+from trtcal.orchestrator.actor import ActorRequest, run_calibration
 
 MODEL = Path(__file__).resolve().parents[3].parent / "shared" / "models" / "efficientnet_lite0.onnx"
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -34,9 +34,9 @@ def test_tensorrt_backend_needs_one_tensorrt_algorithm() -> None:
 def test_actor_work_without_tensorrt_is_a_clear_error(tmp_path: Path) -> None:
     data = tmp_path / "x.npy"
     np.save(data, np.zeros((2, 3, 224, 224), np.float32))
-    cal = CalibrationConfig(algorithms=("entropy2",)).to_dict()
+    cal = CalibrationConfig(algorithms=("entropy2",))
     with pytest.raises(BackendUnavailableError, match="TensorRT"):
-        run_calibration(MODEL.read_bytes(), str(data), {}, cal, False, backend="tensorrt")
+        run_calibration(ActorRequest(MODEL.read_bytes(), str(data), cal, export_qdq=False, backend="tensorrt"))
 
 
 def test_cli_backend_tensorrt_on_a_gpu_less_cluster_fails_fast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

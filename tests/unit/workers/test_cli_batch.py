@@ -1,23 +1,23 @@
-"""`trtcal batch build` options map onto BatchBuildConfig without starting Ray; None means the config's default."""
+"""`trtcal batch build` options map onto BatchConfig without starting Ray; None means the config's default."""
 
 from __future__ import annotations
 
 import pytest
 
 from trtcal.cli import build_parser
-from trtcal.cli.cmd_batch import build_config_from_args
+from trtcal.cli.cmd_batch import batch_config_from_args
+from trtcal.config import BatchConfig
 from trtcal.errors import ConfigError
-from trtcal.workers.build import BatchBuildConfig
 from trtcal.workers.preprocess import PRESETS, preset
 
 
-def _config(*extra: str) -> BatchBuildConfig:
+def _config(*extra: str) -> BatchConfig:
     args = build_parser().parse_args(["batch", "build", "--data", "d", "-o", "o.arrow", *extra])
-    return build_config_from_args(args)
+    return batch_config_from_args(args)
 
 
 def test_defaults_come_from_the_dataclass():
-    assert _config() == BatchBuildConfig()
+    assert _config() == BatchConfig()
 
 
 def test_options_map_onto_the_config():
@@ -26,7 +26,7 @@ def test_options_map_onto_the_config():
         "--workers", "3", "--on-bad-input", "skip", "--stratify", "--input-name", "images",
         "--max-image-pixels", "1000000",
     )
-    assert config == BatchBuildConfig(
+    assert config == BatchConfig(
         num_samples=None, seed=9, preprocess=preset("efficientnet-lite", layout="NHWC"), workers=3,
         on_bad_input="skip", stratify=True, input_name="images", max_image_pixels=1_000_000,
     )

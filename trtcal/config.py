@@ -1,0 +1,408 @@
+"""trtcal's settings: one frozen dataclass per concern; every default and every check written once.
+
+    JobConfig                        `trtcal calibrate MODEL --data URL` (`trtcal.calibrate_dataset`)
+      .batch        BatchConfig        dataset -> ONE calibration batch (`trtcal batch build`)
+      .calibration  CalibrationConfig  batch -> statistics -> scales -> caches (`trtcal.calibrate`)
+      .store        StoreSettings      where results are looked up and published
+      .cluster      ClusterConfig      which Ray, which device the calibration actor takes
+
+Each validates on construction and raises ConfigError naming the field. The CLI maps its options
+onto these fields and sets no default of its own; enumerations are `Literal` types whose values
+the CLI offers as `choices`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from trtcal.core.cache_format import trt_version_int
+from trtcal.core.histogram import DEFAULT_NUM_BINS
+from trtcal.core.scales import METHODS, compute_amax
+from trtcal.errors import ConfigError
+from trtcal.workers.preprocess import DEFAULT_MAX_IMAGE_PIXELS, PreprocessSpec, parse_preprocess
+
+__all__ = [
+    "BatchConfig", "CalibrationConfig", "ClusterConfig", "JobConfig", "StoreSettings", "MAX_NUM_BINS",
+    "Backend", "ActorDevice", "Nonfinite", "OnBadInput", "TensorSelection", "TENSORRT_ALGORITHMS",
+    "choices", "default_store_url", "parse_num_samples", "check_seed",
+]
+
+MAX_NUM_BINS = 1 << 20  # far beyond any use; keeps a typo from allocating gigabytes per tensor
+TensorSelection = Literal["all", "quantizable"]
+Nonfinite = Literal["error", "ignore"]
+OnBadInput = Literal["fail", "skip"]
+ActorDevice = Literal["auto", "cpu", "gpu"]
+Backend = Literal["onnxruntime", "tensorrt"]
+TENSORRT_ALGORITHMS = ("entropy2", "minmax", "entropy", "legacy")  # TensorRT 10's own calibrators
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values of a Literal type (what the CLI offers as `choices`)."""
+    return tuple(get_args(literal))
+
+
+def _check_choice(name: str, value: Any, literal: Any) -> None:
+    if value not in choices(literal):
+        raise ConfigError(f"{name} must be one of {list(choices(literal))}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, low: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+def parse_num_samples(value: str | int | None) -> int | None:
+    """'all' or None -> None; a positive integer (or its string) -> int. ConfigError otherwise."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"num_samples must be a positive integer or 'all', got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"num_samples must be a positive integer or 'all', got {value!r}") from None
+    if isinstance(value, float) or number < 1:
+        raise ConfigError(f"num_samples must be a positive integer or 'all', got {value!r}")
+    return number
+
+
+def check_seed(seed: Any) -> None:
+    """Seeds are non-negative integers (numpy's PCG64 takes nothing else)."""
+    import numpy as np
+
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+def default_store_url() -> str:
+    """`$TRTCAL_CACHE_DIR/store`, else `~/.cache/trtcal/store`."""
+    root = os.environ.get("TRTCAL_CACHE_DIR")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "trtcal"
+    return str(base / "store")
+
+
+def _overrides(cls: type, values: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """`values` without the None ones ("not given"); ConfigError for a name that is not a field of `cls`."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} option(s) {unknown}; known: {sorted(known)}")
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationConfig:
+    """How to calibrate. Validated on construction (ConfigError names the field).
+
+    Attributes:
+        algorithms: scale-search methods (keys of `trtcal.core.METHODS`); all are computed from the
+            same histograms; the first one also becomes ``calibration.cache``.
+        trt_version: TensorRT version whose header the caches carry, e.g. "10.16.1".
+        micro_batch: samples per ONNX Runtime run (memory grows with it, not with the batch size).
+        num_bins: histogram bins on [0, max |x|] per tensor.
+        method_params: per-method parameters, e.g. ``{"percentile": {"percentile": 99.99}}``.
+        tensors: "all" floating activations, "quantizable" op inputs, or a tuple of tensor names.
+        nonfinite: "error" raises NonFiniteError naming the tensor; "ignore" skips NaN/Inf values
+            (they are counted in ranges.json).
+        manual_ranges: tensor -> amax that overrides (or adds to) the calibrated value.
+        device: "cpu", or "cuda"/"cuda:N": ONNX Runtime's CUDA provider when onnxruntime-gpu is
+            installed, else the PyTorch runner (statistics on the GPU) when torch sees CUDA.
+        processes: CPU processes that collect the statistics, each on a contiguous slice of the
+            batch, merged exactly (the artifacts are the bytes of one worker; tested). 1: in this
+            process. 0: one per 2 cores, at most 8. Needs a local .arrow/.npy batch file (other
+            batches are collected in this process). Not part of any cache key.
+    """
+
+    algorithms: tuple[str, ...] = ("entropy2",)
+    trt_version: str = "10.16.1"
+    micro_batch: int = 32
+    num_bins: int = DEFAULT_NUM_BINS
+    method_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    tensors: TensorSelection | tuple[str, ...] = "all"
+    nonfinite: Nonfinite = "error"
+    manual_ranges: Mapping[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+    processes: int = 1
+
+    def __post_init__(self) -> None:
+        algorithms = (self.algorithms,) if isinstance(self.algorithms, str) else tuple(self.algorithms)
+        if not algorithms:
+            raise ConfigError("algorithms: give at least one method")
+        unknown = [a for a in algorithms if a not in METHODS]
+        if unknown:
+            raise ConfigError(f"algorithms: unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+        if len(set(algorithms)) != len(algorithms):
+            raise ConfigError(f"algorithms: {list(algorithms)} names a method twice")
+        object.__setattr__(self, "algorithms", algorithms)
+
+        if not isinstance(self.trt_version, str):
+            raise ConfigError(f"trt_version must be a string like '10.16.1', got {self.trt_version!r}")
+        try:
+            trt_version_int(self.trt_version)
+        except ConfigError as exc:
+            raise ConfigError(f"trt_version: {exc}") from None
+
+        _check_int("micro_batch", self.micro_batch, 1)
+        _check_int("num_bins", self.num_bins, 1)
+        if self.num_bins > MAX_NUM_BINS:
+            raise ConfigError(f"num_bins must be <= {MAX_NUM_BINS}, got {self.num_bins}")
+        object.__setattr__(self, "method_params", self._checked_method_params(algorithms))
+
+        if isinstance(self.tensors, str):
+            if self.tensors not in choices(TensorSelection):
+                raise ConfigError(
+                    f"tensors must be one of {choices(TensorSelection)} or a list of tensor names, got {self.tensors!r}"
+                )
+        else:
+            names = tuple(self.tensors)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ConfigError(f"tensors: a list of tensor names must be non-empty strings, got {names!r}")
+            object.__setattr__(self, "tensors", names)
+
+        _check_choice("nonfinite", self.nonfinite, Nonfinite)
+        object.__setattr__(self, "manual_ranges", self._checked_manual_ranges())
+
+        if not isinstance(self.device, str) or not (
+            self.device in ("cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        ):
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or not 0 <= self.processes <= 256:
+            raise ConfigError(f"processes must be an int from 0 (auto) to 256, got {self.processes!r}")
+
+    def _checked_method_params(self, algorithms: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        params = {str(k): dict(v) for k, v in dict(self.method_params).items()}
+        for method, kwargs in params.items():
+            if method not in algorithms:
+                raise ConfigError(f"method_params: {method!r} is not one of the requested algorithms {list(algorithms)}")
+            # Validate the names and values now, on a one-bin histogram, rather than after collection.
+            try:
+                compute_amax([1] * min(self.num_bins, 256), 1.0, method, **kwargs)
+            except ConfigError as exc:
+                raise ConfigError(f"method_params[{method!r}]: {exc}") from None
+        return copy.deepcopy(params)
+
+    def _checked_manual_ranges(self) -> dict[str, float]:
+        manual = {}
+        for name, amax in dict(self.manual_ranges).items():
+            try:
+                value = float(amax)
+            except (TypeError, ValueError):
+                value = math.nan
+            if not isinstance(name, str) or not name or not (math.isfinite(value) and value > 0.0):
+                raise ConfigError(f"manual_ranges: tensor {name!r} needs a finite amax > 0, got {amax!r}")
+            manual[name] = value
+        return manual
+
+    def with_overrides(self, **values: Any) -> CalibrationConfig:
+        """A copy with the fields given (None means "not given"); ConfigError for an unknown name."""
+        given = _overrides(CalibrationConfig, values, "calibration")
+        return replace(self, **given) if given else self
+
+    def resolved_processes(self) -> int:
+        """`processes` with 0 (auto) resolved for this machine."""
+        if self.processes:
+            return self.processes
+        return max(1, min(8, (os.cpu_count() or 1) // 2))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists); `from_dict` inverts it."""
+        out = asdict(self)
+        out["algorithms"] = list(self.algorithms)
+        if not isinstance(self.tensors, str):
+            out["tensors"] = list(self.tensors)
+        out["method_params"] = {k: dict(v) for k, v in sorted(self.method_params.items())}
+        out["manual_ranges"] = dict(sorted(self.manual_ranges.items()))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CalibrationConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown calibration config field(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    """How to build a calibration batch from a dataset. Validated on construction.
+
+    Attributes:
+        num_samples: how many samples to draw; None (or "all") for all of them.
+        seed: seeds the draw (numpy PCG64).
+        preprocess: a PreprocessSpec, or a preset name ("imagenet", "efficientnet-lite", "raw"),
+            "package.module:function", a JSON spec or a .json file (parsed here).
+        stratify: draw evenly per class (first folder level, or a list's label column).
+        workers: tasks in flight at once (and the CPUs of an embedded Ray); None: the cluster's CPUs.
+        on_bad_input: "fail" (raise, listing every bad input) or "skip" (leave them out, report them).
+        input_name: the model input the preprocessed arrays feed (`calibrate_dataset` sets it from the model).
+        max_image_pixels: decompression-bomb limit (width x height) per image.
+        max_retries: how often Ray reruns a task whose worker died.
+        chunk_size: samples per task; None picks ~8 MiB of output per task.
+    """
+
+    num_samples: int | None = 500
+    seed: int = 0
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    stratify: bool = False
+    workers: int | None = None
+    on_bad_input: OnBadInput = "fail"
+    input_name: str = "input"
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_retries: int = 3
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_samples", parse_num_samples(self.num_samples))
+        check_seed(self.seed)
+        if isinstance(self.preprocess, str):
+            object.__setattr__(self, "preprocess", parse_preprocess(self.preprocess))
+        if not isinstance(self.preprocess, PreprocessSpec):
+            raise ConfigError(f"preprocess must be a PreprocessSpec or a preset/function name, got {type(self.preprocess).__name__}")
+        _check_bool("stratify", self.stratify)
+        _check_choice("on_bad_input", self.on_bad_input, OnBadInput)
+        _check_int("workers", self.workers, 1, optional=True)
+        _check_int("max_image_pixels", self.max_image_pixels, 1)
+        _check_int("max_retries", self.max_retries, 0)
+        _check_int("chunk_size", self.chunk_size, 1, optional=True)
+        if not isinstance(self.input_name, str) or not self.input_name or self.input_name == "sample_id":
+            raise ConfigError(f"input_name must be a non-empty string other than 'sample_id', got {self.input_name!r}")
+
+    def with_overrides(self, **values: Any) -> BatchConfig:
+        """A copy with the fields given (None means "not given"); ConfigError for an unknown name."""
+        given = _overrides(BatchConfig, values, "batch")
+        return replace(self, **given) if given else self
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreSettings:
+    """The cache store a job reads and publishes to (`trtcal.storage.CacheStore` opens it).
+
+    Attributes:
+        url: store root (None: `default_store_url()`).
+        read_from: other stores searched (read-only) before computing.
+        namespace: the store namespace (e.g. a team); None: the store's default.
+        read_only: never write to the store (consumers); a miss then computes without publishing.
+    """
+
+    url: str | None = None
+    read_from: tuple[str, ...] = ()
+    namespace: str | None = None
+    read_only: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.read_from, str):
+            raise ConfigError("read_from must be a list of store URLs, not one string")
+        object.__setattr__(self, "read_from", tuple(self.read_from))
+        _check_bool("read_only", self.read_only)
+
+    def resolved_url(self) -> str:
+        return self.url or default_store_url()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """Where the job runs.
+
+    Attributes:
+        address: Ray cluster address (None: an embedded local Ray; "auto"; "ray://…").
+        device: where the calibration actor runs: "auto" (GPU when the cluster has one and
+            onnxruntime-gpu is installed), "cpu" or "gpu" (an error at once when the cluster has none).
+    """
+
+    address: str | None = None
+    device: ActorDevice = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("device", self.device, ActorDevice)
+
+
+# Flat option names (`calibrate_dataset(..., num_samples=500, store="s3://…")`) -> (part, field).
+_FLAT_OPTIONS: dict[str, tuple[str, str]] = {
+    **{f.name: ("batch", f.name) for f in fields(BatchConfig)},
+    "store": ("store", "url"), "read_from": ("store", "read_from"), "namespace": ("store", "namespace"),
+    "read_only": ("store", "read_only"), "address": ("cluster", "address"), "device": ("cluster", "device"),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobConfig:
+    """Everything `trtcal calibrate MODEL --data URL` can be told: the parts, and what joins them.
+
+    Attributes:
+        batch, calibration, store, cluster: the parts (see the module docstring).
+        output: directory that receives the artifacts (None: leave them in the store only).
+        export_qdq: also write the Q/DQ ONNX model of the first method.
+        backend: "onnxruntime" statistics, or TensorRT 10's own calibrator ("tensorrt": one
+            algorithm of `TENSORRT_ALGORITHMS`, on a GPU).
+        storage_options: fsspec options for the model, the dataset and the store (credentials stay
+            out of every artifact).
+    """
+
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output: str | None = None
+    export_qdq: bool = True
+    backend: Backend = "onnxruntime"
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, kind in (("batch", BatchConfig), ("calibration", CalibrationConfig), ("store", StoreSettings),
+                           ("cluster", ClusterConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        _check_choice("backend", self.backend, Backend)
+        if self.backend == "tensorrt":
+            algos = self.calibration.algorithms
+            if len(algos) != 1 or algos[0] not in TENSORRT_ALGORITHMS:
+                raise ConfigError(
+                    f"--backend tensorrt runs one TensorRT calibrator: give exactly one --algorithm of "
+                    f"{TENSORRT_ALGORITHMS}, got {list(algos)}"
+                )
+        _check_bool("export_qdq", self.export_qdq)
+        if not isinstance(self.storage_options, Mapping):
+            raise ConfigError("storage_options must be a mapping")
+        object.__setattr__(self, "storage_options", dict(self.storage_options))
+
+    def with_options(self, **options: Any) -> JobConfig:
+        """A copy with flat options applied: JobConfig fields, parts (``batch=BatchConfig(…)``), or a
+        part's field by name (``num_samples=``, ``store="s3://…"``, ``address=``, ``device=``, …).
+
+        None means "not given" for a part's field.
+        """
+        top = {k: v for k, v in options.items() if k in {f.name for f in fields(JobConfig)}
+               and not (k == "store" and not isinstance(v, StoreSettings))}
+        parts: dict[str, dict[str, Any]] = {}
+        for name, value in options.items():
+            if name in top:
+                continue
+            if name not in _FLAT_OPTIONS:
+                known = sorted({f.name for f in fields(JobConfig)} | set(_FLAT_OPTIONS))
+                raise ConfigError(f"unknown job option {name!r}; known: {known}")
+            part, field_name = _FLAT_OPTIONS[name]
+            if value is not None:
+                parts.setdefault(part, {})[field_name] = value
+        merged = replace(self, **top) if top else self
+        for part, values in parts.items():
+            merged = replace(merged, **{part: replace(getattr(merged, part), **values)})
+        return merged
+
+    @classmethod
+    def from_options(cls, **options: Any) -> JobConfig:
+        """`JobConfig().with_options(**options)`: the flat spelling of a job (`calibrate_dataset`'s keywords)."""
+        return cls().with_options(**options)
