@@ -28,6 +28,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from trtcal._secrets import SECRET_ENV
 from trtcal._version import __version__
 from trtcal.errors import TrtcalError
 
@@ -66,7 +67,6 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 # Third-party loggers that print request headers (botocore: the access key id) at DEBUG.
 _NOISY_LOGGERS = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "aiohttp", "asyncio", "ray")
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
 
 
 class _SecretFilter(logging.Filter):
@@ -89,7 +89,7 @@ class _SecretFilter(logging.Filter):
 def configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    secret_filter = _SecretFilter([os.environ[k] for k in _SECRET_ENV if os.environ.get(k)])
+    secret_filter = _SecretFilter([os.environ[k] for k in SECRET_ENV if os.environ.get(k)])
     for handler in logging.getLogger().handlers:
         handler.addFilter(secret_filter)
     for name in _NOISY_LOGGERS:
@@ -99,9 +99,9 @@ def configure_logging(verbose: int, quiet: bool) -> None:
 def scrubber_for(args: argparse.Namespace) -> Callable[[object], str]:
     """A function masking every credential this command may know: environment, `--storage-option`,
     the Ray token; and passwords in URLs. Never raises: the error path must not hide the error."""
-    env_secrets = sorted({os.environ[k] for k in _SECRET_ENV if len(os.environ.get(k, "")) >= 4}, key=len, reverse=True)
+    env_secrets = sorted({os.environ[k] for k in SECRET_ENV if len(os.environ.get(k, "")) >= 4}, key=len, reverse=True)
     try:
-        from trtcal.storage._redact import Scrubber
+        from trtcal._secrets import Scrubber
 
         return Scrubber(set(env_secrets) | _command_secrets(args))
     except Exception:
@@ -116,8 +116,8 @@ def scrubber_for(args: argparse.Namespace) -> Callable[[object], str]:
 
 
 def _command_secrets(args: argparse.Namespace) -> set[str]:
+    from trtcal._secrets import secret_values
     from trtcal.cli._options import storage_option_secrets
-    from trtcal.storage._redact import secret_values
 
     secrets = secret_values({})  # the AWS/GCS/Azure credential variables
     for dest in ("storage_option", "storage_options"):

@@ -5,7 +5,7 @@ Rules (the same for `calibrate`, `cache …` and `batch build|show`):
 * dotted keys nest: `client_kwargs.region_name=eu-west-1` gives `{"client_kwargs": {"region_name": …}}`;
 * `true`/`false` (any case) become booleans, JSON integers (`5242880`, `-1`) ints, JSON reals (`0.5`,
   `1e3`) floats, and a value starting with `{` or `[` is decoded as JSON; anything else stays text;
-* credential options (`key`, `secret`, `token`, `password`, … as `trtcal.storage._redact` defines them)
+* credential options (`key`, `secret`, `token`, `password`, … as `trtcal._secrets` defines them)
   always stay text, so a numeric secret is not turned into an int;
 * a key given twice: the last value wins; nested options merge.
 
@@ -41,7 +41,7 @@ def add_storage_option(parser: Any, *, dest: str = "storage_option", what: str =
 
 def is_secret_option(name: str) -> bool:
     """Whether an option (a dotted key names its last part) holds a credential."""
-    from trtcal.storage._redact import secret_values
+    from trtcal._secrets import secret_values
 
     # secret_values() is the one definition of a credential option; ask it about a placeholder value.
     return bool(secret_values({name.rsplit(".", 1)[-1]: "placeholder"}, environ={}))
@@ -116,7 +116,7 @@ def parse_storage_options(items: Iterable[str] | None) -> dict[str, Any]:
 def storage_option_secrets(items: Iterable[str] | None) -> set[str]:
     """Every credential value in `--storage-option` items, nested JSON included. Never raises, so an
     error path can use it on items that do not parse."""
-    from trtcal.storage._redact import secret_values
+    from trtcal._secrets import secret_values
 
     found: set[str] = set()
     for item in items or ():

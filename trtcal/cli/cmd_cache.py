@@ -146,7 +146,7 @@ class _ScrubFilter(logging.Filter):
 
 def _protect_logs(storage_options: dict[str, Any]) -> None:
     """Keep credentials out of log output: mask known secrets on every handler; silence client debug logs."""
-    from trtcal.storage._redact import Scrubber, secret_values
+    from trtcal._secrets import Scrubber, secret_values
 
     scrub = Scrubber(secret_values(storage_options))
     for handler in logging.getLogger().handlers:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trtcal._secrets import is_credential_name
 from trtcal.errors import BackendUnavailableError, ConfigError, TrtcalError
 
 __all__ = [
@@ -408,14 +409,6 @@ def _follow_logs(client: Any, address: str, job_id: str, sink: LogSink | None, p
 # --------------------------------------------------------------------------- public API
 
 
-_CREDENTIAL_WORDS = ("secret", "password", "token", "session", "credential", "access_key", "key_id", "private")
-
-
-def _looks_like_credential(name: str) -> bool:
-    lowered = name.lower().replace("-", "_")
-    return any(word in lowered for word in _CREDENTIAL_WORDS) or lowered in ("key", "aws_access_key_id")
-
-
 def refuse_credentials(entrypoint_args: Sequence[str], runtime_env: Mapping[str, Any] | None) -> None:
     """Credentials must not travel as job metadata (Ray keeps entrypoints and runtime envs for anyone to list).
 
@@ -427,14 +420,14 @@ def refuse_credentials(entrypoint_args: Sequence[str], runtime_env: Mapping[str,
         value = args[i + 1] if arg == "--storage-option" and i + 1 < len(args) else (
             arg.split("=", 1)[1] if arg.startswith("--storage-option=") else None
         )
-        if value is not None and _looks_like_credential(value.partition("=")[0]):
+        if value is not None and is_credential_name(value.partition("=")[0]):
             raise ConfigError(
                 f"--storage-option {value.partition('=')[0]}=… would send a credential to the cluster as job "
                 "metadata (visible to anyone who can list jobs); put it in the cluster's environment "
                 "(AWS_* variables, an instance role or a Kubernetes Secret) instead"
             )
     env_vars = dict((runtime_env or {}).get("env_vars") or {})
-    leaked = sorted(k for k in env_vars if _looks_like_credential(str(k)))
+    leaked = sorted(k for k in env_vars if is_credential_name(str(k)))
     if leaked:
         raise ConfigError(
             f"runtime env variables {leaked} look like credentials; Ray keeps the runtime env as job metadata. "

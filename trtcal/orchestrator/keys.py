@@ -24,7 +24,7 @@ __all__ = ["batch_key_inputs", "calibration_key_inputs", "runner_id", "hit_runne
 
 def batch_key_inputs(data: str, batch: BatchConfig) -> dict[str, Any]:
     """What identifies a batch request (not its content: the dataset is only listed when building)."""
-    from trtcal.storage._redact import redact_url
+    from trtcal._secrets import redact_url
 
     return {
         "kind": "calibration-batch",

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trtcal._secrets import Scrubber, redact_url, secret_values
 from trtcal._version import FORMAT_VERSION
 from trtcal.errors import CacheFormatError, ConfigError
-from trtcal.storage._redact import Scrubber, redact_url, secret_values
 from trtcal.storage.keys import KeyInputs, canonical_json, compute_cache_key, key_inputs_dict
 from trtcal.storage.manifest import ArtifactRecord, Manifest, parse_manifest
 from trtcal.storage.names import (
