@@ -7,48 +7,58 @@ Runtime's fused int8 CPU kernels (optimisations on) saturate on CPUs without VNN
 ~25 points of agreement whatever the calibration (platform-notes.md); that path is available
 only on request and is always labelled "(ORT fused int8 kernels)", never mixed with simulation.
 
-Metrics per model, against the FP32 model's output on the same inputs:
-  * top-1 agreement: share of inputs whose top-1 class equals FP32's;
-  * top-5 overlap: mean |top5(int8) ∩ top5(fp32)| / 5;
-  * logit SQNR (dB): 10·log10(Σ fp32² / Σ (fp32 − int8)²) over every logit;
-  * mean KL(softmax(fp32) ‖ softmax(int8)) in nats;
-  * top-1 accuracy when labels are given.
+Metrics per output tensor, against the FP32 model's output on the same inputs, chosen by what the
+output is (trtcal.core.output_metrics): SQNR, cosine and max abs error for every output; top-1
+agreement only along a class axis ([N, C], or per position of [N, T, C]); top-5 overlap only when
+C > 5; KL only over a distribution. An output produced by Softmax/LogSoftmax/Sigmoid also gets the
+SQNR of that activation's input (exposed as an extra graph output), labelled as such: the SQNR of
+probabilities is never called a logit SQNR.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+from trtcal.core.output_metrics import KINDS, OutputMetrics, compare_output
 from trtcal.errors import ConfigError, DataError, ModelError
 from trtcal.export.qdq import ModelLike, load_model, serialize_model
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 
 if TYPE_CHECKING:
+    import onnx
     import onnxruntime
 
 __all__ = [
+    "ACTIVATIONS",
     "FUSED_SUFFIX",
     "EvalConfig",
     "LogitMetrics",
+    "OutputMetrics",
+    "OutputEvaluation",
     "MethodEvaluation",
     "EvaluationResult",
     "compare_logits",
+    "output_activations",
     "simulation_session",
     "run_model",
+    "run_outputs",
     "evaluate",
 ]
 
 log = logging.getLogger(__name__)
 
 FUSED_SUFFIX = " (ORT fused int8 kernels)"
+ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
 Inputs = npt.NDArray[Any] | Mapping[str, npt.NDArray[Any]]
+LogitMetrics = OutputMetrics  # the former name: one output's metrics
+_PASS_THROUGH = ("QuantizeLinear", "DequantizeLinear", "Identity")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,14 +66,18 @@ class EvalConfig:
     """Attributes:
     batch_size: inputs per ONNX Runtime call.
     intra_op_threads: ONNX Runtime intra-op threads (0 = ONNX Runtime's choice).
-    output_name: the output holding the logits (None = the model's first output).
-    top_k: the k of the top-k overlap.
+    output_name: the primary output (None = the model's first output): `MethodEvaluation.metrics`,
+        `best()`, labels and the sensitivity search use it. Every output is evaluated.
+    output_kinds: output name -> "classes" | "sequence" | "values" | "auto" (default "auto", see
+        trtcal.core.output_metrics); e.g. {"boxes": "values"} for an [N, 4] box output.
+    top_k: the k of the top-k overlap (reported only when an output has more than k classes).
     fused_int8: also run each Q/DQ model through ONNX Runtime's fused int8 kernels (labelled apart).
     """
 
     batch_size: int = 16
     intra_op_threads: int = 0
     output_name: str | None = None
+    output_kinds: Mapping[str, str] = field(default_factory=dict)
     top_k: int = 5
     fused_int8: bool = False
 
@@ -74,26 +88,61 @@ class EvalConfig:
             raise ConfigError(f"intra_op_threads must be an integer >= 0, got {self.intra_op_threads!r}")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        for name, kind in self.output_kinds.items():
+            if kind not in KINDS:
+                raise ConfigError(f"output_kinds[{name!r}] = {kind!r}; choose one of {KINDS}")
 
 
 @dataclass(frozen=True)
-class LogitMetrics:
-    num_inputs: int
-    top1_agreement: float
-    top5_overlap: float
-    sqnr_db: float
-    mean_kl: float
-    accuracy: float | None = None
+class OutputEvaluation:
+    """One output of one Q/DQ model. `activation`: the Softmax/LogSoftmax/Sigmoid that produced it
+    (None if none); `pre_activation_sqnr_db`: SQNR of that activation's input."""
+
+    name: str
+    metrics: OutputMetrics
+    activation: str | None = None
+    pre_activation_sqnr_db: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "activation": self.activation,
+            "pre_activation_sqnr_db": json_number(self.pre_activation_sqnr_db),
+            **_finite(asdict(self.metrics)),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OutputEvaluation:
+        pre = data.get("pre_activation_sqnr_db")
+        return cls(
+            name=str(data["name"]),
+            metrics=_metrics_from(data),
+            activation=data.get("activation"),
+            pre_activation_sqnr_db=None if pre is None else float(number(pre)),
+        )
+
+
+def _metrics_from(data: Mapping[str, Any]) -> OutputMetrics:
+    values = {k: number(data[k]) for k in OutputMetrics.__dataclass_fields__ if k in data}
+    for k in ("top1_agreement", "top5_overlap", "mean_kl"):
+        values.setdefault(k, None)
+    return OutputMetrics(**values)
 
 
 @dataclass(frozen=True)
 class MethodEvaluation:
     label: str
     simulated: bool  # False only for the fused-int8 path
-    metrics: LogitMetrics
+    metrics: OutputMetrics  # of the primary output
+    outputs: tuple[OutputEvaluation, ...] = ()  # every output, in the model's order
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "simulated": self.simulated, **_finite(asdict(self.metrics))}
+        return {
+            "label": self.label,
+            "simulated": self.simulated,
+            **_finite(asdict(self.metrics)),
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
 
 
 @dataclass(frozen=True)
@@ -101,6 +150,7 @@ class EvaluationResult:
     rows: tuple[MethodEvaluation, ...]
     num_inputs: int
     fp32_accuracy: float | None = None
+    primary_output: str | None = None
 
     def row(self, label: str) -> MethodEvaluation:
         for r in self.rows:
@@ -109,16 +159,17 @@ class EvaluationResult:
         raise KeyError(label)
 
     def best(self) -> MethodEvaluation:
-        """The simulated row with the highest logit SQNR (ties: higher agreement, then label)."""
+        """The simulated row with the highest primary-output SQNR (ties: higher agreement, then label)."""
         rows = [r for r in self.rows if r.simulated]
         if not rows:
             raise ConfigError("no simulated evaluation rows")
-        return sorted(rows, key=lambda r: (-r.metrics.sqnr_db, -r.metrics.top1_agreement, r.label))[0]
+        return sorted(rows, key=lambda r: (-r.metrics.sqnr_db, -(r.metrics.top1_agreement or 0.0), r.label))[0]
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "num_inputs": self.num_inputs,
             "fp32_accuracy": self.fp32_accuracy,
+            "primary_output": self.primary_output,
             "simulation": "onnxruntime CPU, GraphOptimizationLevel.ORT_DISABLE_ALL (Q/DQ executed as written)",
             "rows": [r.to_dict() for r in self.rows],
         }
@@ -127,22 +178,62 @@ class EvaluationResult:
     def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
         rows = []
         for r in data["rows"]:
-            metrics = {k: r[k] for k in LogitMetrics.__dataclass_fields__ if k in r}
-            metrics = {k: number(v) for k, v in metrics.items()}
-            rows.append(MethodEvaluation(label=r["label"], simulated=bool(r["simulated"]), metrics=LogitMetrics(**metrics)))
-        return cls(rows=tuple(rows), num_inputs=int(data["num_inputs"]), fp32_accuracy=data.get("fp32_accuracy"))
+            outputs = tuple(OutputEvaluation.from_dict(o) for o in r.get("outputs", ()))
+            rows.append(MethodEvaluation(r["label"], bool(r["simulated"]), _metrics_from(r), outputs))
+        return cls(
+            rows=tuple(rows),
+            num_inputs=int(data["num_inputs"]),
+            fp32_accuracy=data.get("fp32_accuracy"),
+            primary_output=data.get("primary_output"),
+        )
 
     def to_markdown(self) -> str:
-        has_acc = any(r.metrics.accuracy is not None for r in self.rows)
-        head = "| method | top-1 agreement | top-5 overlap | logit SQNR (dB) | mean KL | " + ("accuracy | " if has_acc else "")
-        lines = [head.rstrip(), "|" + "---|" * (5 + int(has_acc))]
-        for r in self.rows:
-            m = r.metrics
-            cells = [r.label, f"{m.top1_agreement:.4f}", f"{m.top5_overlap:.4f}", f"{m.sqnr_db:.2f}", f"{m.mean_kl:.5f}"]
-            if has_acc:
-                cells.append("" if m.accuracy is None else f"{m.accuracy:.4f}")
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        """One table per output, with only the columns that output defines, each named for what it measures."""
+        names = [o.name for o in self.rows[0].outputs] if self.rows and self.rows[0].outputs else [None]
+        tables = [_output_table(self.rows, name, titled=len(names) > 1) for name in names]
+        return "\n\n".join(tables)
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None:
+        return ""
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{digits}f}"
+
+
+def _output_table(rows: Sequence[MethodEvaluation], name: str | None, *, titled: bool) -> str:
+    def pick(r: MethodEvaluation) -> OutputEvaluation:
+        if name is None:
+            return OutputEvaluation("output", r.metrics)
+        return next(o for o in r.outputs if o.name == name)
+
+    picked = [(r.label, pick(r)) for r in rows]
+    first = picked[0][1]
+    act = first.activation
+    sqnr_label = f"SQNR of the {act} output (dB)" if act else "output SQNR (dB)"
+    agreement_label = "top-1 agreement (per position)" if first.metrics.kind == "sequence" else "top-1 agreement"
+    kl_label = "mean KL" if act in ("Softmax", "LogSoftmax") else "mean KL of softmax"
+    columns: list[tuple[str, Any]] = [
+        (sqnr_label, lambda o: _fmt(o.metrics.sqnr_db, 2)),
+        (f"{act} input SQNR (dB)" if act else "", lambda o: _fmt(o.pre_activation_sqnr_db, 2)),
+        ("cosine", lambda o: _fmt(o.metrics.cosine, 5)),
+        ("max abs error", lambda o: "" if o.metrics.max_abs_error is None else f"{o.metrics.max_abs_error:.4g}"),
+        (agreement_label, lambda o: _fmt(o.metrics.top1_agreement, 4)),
+        ("sequence match", lambda o: _fmt(o.metrics.sequence_match, 4)),
+        ("top-5 overlap", lambda o: _fmt(o.metrics.top5_overlap, 4)),
+        (kl_label, lambda o: _fmt(o.metrics.mean_kl, 5)),
+        ("accuracy", lambda o: _fmt(o.metrics.accuracy, 4)),
+    ]
+    columns = [(h, f) for h, f in columns if h and any(f(o) for _, o in picked)]
+    lines = []
+    if titled:
+        lines += [f"Output `{name}` ({first.metrics.kind}" + (f", from {act}" if act else "") + "):", ""]
+    lines.append("| method | " + " | ".join(h for h, _ in columns) + " |")
+    lines.append("|" + "---|" * (1 + len(columns)))
+    for label, o in picked:
+        lines.append("| " + " | ".join([label, *(f(o) for _, f in columns)]) + " |")
+    return "\n".join(lines)
 
 
 def json_number(value: Any) -> Any:
@@ -160,60 +251,49 @@ def _finite(d: dict[str, Any]) -> dict[str, Any]:
     return {k: json_number(v) for k, v in d.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Metrics (pure)
-
-
-def _log_softmax(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    shifted = x - x.max(axis=1, keepdims=True)
-    out: npt.NDArray[np.float64] = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return out
-
-
-def _top_k(x: npt.NDArray[Any], k: int) -> npt.NDArray[np.intp]:
-    # Stable order (ties go to the lower class index), so results do not depend on the sort kernel.
-    return np.argsort(-x, axis=1, kind="stable")[:, :k]
-
-
 def compare_logits(
     reference: npt.ArrayLike,
     quantized: npt.ArrayLike,
     labels: npt.ArrayLike | None = None,
     *,
     top_k: int = 5,
-) -> LogitMetrics:
-    """Metrics of `quantized` logits against `reference` (both [N, C], or [N, ...] flattened per input)."""
-    ref = np.asarray(reference, dtype=np.float64)
-    q = np.asarray(quantized, dtype=np.float64)
-    if ref.shape != q.shape:
-        raise DataError(f"reference logits {ref.shape} and quantized logits {q.shape} differ in shape")
-    if ref.ndim < 1 or ref.shape[0] == 0:
-        raise DataError("no logits to compare")
-    ref = ref.reshape(ref.shape[0], -1)
-    q = q.reshape(q.shape[0], -1)
-    if not (np.all(np.isfinite(ref)) and np.all(np.isfinite(q))):
-        raise DataError("the logits contain NaN or Inf")
-    n, c = ref.shape
-    k = min(top_k, c)
-    top1_ref = _top_k(ref, 1)[:, 0]
-    top1_q = _top_k(q, 1)[:, 0]
-    agreement = float(np.mean(top1_ref == top1_q))
-    tk_ref, tk_q = _top_k(ref, k), _top_k(q, k)
-    overlap = float(np.mean([np.intersect1d(a, b).size / k for a, b in zip(tk_ref, tk_q)]))
-    signal = float(np.sum(ref * ref))
-    noise = float(np.sum((ref - q) ** 2))
-    sqnr = math.inf if noise == 0.0 else (10.0 * math.log10(signal / noise) if signal > 0 else -math.inf)
-    lp, lq = _log_softmax(ref), _log_softmax(q)
-    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
-    accuracy = None
-    if labels is not None:
-        lab = np.asarray(labels).reshape(-1)
-        if lab.shape[0] != n:
-            raise DataError(f"{lab.shape[0]} labels for {n} inputs")
-        accuracy = float(np.mean(top1_q == lab))
-    return LogitMetrics(
-        num_inputs=n, top1_agreement=agreement, top5_overlap=overlap, sqnr_db=sqnr, mean_kl=max(kl, 0.0), accuracy=accuracy
-    )
+    kind: str = "auto",
+    activation: str | None = None,
+) -> OutputMetrics:
+    """Metrics of one output against its reference (kept name; see trtcal.core.output_metrics)."""
+    return compare_output(reference, quantized, kind=kind, activation=activation, labels=labels, top_k=top_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph outputs and the activations that produce them
+
+
+def output_activations(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
+    """Graph output -> (activation op, its input tensor) for outputs a Softmax/LogSoftmax/Sigmoid
+    produces, looking through Q/DQ and Identity nodes (a Q/DQ model may quantize the output)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found: dict[str, tuple[str, str]] = {}
+    for output in model.graph.output:
+        node = producer.get(output.name)
+        while node is not None and node.op_type in _PASS_THROUGH:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type in ACTIVATIONS and node.domain in ("", "ai.onnx"):
+            found[output.name] = (node.op_type, node.input[0])
+    return found
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the given intermediate tensors (float)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in have:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            have.add(name)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +337,34 @@ def _as_feed(session: onnxruntime.InferenceSession, inputs: Inputs) -> dict[str,
     return feed
 
 
+def run_outputs(
+    session: onnxruntime.InferenceSession,
+    inputs: Inputs,
+    names: Sequence[str] | None = None,
+    *,
+    batch_size: int = 16,
+    progress: ProgressCallback = NO_PROGRESS,
+    stage: str = "run",
+) -> dict[str, npt.NDArray[Any]]:
+    """The named outputs (default: all) over all inputs, in micro-batches, concatenated."""
+    feed = _as_feed(session, inputs)
+    outputs = [o.name for o in session.get_outputs()]
+    wanted = list(names) if names is not None else outputs
+    unknown = [n for n in wanted if n not in outputs]
+    if unknown:
+        raise ConfigError(f"output_name {unknown[0]!r} is not an output of the model ({outputs})")
+    n = next(iter(feed.values())).shape[0]
+    parts: dict[str, list[npt.NDArray[Any]]] = {name: [] for name in wanted}
+    progress.start(stage, n, "inputs")
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in feed.items()}
+        for name, value in zip(wanted, session.run(wanted, batch)):
+            parts[name].append(np.asarray(value))
+        progress.advance(stage, min(batch_size, n - start))
+    progress.finish(stage)
+    return {name: np.concatenate(p, axis=0) for name, p in parts.items()}
+
+
 def run_model(
     session: onnxruntime.InferenceSession,
     inputs: Inputs,
@@ -266,21 +374,59 @@ def run_model(
     progress: ProgressCallback = NO_PROGRESS,
     stage: str = "run",
 ) -> npt.NDArray[np.float32]:
-    """One output of the model over all inputs, in micro-batches, concatenated."""
-    feed = _as_feed(session, inputs)
-    outputs = [o.name for o in session.get_outputs()]
-    name = output_name or outputs[0]
-    if name not in outputs:
-        raise ConfigError(f"output_name {name!r} is not an output of the model ({outputs})")
-    n = next(iter(feed.values())).shape[0]
-    parts = []
-    progress.start(stage, n, "inputs")
-    for start in range(0, n, batch_size):
-        batch = {k: v[start : start + batch_size] for k, v in feed.items()}
-        parts.append(np.asarray(session.run([name], batch)[0]))
-        progress.advance(stage, min(batch_size, n - start))
-    progress.finish(stage)
-    return np.concatenate(parts, axis=0)
+    """One output of the model (default: the first) over all inputs, in micro-batches, concatenated."""
+    name = output_name or session.get_outputs()[0].name
+    return run_outputs(session, inputs, [name], batch_size=batch_size, progress=progress, stage=stage)[name]
+
+
+class _Judge:
+    """FP32 reference outputs (and pre-activation tensors) computed once; Q/DQ models judged against them."""
+
+    def __init__(self, fp32_model: ModelLike, inputs: Inputs, config: EvalConfig, progress: ProgressCallback) -> None:
+        self.config, self.inputs, self.progress = config, inputs, progress
+        fp32 = load_model(fp32_model)
+        self.outputs = [o.name for o in fp32.graph.output]
+        self.primary = config.output_name or self.outputs[0]
+        if self.primary not in self.outputs:
+            raise ConfigError(f"output_name {self.primary!r} is not an output of the model ({self.outputs})")
+        unknown = [k for k in config.output_kinds if k not in self.outputs]
+        if unknown:
+            raise ConfigError(f"output_kinds names {unknown}, not outputs of the model ({self.outputs})")
+        self.activations = output_activations(fp32)
+        self.reference = self._run(fp32, "fp32", self.activations)
+
+    def _run(self, model: onnx.ModelProto, stage: str, activations: Mapping[str, tuple[str, str]], fused: bool = False
+             ) -> dict[str, npt.NDArray[Any]]:
+        pre = {f"{name}\0pre": tensor for name, (_, tensor) in activations.items()}
+        session = simulation_session(
+            with_outputs(model, list(pre.values())), fused_int8=fused, intra_op_threads=self.config.intra_op_threads
+        )
+        values = run_outputs(session, self.inputs, [*self.outputs, *dict.fromkeys(pre.values())],
+                             batch_size=self.config.batch_size, progress=self.progress, stage=stage)
+        return {**{n: values[n] for n in self.outputs}, **{k: values[t] for k, t in pre.items()}}
+
+    def judge(self, model: ModelLike, label: str, labels: npt.NDArray[Any] | None, fused: bool = False
+              ) -> MethodEvaluation:
+        qdq = load_model(model)
+        # The Q/DQ model's own activation input (it may be a DequantizeLinear output, not the FP32 name).
+        mine = {k: v for k, v in output_activations(qdq).items() if k in self.activations}
+        values = self._run(qdq, label, mine, fused)
+        evaluations = []
+        for name in self.outputs:
+            act = self.activations.get(name, (None, ""))[0]
+            try:
+                metrics = compare_output(
+                    self.reference[name], values[name], kind=self.config.output_kinds.get(name, "auto"),
+                    activation=act, labels=labels if name == self.primary else None, top_k=self.config.top_k,
+                )
+            except DataError as exc:
+                raise DataError(f"output {name!r} of {label!r}: {exc}") from None
+            pre_sqnr = None
+            if f"{name}\0pre" in values:
+                pre_sqnr = compare_output(self.reference[f"{name}\0pre"], values[f"{name}\0pre"], kind="values").sqnr_db
+            evaluations.append(OutputEvaluation(name, metrics, act, pre_sqnr))
+        primary = next(e for e in evaluations if e.name == self.primary)
+        return MethodEvaluation(label, not fused, primary.metrics, tuple(evaluations))
 
 
 def evaluate(
@@ -292,13 +438,14 @@ def evaluate(
     config: EvalConfig | None = None,
     progress: ProgressCallback = NO_PROGRESS,
 ) -> EvaluationResult:
-    """Each Q/DQ model against the FP32 model on the same inputs (exact simulation).
+    """Each Q/DQ model against the FP32 model on the same inputs (exact simulation), every output.
 
     Args:
         fp32_model: the FP32 ONNX model.
         qdq_models: label (e.g. the calibration method) -> Q/DQ model.
         inputs: one array [N, ...] for a single-input model, or input name -> array.
-        labels: optional class index per input, for top-1 accuracy.
+        labels: optional class index per input, for top-1 accuracy of the primary output (which
+            must then have a class axis; out-of-range labels are an error).
         config: EvalConfig().
         progress: receives one stage per model.
 
@@ -309,30 +456,19 @@ def evaluate(
     config = config or EvalConfig()
     if not qdq_models:
         raise ConfigError("qdq_models is empty: give at least one label -> Q/DQ model")
-
-    def logits_of(model: ModelLike, stage: str, fused: bool = False) -> npt.NDArray[np.float32]:
-        session = simulation_session(model, fused_int8=fused, intra_op_threads=config.intra_op_threads)
-        return run_model(
-            session, inputs, output_name=config.output_name, batch_size=config.batch_size, progress=progress, stage=stage
-        )
-
-    reference = logits_of(fp32_model, "fp32")
+    judge = _Judge(fp32_model, inputs, config, progress)
+    reference = judge.reference[judge.primary]
     n = reference.shape[0]
     lab = None if labels is None else np.asarray(labels).reshape(-1)
     fp32_accuracy = None
     if lab is not None:
-        if lab.shape[0] != n:
-            raise DataError(f"{lab.shape[0]} labels for {n} inputs")
-        fp32_accuracy = float(np.mean(_top_k(reference.reshape(n, -1), 1)[:, 0] == lab))
-    rows = [
-        MethodEvaluation(label, True, compare_logits(reference, logits_of(model, label), lab, top_k=config.top_k))
-        for label, model in qdq_models.items()
-    ]
+        # Checks the labels (count, integer, range) against the primary output before any Q/DQ run.
+        fp32_metrics = compare_output(reference, reference, kind=config.output_kinds.get(judge.primary, "auto"),
+                                      activation=judge.activations.get(judge.primary, (None,))[0], labels=lab)
+        fp32_accuracy = fp32_metrics.accuracy
+    rows = [judge.judge(model, label, lab) for label, model in qdq_models.items()]
     if config.fused_int8:
-        for label, model in qdq_models.items():
-            fused = logits_of(model, label + FUSED_SUFFIX, fused=True)
-            rows.append(MethodEvaluation(label + FUSED_SUFFIX, False, compare_logits(reference, fused, lab, top_k=config.top_k)))
+        rows += [judge.judge(model, label + FUSED_SUFFIX, lab, fused=True) for label, model in qdq_models.items()]
     for r in rows:
-        log.info("%s: agreement %.4f, SQNR %.2f dB", r.label, r.metrics.top1_agreement, r.metrics.sqnr_db)
-    return EvaluationResult(rows=tuple(rows), num_inputs=n, fp32_accuracy=fp32_accuracy)
-
+        log.info("%s: %s SQNR %.2f dB, agreement %s", r.label, judge.primary, r.metrics.sqnr_db, r.metrics.top1_agreement)
+    return EvaluationResult(rows=tuple(rows), num_inputs=n, fp32_accuracy=fp32_accuracy, primary_output=judge.primary)

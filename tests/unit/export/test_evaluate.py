@@ -99,3 +99,67 @@ def test_evaluate_inputs_by_name_and_errors() -> None:
         evaluate(model, {"q": q}, x, config=EvalConfig(output_name="nope"))
     with pytest.raises(ConfigError, match="batch_size"):
         EvalConfig(batch_size=0)
+
+
+def two_heads():
+    """x[N,8] -> MatMul -> Relu (h) -> MatMul(wc) -> logits -> Softmax -> probs [N,6]; h -> MatMul(wb) -> boxes [N,4]."""
+    from onnx import helper
+
+    from tests.unit.export.graphs import make_model, rng_weights, vi
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "wa"], ["m"], name="matmul"),
+        helper.make_node("Relu", ["m"], ["h"], name="relu"),
+        helper.make_node("MatMul", ["h", "wc"], ["logits"], name="cls"),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["h", "wb"], ["boxes"], name="box"),
+    ]
+    inits = [("wa", rng_weights(1, 8, 16)), ("wc", rng_weights(2, 16, 6)), ("wb", rng_weights(3, 16, 4))]
+    return make_model(nodes, [vi("x", ["N", 8])], [vi("probs", ["N", 6]), vi("boxes", ["N", 4])], inits)
+
+
+def test_every_output_with_its_own_metrics_and_the_softmax_input() -> None:
+    model = two_heads()
+    x = np.random.default_rng(4).uniform(-2, 2, size=(30, 8)).astype(np.float32)
+    q = export_qdq(model, {"x": 2.0, "h": 1.0}, keep_last_smoothing_float=False)
+    config = EvalConfig(output_kinds={"boxes": "values"})
+    result = evaluate(model, {"q": q}, x, config=config)
+    row = result.row("q")
+    probs, boxes = row.outputs
+    assert (probs.name, probs.activation, probs.metrics.kind) == ("probs", "Softmax", "classes")
+    assert (boxes.name, boxes.activation, boxes.metrics.kind) == ("boxes", None, "values")
+    assert boxes.metrics.top1_agreement is None and boxes.pre_activation_sqnr_db is None
+    assert row.metrics == probs.metrics and result.primary_output == "probs"
+    # The pre-activation SQNR is the logits' SQNR, measured on the exposed Softmax input.
+    import onnx
+
+    from tests.unit.export.graphs import vi
+
+    def logits_of(m: onnx.ModelProto) -> np.ndarray:
+        only = onnx.ModelProto()
+        only.CopyFrom(m)
+        del only.graph.output[:]
+        only.graph.output.append(vi("logits", ["N", 6]))
+        return run(only, {"x": x})
+
+    ref, out = logits_of(model), logits_of(q)
+    assert probs.pre_activation_sqnr_db == pytest.approx(compare_logits(ref, out).sqnr_db)
+    assert probs.metrics.sqnr_db != pytest.approx(probs.pre_activation_sqnr_db)
+    text = result.to_markdown()
+    assert "SQNR of the Softmax output (dB)" in text and "Softmax input SQNR (dB)" in text
+    assert "logit SQNR" not in text and "top-5 overlap" in text.split("Output `boxes`")[0]  # 6 classes > 5
+    boxes_table = text.split("Output `boxes`")[1]
+    assert "agreement" not in boxes_table and "KL" not in boxes_table
+    assert EvaluationResult.from_dict(result.to_dict()) == result
+
+
+def test_labels_out_of_range_are_a_clear_error() -> None:
+    model = mlp()
+    x = np.ones((3, 8), np.float32)
+    q = export_qdq(model, {"x": 1.0})
+    with pytest.raises(DataError, match="label 4 at index 1 is outside the output's 4 classes"):
+        evaluate(model, {"q": q}, x, labels=np.array([0, 4, 1]))
+    with pytest.raises(DataError, match="class axis"):
+        evaluate(model, {"q": q}, x, labels=np.array([0, 1, 1]), config=EvalConfig(output_kinds={"y": "values"}))
+    with pytest.raises(ConfigError, match="output_kinds"):
+        EvalConfig(output_kinds={"y": "boxes"})
