@@ -180,6 +180,10 @@ tr.fused td{color:#888;font-style:italic}.legend span{display:inline-block;margi
 """
 
 
+def _opt(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def _evaluation_section(evaluation: EvaluationResult) -> list[str]:
     best = evaluation.best().label if any(r.simulated for r in evaluation.rows) else None
     has_acc = any(r.metrics.accuracy is not None for r in evaluation.rows)
@@ -191,13 +195,13 @@ def _evaluation_section(evaluation: EvaluationResult) -> list[str]:
         "without VNNI: they measure that runtime, not the calibration."
         + (f" FP32 top-1 accuracy: {evaluation.fp32_accuracy:.4f}." if evaluation.fp32_accuracy is not None else "")
         + "</p>",
-        "<table><tr><th class='l'>method</th><th>top-1 agreement</th><th>top-5 overlap</th><th>logit SQNR (dB)</th>"
+        "<table><tr><th class='l'>method</th><th>top-1 agreement</th><th>top-5 overlap</th><th>output SQNR (dB)</th>"
         "<th>mean KL</th>" + ("<th>accuracy</th>" if has_acc else "") + "</tr>",
     ]
     for r in evaluation.rows:
         m = r.metrics
         cls = "best" if r.label == best else ("fused" if not r.simulated else "")
-        cells = [f"{m.top1_agreement:.4f}", f"{m.top5_overlap:.4f}", _db(m.sqnr_db), f"{m.mean_kl:.5f}"]
+        cells = [_opt(m.top1_agreement, 4), _opt(m.top5_overlap, 4), _db(m.sqnr_db), _opt(m.mean_kl, 5)]
         if has_acc:
             cells.append("–" if m.accuracy is None else f"{m.accuracy:.4f}")
         out.append(
@@ -213,7 +217,7 @@ def _sensitivity_section(sensitivity: SensitivityResult, fallback: Mapping[str, 
     out = [
         "<h2>Sensitivity ranking</h2>",
         f'<p class="note">Method: {html.escape(sensitivity.method)}, on {sensitivity.num_inputs} inputs. '
-        "Noise = Σ(fp32 − out)² / Σ fp32² of the logits with only that layer quantized; most harmful first.</p>",
+        "Noise = Σ(fp32 − out)² / Σ fp32² of the output with only that block quantized; most harmful first.</p>",
         "<table><tr><th>#</th><th class='l'>layer</th><th class='l'>op</th><th>noise</th><th>SQNR alone (dB)</th>"
         "<th>agreement alone</th><th class='l'></th></tr>",
     ]
@@ -221,7 +225,7 @@ def _sensitivity_section(sensitivity: SensitivityResult, fallback: Mapping[str, 
         width = 0 if not math.isfinite(r.noise_ratio) else int(200 * r.noise_ratio / worst)
         out.append(
             f"<tr><td>{k}</td><td class='l'>{html.escape(r.node)}</td><td class='l'>{html.escape(r.op_type)}</td>"
-            f"<td>{r.noise_ratio:.3e}</td><td>{_db(r.sqnr_db)}</td><td>{r.top1_agreement:.4f}</td>"
+            f"<td>{r.noise_ratio:.3e}</td><td>{_db(r.sqnr_db)}</td><td>{_opt(r.top1_agreement, 4)}</td>"
             f"<td class='l'><span class='bar' style='width:{width}px'></span></td></tr>"
         )
     out.append("</table>")
@@ -233,7 +237,9 @@ def _sensitivity_section(sensitivity: SensitivityResult, fallback: Mapping[str, 
         out.append("<h3>Automatic float fallback</h3>")
         out.append(
             "<p class='note'>"
-            f"Target top-1 agreement {fallback.get('target_agreement')}: {'met' if fallback.get('met') else 'NOT met'}. "
+            f"Target {fallback.get('target', fallback.get('target_agreement'))}: {'met' if fallback.get('met') else 'NOT met'}. "
+            + (html.escape(str(fallback['reason'])) + " " if fallback.get("reason") else "")
+            + 
             f"{len(fallback.get('float_nodes', []))} of {fallback.get('quantized_layers')} quantized layers kept in float"
             + (f" ({100 * share:.1f}% of their MACs)" if isinstance(share, (int, float)) else "")
             + f". Agreement {_ratio(before.get('top1_agreement'))} → {_ratio(after.get('top1_agreement'))}, SQNR "

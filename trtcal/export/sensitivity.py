@@ -1,19 +1,24 @@
 """Per-layer quantization sensitivity and automatic float fallback.
 
-Unit of analysis: one quantized *layer* of the export plan (a Conv/ConvTranspose/Gemm/MatMul with
-its input activation and per-channel weight Q/DQ, or a residual Add with its residual input Q/DQ),
-because that is what a fallback keeps in float (`QdqConfig.float_nodes`).
+Unit of analysis: one *block* of the export plan: a quantized Conv/ConvTranspose/Gemm/MatMul (its
+input activation and per-channel weight Q/DQ) together with the quantized elementwise ops that
+follow it before the next such layer (a residual Add, quantized outputs). A block shares one
+decision, because keeping a Conv float but its Add quantized (or the reverse) fragments the graph
+into more INT8/FP32 transitions without removing the block's noise.
 
-Method: **quantize one at a time**. For each layer, a model with only that layer's Q/DQ is run on
-a small evaluation subset and its output noise Σ(fp32 − out)² / Σ fp32² (= 10^(−SQNR/10)) is
-measured. Why this and not leave-one-out: the rounding errors of different layers are nearly
-independent, so their output noise powers add; one-at-a-time measures each layer's share against
-a clean FP32 background, while leave-one-out measures the same share as a small difference of two
-large, noisy totals, which needs many more inputs to rank reliably. Both cost one model run per
-layer; on 2 cores EfficientNet-Lite0's 58 layers on 16 inputs take about a minute. The fallback
-then checks the additive approximation with real full-model evaluations: it keeps the k most
-harmful layers in float for the smallest k (exponential then binary search) whose exactly
-simulated top-1 agreement on all the given inputs reaches the target.
+Method: **quantize one block at a time**. For each block, a model with only that block's Q/DQ is
+run on a small evaluation subset and its output noise Σ(fp32 − out)² / Σ fp32² (= 10^(−SQNR/10))
+is measured on the primary output. Why this and not leave-one-out: the rounding errors of
+different layers are nearly independent, so their output noise powers add; one-at-a-time measures
+each block's share against a clean FP32 background, while leave-one-out measures the same share as
+a small difference of two large, noisy totals. Both cost one model run per block.
+
+The fallback then keeps the k most harmful blocks float for the smallest k whose exactly simulated
+metric on all the given inputs reaches the target: top-1 agreement (`target_agreement`, only for an
+output with a class axis) and/or output SQNR (`target_sqnr`). It is bounded: it first checks the
+largest allowed k (`max_float_fraction` of the blocks); if even that misses the target it stops
+after two evaluations and says so, instead of floating most of the model. Otherwise exponential then
+binary search: at most 2 + 2·log2(k_max) full evaluations.
 """
 
 from __future__ import annotations
@@ -21,24 +26,27 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from trtcal.core.output_metrics import KINDS, OutputMetrics
 from trtcal.errors import ConfigError
 from trtcal.export.evaluate import (
-    EvalConfig,
     Inputs,
     LogitMetrics,
     compare_logits,
     json_number,
     number,
+    output_activations,
     run_model,
     simulation_session,
 )
 from trtcal.export.qdq import (
+    WEIGHTED_OP_TYPES,
     ModelLike,
+    QdqPlan,
     QdqConfig,
     _checked_scales,
     _upgrade_opset,
@@ -61,6 +69,7 @@ __all__ = [
     "rank_sensitivity",
     "fallback_auto",
     "layer_macs",
+    "layer_groups",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,17 +78,25 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class SensitivityConfig:
     """Attributes:
-    max_inputs: inputs used to rank the layers (the first ones given); the fallback search
+    max_inputs: inputs used to rank the blocks (the first ones given); the fallback search
         evaluates on all inputs.
-    batch_size / intra_op_threads / output_name: as in EvalConfig.
-    target_agreement: the top-1 agreement the fallback must reach (0 < t <= 1).
+    batch_size / intra_op_threads / output_name: as in EvalConfig (output_name: the primary output).
+    output_kind: what the primary output is ("auto", "classes", "sequence", "values"), as in EvalConfig.
+    target_agreement: top-1 agreement the fallback must reach (0 < t <= 1); needs a class axis.
+    target_sqnr: primary-output SQNR (dB) the fallback must reach. With neither target given the
+        fallback aims at agreement 0.99; with both it must meet both.
+    max_float_fraction: the most blocks the fallback may keep float, as a share of all blocks
+        (at least one); beyond it the target is reported unreachable.
     """
 
     max_inputs: int = 16
     batch_size: int = 16
     intra_op_threads: int = 0
     output_name: str | None = None
-    target_agreement: float = 0.99
+    output_kind: str = "auto"
+    target_agreement: float | None = None
+    target_sqnr: float | None = None
+    max_float_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_inputs, int) or self.max_inputs < 1:
@@ -88,27 +105,62 @@ class SensitivityConfig:
             raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if not isinstance(self.intra_op_threads, int) or self.intra_op_threads < 0:
             raise ConfigError(f"intra_op_threads must be an integer >= 0, got {self.intra_op_threads!r}")
+        if self.output_kind not in KINDS:
+            raise ConfigError(f"output_kind must be one of {KINDS}, got {self.output_kind!r}")
         t = self.target_agreement
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 < float(t) <= 1.0):
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 < float(t) <= 1.0)):
             raise ConfigError(f"target_agreement must be in (0, 1], got {t!r}")
+        d = self.target_sqnr
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(float(d))):
+            raise ConfigError(f"target_sqnr must be a finite number of dB, got {d!r}")
+        f = self.max_float_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < float(f) <= 1.0):
+            raise ConfigError(f"max_float_fraction must be in (0, 1], got {f!r}")
+
+    @property
+    def agreement_goal(self) -> float | None:
+        if self.target_agreement is None and self.target_sqnr is None:
+            return 0.99
+        return None if self.target_agreement is None else float(self.target_agreement)
+
+    def describe_target(self) -> str:
+        parts = []
+        if self.agreement_goal is not None:
+            parts.append(f"top-1 agreement >= {self.agreement_goal:g}")
+        if self.target_sqnr is not None:
+            parts.append(f"SQNR >= {float(self.target_sqnr):g} dB")
+        return " and ".join(parts)
+
+    def met(self, m: OutputMetrics) -> bool:
+        goal = self.agreement_goal
+        if goal is not None and (m.top1_agreement is None or m.top1_agreement < goal):
+            return False
+        return self.target_sqnr is None or m.sqnr_db >= float(self.target_sqnr)
 
 
 @dataclass(frozen=True)
 class LayerSensitivity:
+    """One block: `node` is its leading layer, `members` every layer of the block (leader first)."""
+
     node: str
     op_type: str
-    tensors: tuple[str, ...]  # the activations and weights this layer's Q/DQ covers
-    noise_ratio: float  # Σ(fp32 − out)² / Σ fp32² with only this layer quantized
+    tensors: tuple[str, ...]  # the activations and weights this block's Q/DQ covers
+    noise_ratio: float  # Σ(fp32 − out)² / Σ fp32² with only this block quantized
     sqnr_db: float
-    top1_agreement: float
-    macs: int | None = None
+    top1_agreement: float | None  # None: the primary output has no class axis
+    macs: int | None = None  # of the whole block
+    members: tuple[str, ...] = ()
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.members or (self.node,)
 
 
 @dataclass(frozen=True)
 class SensitivityResult:
     ranking: tuple[LayerSensitivity, ...]  # most harmful first
     num_inputs: int
-    method: str = "quantize one layer at a time"
+    method: str = "quantize one block at a time"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,6 +175,7 @@ class SensitivityResult:
                     "sqnr_db": json_number(r.sqnr_db),
                     "top1_agreement": r.top1_agreement,
                     "macs": r.macs,
+                    "members": list(r.layers),
                 }
                 for r in self.ranking
             ],
@@ -137,8 +190,9 @@ class SensitivityResult:
                 tensors=tuple(r["tensors"]),
                 noise_ratio=float(r["noise_ratio"]),
                 sqnr_db=float(number(r["sqnr_db"])),
-                top1_agreement=float(r["top1_agreement"]),
+                top1_agreement=None if r["top1_agreement"] is None else float(r["top1_agreement"]),
                 macs=r.get("macs"),
+                members=tuple(r.get("members", ())),
             )
             for r in data["ranking"]
         )
@@ -147,14 +201,14 @@ class SensitivityResult:
 
 @dataclass(frozen=True)
 class FallbackStep:
-    num_float: int
-    top1_agreement: float
+    num_float: int  # blocks kept float
+    top1_agreement: float | None
     sqnr_db: float
 
 
 @dataclass(frozen=True)
 class FallbackResult:
-    target_agreement: float
+    target_agreement: float | None
     met: bool
     float_nodes: tuple[str, ...]  # kept float, most harmful first
     before: LogitMetrics  # every layer quantized
@@ -163,6 +217,11 @@ class FallbackResult:
     quantized_layers: int  # layers quantized without fallback
     float_mac_fraction: float | None  # share of the quantized layers' MACs now in float
     model: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
+    target_sqnr: float | None = None
+    target: str = ""  # in words
+    reason: str = ""  # why the target was not met, when it was not
+    float_blocks: int = 0
+    max_float_blocks: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         def metrics(m: LogitMetrics) -> dict[str, Any]:
@@ -171,11 +230,17 @@ class FallbackResult:
                 "top5_overlap": m.top5_overlap,
                 "sqnr_db": json_number(m.sqnr_db),
                 "mean_kl": m.mean_kl,
+                "cosine": m.cosine,
                 "num_inputs": m.num_inputs,
             }
 
         return {
             "target_agreement": self.target_agreement,
+            "target_sqnr": self.target_sqnr,
+            "target": self.target,
+            "reason": self.reason,
+            "float_blocks": self.float_blocks,
+            "max_float_blocks": self.max_float_blocks,
             "met": self.met,
             "float_nodes": list(self.float_nodes),
             "quantized_layers": self.quantized_layers,
@@ -238,6 +303,59 @@ def layer_macs(model: onnx.ModelProto) -> dict[str, int]:
     return macs
 
 
+def layer_groups(model: onnx.ModelProto, plan: QdqPlan) -> list[tuple[int, ...]]:
+    """The plan's units grouped into blocks (node indices, leader first, blocks in graph order).
+
+    A Conv/ConvTranspose/Gemm/MatMul unit leads a block; any other unit (residual Add, a quantized
+    output's consumer) joins the block of the latest such unit it is fed from through non-unit
+    nodes (e.g. Conv -> BatchNorm -> Add joins the Conv). A unit fed by none stands alone.
+    """
+    graph = model.graph
+    units = set(plan.unit_labels)
+    leaders = {i for i in units if graph.node[i].op_type in WEIGHTED_OP_TYPES}
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    members: dict[int, list[int]] = {i: [i] for i in leaders}
+    for i in sorted(units - leaders):
+        seen: set[int] = set()
+        stack = [producer[t] for t in graph.node[i].input if t in producer]
+        found: list[int] = []
+        while stack:
+            j = stack.pop()
+            if j in seen:
+                continue
+            seen.add(j)
+            if j in leaders:
+                found.append(j)
+            elif j not in units:  # another unit ends this path: it is a block of its own
+                stack.extend(producer[t] for t in graph.node[j].input if t in producer)
+        if found:
+            members[max(found)].append(i)
+        else:
+            members[i] = [i]
+    return [tuple(members[k]) for k in sorted(members)]
+
+
+class _Scorer:
+    """Runs a model on fixed inputs and scores the primary output against the FP32 one."""
+
+    def __init__(self, model: onnx.ModelProto, inputs: Inputs, config: SensitivityConfig) -> None:
+        self.inputs, self.config = inputs, config
+        self.output = config.output_name or model.graph.output[0].name
+        self.activation = output_activations(model).get(self.output, (None, ""))[0]
+        self.reference = self.run(model).astype(np.float64)
+        self.signal = float(np.sum(self.reference**2))
+
+    def run(self, model: ModelLike) -> np.ndarray:
+        session = simulation_session(model, intra_op_threads=self.config.intra_op_threads)
+        return run_model(session, self.inputs, output_name=self.output, batch_size=self.config.batch_size)
+
+    def score(self, model: ModelLike) -> tuple[OutputMetrics, float]:
+        out = self.run(model).astype(np.float64)
+        noise = float(np.sum((self.reference - out) ** 2))
+        metrics = compare_logits(self.reference, out, kind=self.config.output_kind, activation=self.activation)
+        return metrics, (noise / self.signal if self.signal > 0 else math.inf)
+
+
 def rank_sensitivity(
     fp32_model: ModelLike,
     scale_by_tensor: Mapping[str, float],
@@ -247,45 +365,40 @@ def rank_sensitivity(
     config: SensitivityConfig | None = None,
     progress: ProgressCallback = NO_PROGRESS,
 ) -> SensitivityResult:
-    """Rank the export's quantized layers by the output noise each causes alone (most harmful first)."""
+    """Rank the export's quantized blocks by the output noise each causes alone (most harmful first)."""
     qdq_config = qdq_config or QdqConfig()
     config = config or SensitivityConfig()
     scales = _checked_scales(scale_by_tensor)
     model, _ = _upgrade_opset(load_model(fp32_model))
     plan = plan_qdq(model, scales, qdq_config)
     subset = _subset(inputs, config.max_inputs)
-    n = _num_inputs(subset)
+    scorer = _Scorer(model, subset, config)
     macs = layer_macs(model)
-
-    def logits(m: ModelLike) -> np.ndarray:
-        session = simulation_session(m, intra_op_threads=config.intra_op_threads)
-        return run_model(session, subset, output_name=config.output_name, batch_size=config.batch_size)
-
-    reference = logits(model)
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    groups = layer_groups(model, plan)
     rows: list[LayerSensitivity] = []
-    progress.start("sensitivity", len(plan.unit_labels), "layers")
-    for index, label in plan.unit_labels.items():
-        single = plan.restricted_to([index])
-        out = logits(apply_plan(model, single, scales))
-        noise = float(np.sum((reference.astype(np.float64) - out.astype(np.float64)) ** 2))
-        metrics = compare_logits(reference, out)
+    progress.start("sensitivity", len(groups), "blocks")
+    for group in groups:
+        single = plan.restricted_to(group)
+        metrics, noise = scorer.score(apply_plan(model, single, scales))
+        labels = tuple(plan.unit_labels[i] for i in group)
+        known = [macs[label] for label in labels if label in macs]
         rows.append(
             LayerSensitivity(
-                node=label,
-                op_type=model.graph.node[index].op_type,
-                tensors=tuple(q.tensor for q in single.inputs),
-                noise_ratio=noise / signal if signal > 0 else math.inf,
+                node=labels[0],
+                op_type=model.graph.node[group[0]].op_type,
+                tensors=tuple(dict.fromkeys(q.tensor for q in single.inputs)),
+                noise_ratio=noise,
                 sqnr_db=metrics.sqnr_db,
                 top1_agreement=metrics.top1_agreement,
-                macs=macs.get(label),
+                macs=sum(known) if known else None,
+                members=labels,
             )
         )
         progress.advance("sensitivity")
     progress.finish("sensitivity")
     order = {label: k for k, label in enumerate(plan.unit_labels.values())}
     rows.sort(key=lambda r: (-r.noise_ratio, order[r.node]))
-    return SensitivityResult(ranking=tuple(rows), num_inputs=n)
+    return SensitivityResult(ranking=tuple(rows), num_inputs=_num_inputs(subset))
 
 
 def fallback_auto(
@@ -298,94 +411,86 @@ def fallback_auto(
     config: SensitivityConfig | None = None,
     progress: ProgressCallback = NO_PROGRESS,
 ) -> FallbackResult:
-    """Keep the most harmful layers in float until the top-1 agreement reaches the target.
+    """Keep the most harmful blocks float until the target holds, or report it unreachable.
 
-    Searches the number k of top-ranked layers kept float: k = 0, 1, 2, 4, … until the target
-    holds, then bisects for the smallest such k among the ones between (each point is a real
-    evaluation on all `inputs`). Returns the layers, the metrics before and after, every step and
-    the share of the quantized layers' MACs that now run in float.
+    Evaluates k = 0 blocks float, then the most allowed (k_max); if k_max misses the target the
+    search stops there (result `met=False`, `reason` says why). Otherwise k = 1, 2, 4, … then
+    bisection for the smallest k that meets it (each point a real evaluation on all `inputs`).
     """
     qdq_config = qdq_config or QdqConfig()
     config = config or SensitivityConfig()
     model, _ = _upgrade_opset(load_model(fp32_model))
     if ranking is None:
         ranking = rank_sensitivity(model, scale_by_tensor, inputs, qdq_config=qdq_config, config=config, progress=progress)
-    order = [r.node for r in ranking.ranking]
-    eval_config = EvalConfig(
-        batch_size=config.batch_size, intra_op_threads=config.intra_op_threads, output_name=config.output_name
-    )
-    reference = run_model(
-        simulation_session(model, intra_op_threads=eval_config.intra_op_threads),
-        inputs,
-        output_name=eval_config.output_name,
-        batch_size=eval_config.batch_size,
-    )
-    results: dict[int, tuple[LogitMetrics, onnx.ModelProto]] = {}
+    blocks = [r.layers for r in ranking.ranking]
+    scorer = _Scorer(model, inputs, config)
+    results: dict[int, tuple[OutputMetrics, onnx.ModelProto]] = {}
     steps: list[FallbackStep] = []
-    target = float(config.target_agreement)
 
-    def at(k: int) -> LogitMetrics:
+    def at(k: int) -> OutputMetrics:
         if k not in results:
-            cfg = QdqConfig(
-                exclude_nodes=qdq_config.exclude_nodes,
-                exclude_op_types=qdq_config.exclude_op_types,
-                float_nodes=qdq_config.float_nodes + tuple(order[:k]),
-                keep_last_smoothing_float=qdq_config.keep_last_smoothing_float,
-                quantize_outputs=qdq_config.quantize_outputs,
-                quantize_residual_add=qdq_config.quantize_residual_add,
-            )
+            floated = tuple(name for block in blocks[:k] for name in block)
+            cfg = replace(qdq_config, float_nodes=qdq_config.float_nodes + floated)
             qdq = build_qdq(model, scale_by_tensor, cfg).model
-            out = run_model(
-                simulation_session(qdq, intra_op_threads=eval_config.intra_op_threads),
-                inputs,
-                output_name=eval_config.output_name,
-                batch_size=eval_config.batch_size,
-            )
-            metrics = compare_logits(reference, out)
+            metrics, _ = scorer.score(qdq)
             results[k] = (metrics, qdq)
             steps.append(FallbackStep(k, metrics.top1_agreement, metrics.sqnr_db))
-            log.info("fallback: %d layer(s) float -> agreement %.4f, SQNR %.2f dB", k, metrics.top1_agreement, metrics.sqnr_db)
+            log.info("fallback: %d block(s) float -> agreement %s, SQNR %.2f dB", k, metrics.top1_agreement, metrics.sqnr_db)
             progress.advance("fallback")
         return results[k][0]
 
     progress.start("fallback", None, "evaluations")
-    best = 0
-    if at(0).top1_agreement < target:
-        lo, hi, k = 0, None, 1
-        while k <= len(order):
-            if at(k).top1_agreement >= target:
-                hi = k
-                break
-            lo, k = k, k * 2
-        if hi is None and lo < len(order):
-            hi = len(order) if at(len(order)).top1_agreement >= target else None
-            if hi is None:
-                lo = len(order)
-        if hi is None:
-            best = lo
+    first = at(0)
+    if config.agreement_goal is not None and first.top1_agreement is None:
+        raise ConfigError(
+            f"output {scorer.output!r} has no class axis (kind {first.kind!r}), so top-1 agreement is undefined: "
+            "give target_sqnr (--target-sqnr DB) instead, or name its kind (--output-kind NAME=classes)"
+        )
+    k_max = min(len(blocks), max(1, math.ceil(float(config.max_float_fraction) * len(blocks)))) if blocks else 0
+    best, reason = 0, ""
+    if not config.met(first):
+        if k_max == 0 or not config.met(at(k_max)):
+            best = k_max if k_max else 0
+            m = results[best][0]
+            reason = (
+                f"unreachable within the budget: with the {k_max} most harmful of {len(blocks)} blocks float "
+                f"(max_float_fraction {config.max_float_fraction:g}) the output reaches SQNR {m.sqnr_db:.2f} dB"
+                + ("" if m.top1_agreement is None else f", agreement {m.top1_agreement:.4f}")
+                + f", short of {config.describe_target()}. Try another calibration method, a looser target or a "
+                "larger max_float_fraction."
+            )
         else:
+            lo, hi = 0, k_max
+            k = 1
+            while k < k_max:
+                if config.met(at(k)):
+                    hi = k
+                    break
+                lo, k = k, k * 2
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if at(mid).top1_agreement >= target:
-                    hi = mid
-                else:
-                    lo = mid
+                lo, hi = (lo, mid) if config.met(at(mid)) else (mid, hi)
             best = hi
     progress.finish("fallback")
 
     chosen, model_out = results[best]
     macs = layer_macs(model)
-    plan_layers = [r.node for r in ranking.ranking]
-    total = sum(macs.get(name, 0) for name in plan_layers)
-    floated = sum(macs.get(name, 0) for name in order[:best])
+    all_layers = [name for block in blocks for name in block]
+    floated_layers = [name for block in blocks[:best] for name in block]
+    total = sum(macs.get(name, 0) for name in all_layers)
     return FallbackResult(
-        target_agreement=target,
-        met=chosen.top1_agreement >= target,
-        float_nodes=tuple(order[:best]),
+        target_agreement=config.agreement_goal,
+        met=config.met(chosen),
+        float_nodes=tuple(floated_layers),
         before=results[0][0],
         after=chosen,
         steps=tuple(steps),
-        quantized_layers=len(plan_layers),
-        float_mac_fraction=(floated / total) if total else None,
+        quantized_layers=len(all_layers),
+        float_mac_fraction=(sum(macs.get(n, 0) for n in floated_layers) / total) if total else None,
         model=model_out,
+        target_sqnr=None if config.target_sqnr is None else float(config.target_sqnr),
+        target=config.describe_target(),
+        reason=reason,
+        float_blocks=best,
+        max_float_blocks=k_max,
     )
