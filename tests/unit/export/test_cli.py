@@ -133,16 +133,18 @@ def test_calibrate_eval_sensitivity_fallback_then_report(workdir, capsys) -> Non
     trtcal.calibrate(str(workdir / "model.onnx"), str(workdir / "data.npy"), algorithms=("minmax", "entropy2"),
                      output_dir=result_dir)
     rc = main(["eval", str(workdir / "model.onnx"), "--result", str(result_dir), "--data", str(workdir / "data.npy"),
-               "--sensitivity", "--fallback", "auto", "--target-agreement", "0.99", "--sensitivity-inputs", "8"])
+               "--sensitivity", "--fallback", "auto", "--target-sqnr", "30", "--max-float-fraction", "1",
+               "--sensitivity-inputs", "8"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| minmax |" in printed and "| entropy2 |" in printed and "fallback" in printed
+    assert "output SQNR (dB)" in printed and "agreement" not in printed.split("sensitivity")[0]  # [N,5,6,6]: no class axis
     evaluation = json.loads((result_dir / "evaluation.json").read_text())
     assert [r["label"] for r in evaluation["rows"]] == ["minmax", "entropy2"] and evaluation["num_inputs"] == 24
     sensitivity = json.loads((result_dir / "sensitivity.json").read_text())
-    assert {r["node"] for r in sensitivity["ranking"]} == {"conv1", "conv2", "add"}
+    assert sorted(r["members"] for r in sensitivity["ranking"]) == [["conv1"], ["conv2", "add"]]  # one block
     fallback = json.loads((result_dir / "fallback.json").read_text())
-    assert fallback["after"]["top1_agreement"] >= 0.99
+    assert fallback["met"] and fallback["after"]["sqnr_db"] >= 30 and fallback["target"] == "SQNR >= 30 dB"
     assert (result_dir / f"model.{fallback['method']}.fallback.qdq.onnx").is_file()
     rc = main(["report", str(result_dir), "-o", str(workdir / "report.html")])
     assert rc == 0
@@ -190,3 +192,28 @@ def test_eval_errors(workdir, capsys) -> None:
         ]
     )
     assert rc == 2 and "--fallback auto" in capsys.readouterr().err
+
+
+def test_eval_labels_checked_and_cut_by_limit(tmp_path, capsys) -> None:
+    from tests.unit.export.graphs import mlp
+
+    onnx.save(mlp(), tmp_path / "mlp.onnx")  # y [N, 4]: four classes
+    (tmp_path / "ranges.json").write_text(json.dumps({"tensors": {"x": {"amax": {"minmax": 2.0}}, "h": {"amax": {"minmax": 3.0}}}}))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(-2, 2, size=(10, 8)).astype(np.float32))
+    np.save(tmp_path / "good.npy", np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1]))
+    np.save(tmp_path / "bad.npy", np.array([0, 1, 2, 3, 0, 1, 2, 3, 9, 1]))
+    base = ["eval", str(tmp_path / "mlp.onnx"), "--ranges", str(tmp_path / "ranges.json"), "--data", str(tmp_path / "x.npy")]
+    assert main([*base, "--labels", str(tmp_path / "good.npy"), "--limit", "6"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert main([*base, "--labels", str(tmp_path / "bad.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.npy" in err and "label 9 at index 8 is outside the output's 4 classes (0..3)" in err
+    assert main([*base, "--labels", str(tmp_path / "bad.npy"), "--limit", "8"]) == 0  # the bad label is cut
+    capsys.readouterr()
+    np.save(tmp_path / "short.npy", np.array([0, 1]))
+    assert main([*base, "--labels", str(tmp_path / "short.npy")]) == 2
+    assert "2 labels for 10 inputs" in capsys.readouterr().err
+    assert main([*base, "--output-kind", "y=values", "--labels", str(tmp_path / "good.npy")]) == 2
+    assert "class axis" in capsys.readouterr().err
+    assert main([*base, "--sensitivity", "--fallback", "auto", "--output-kind", "y=values"]) == 2
+    assert "--target-sqnr" in capsys.readouterr().err
