@@ -284,7 +284,13 @@ def trtcal_tables(model: Path, input_name: str, calib: np.ndarray, methods: list
 
 
 def ort_minmax(model: Path, input_name: str, calib: np.ndarray, batch: int, out: Path) -> float:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

@@ -146,7 +146,8 @@ def load_labels(path: str, limit: int | None) -> np.ndarray:
         raise DataError(f"cannot read labels {path!r}: {exc}") from None
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(f"labels {path!r}: need a 1-D array of integer class indices, got {labels.dtype} {list(labels.shape)}")
-    return labels if limit is None else labels[:limit]
+    cut: np.ndarray = labels if limit is None else labels[:limit]
+    return cut
 
 
 def _write_json(directory: Path, name: str, payload: Any) -> Path:

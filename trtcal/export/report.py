@@ -239,7 +239,7 @@ def _sensitivity_section(sensitivity: SensitivityResult, fallback: Mapping[str, 
             "<p class='note'>"
             f"Target {fallback.get('target', fallback.get('target_agreement'))}: {'met' if fallback.get('met') else 'NOT met'}. "
             + (html.escape(str(fallback['reason'])) + " " if fallback.get("reason") else "")
-            + 
+            +
             f"{len(fallback.get('float_nodes', []))} of {fallback.get('quantized_layers')} quantized layers kept in float"
             + (f" ({100 * share:.1f}% of their MACs)" if isinstance(share, (int, float)) else "")
             + f". Agreement {_ratio(before.get('top1_agreement'))} → {_ratio(after.get('top1_agreement'))}, SQNR "

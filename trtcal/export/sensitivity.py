@@ -46,8 +46,8 @@ from trtcal.export.evaluate import (
 from trtcal.export.qdq import (
     WEIGHTED_OP_TYPES,
     ModelLike,
-    QdqPlan,
     QdqConfig,
+    QdqPlan,
     _checked_scales,
     _upgrade_opset,
     apply_plan,
