@@ -437,7 +437,8 @@ def markdown(results: list[dict[str, Any]], command: str, seconds: float) -> str
     lines.append("")
     for r in results:
         t = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items())
-        lines.append(f"- {r['key']} timings (s): {t}." + "".join(f" {n}" for n in r["notes"]))
+        notes = [n.splitlines()[0] + (" … " + n.splitlines()[-1] if len(n.splitlines()) > 1 else "") for n in r["notes"]]
+        lines.append(f"- {r['key']} timings (s): {t}." + "".join(f" {n}" for n in notes))
     return "\n".join(lines) + "\n"
 
 
