@@ -167,27 +167,10 @@ def resolve_batch(batch: Any, input_names: Sequence[str]) -> Any:
 
 
 def _runner_for(cfg: CalibrationConfig, loaded: LoadedModel) -> OnnxRuntimeRunner:
-    """ONNX Runtime on the CPU, or with its CUDA provider; for "cuda" without onnxruntime-gpu, the
-    PyTorch runner (trtcal's ONNX interpreter on torch, statistics computed on the GPU)."""
-    from trtcal.runners.onnxruntime import OnnxRuntimeRunner
+    """The runner `trtcal.runners.base.make_runner` picks for the device ("auto")."""
+    from trtcal.runners.base import make_runner
 
-    if cfg.device != "cpu":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers() and _torch_sees_cuda():
-            from trtcal.runners.torch_runner import TorchRunner
-
-            logger.info("onnxruntime has no CUDA provider here: collecting with the PyTorch runner on %s", cfg.device)
-            return TorchRunner(loaded, tensors=cfg.tensors, device=cfg.device)  # type: ignore[return-value]
-    return OnnxRuntimeRunner(loaded, tensors=cfg.tensors, device=cfg.device)
-
-
-def _torch_sees_cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+    return make_runner(loaded, tensors=cfg.tensors, device=cfg.device)  # type: ignore[return-value]
 
 
 def _can_spawn() -> bool:

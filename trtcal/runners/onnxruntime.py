@@ -32,21 +32,19 @@ import hashlib
 import logging
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from trtcal.core.histogram import TensorStats, fill_counts, merge_stats, reduce_stats
 from trtcal.errors import BackendUnavailableError, ConfigError, DataError, ModelError
-from trtcal.progress import NO_PROGRESS, ProgressCallback
+from trtcal.runners.base import BaseRunner
 
 if TYPE_CHECKING:
     import onnx
 
-    from trtcal.workers.batch_format import CalibrationBatch
 
 __all__ = [
     "QUANTIZABLE_OP_TYPES",
@@ -68,7 +66,6 @@ QUANTIZABLE_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _QUANTIZED_INPUTS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "MatMul": (0, 1), "Gemm": (0, 1)}
 _RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"})
 TensorSelection = Literal["all", "quantizable"] | Sequence[str]
-NonFinitePolicy = Literal["error", "ignore"]
 
 
 def _onnx() -> Any:
@@ -334,66 +331,6 @@ def _model_inputs(model: onnx.ModelProto) -> dict[str, ModelInput]:
     return inputs
 
 
-@dataclass(frozen=True)
-class BatchLayout:
-    """How rows of the batch become feeds: stacked (with a possibly fixed batch size) or one by one."""
-
-    stacked: bool  # samples have rank r-1: stack them along a new leading axis
-    fixed_batch: int | None  # the model's fixed leading dimension when stacked
-
-    def micro_batch(self, requested: int) -> int:
-        if not self.stacked:
-            return 1
-        return self.fixed_batch if self.fixed_batch is not None else requested
-
-
-def _layout(inputs: Mapping[str, ModelInput], batch: CalibrationBatch, source: str) -> BatchLayout:
-    """Check the batch against the model inputs; DataError naming the input on any mismatch."""
-    got = batch.inputs
-    missing = sorted(set(inputs) - set(got))
-    extra = sorted(set(got) - set(inputs))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing input(s) {missing} (expected {[f'{n}: {inputs[n].describe()}' for n in missing]})")
-        if extra:
-            parts.append(f"column(s) {extra} that the model has no input for")
-        raise DataError(
-            f"calibration batch {batch.source!r} does not match model {source!r}: {'; '.join(parts)}. "
-            f"The model's inputs are {sorted(inputs)}; the batch holds {sorted(got)}"
-        )
-    modes: set[tuple[bool, int | None]] = set()
-    for name, expected in sorted(inputs.items()):
-        info = got[name]
-        if np.dtype(info.dtype) != np.dtype(expected.dtype):
-            raise DataError(
-                f"input {name!r}: the model expects {expected.dtype}, the batch holds {info.dtype}; "
-                f"convert the data to {expected.dtype} when preprocessing"
-            )
-        sample = info.shape
-        dims = expected.dims
-        if len(sample) == len(dims) - 1:
-            stacked, model_dims, lead = True, dims[1:], dims[0]
-        elif len(sample) == len(dims):
-            stacked, model_dims, lead = False, dims, None
-        else:
-            raise DataError(
-                f"input {name!r}: the model expects {expected.describe()} (a batch axis then "
-                f"{len(dims) - 1} dims), the batch's samples have shape {list(sample)}"
-            )
-        for axis, (want, have) in enumerate(zip(model_dims, sample)):
-            if want is not None and want != have:
-                raise DataError(
-                    f"input {name!r}: the model expects {expected.describe()}, the batch's samples have shape "
-                    f"{list(sample)} (dimension {axis + (1 if stacked else 0)} is {have}, expected {want})"
-                )
-        modes.add((stacked, lead))
-    if len(modes) != 1:
-        raise DataError(f"model {source!r}: inputs disagree on the batch axis ({sorted(modes, key=str)}); not supported")
-    stacked, lead = modes.pop()
-    return BatchLayout(stacked=stacked, fixed_batch=lead)
-
-
 # ---------------------------------------------------------------------------------------------
 # The runner
 
@@ -417,15 +354,7 @@ def _providers(device: str) -> list[Any]:
 _FLOAT_ORT_TYPES = frozenset({"tensor(float)", "tensor(float16)", "tensor(double)"})
 
 
-def row_range(batch: CalibrationBatch, start: int, stop: int | None) -> tuple[int, int]:
-    """[start, stop) checked against the batch (stop None: to the end); shared by every runner."""
-    stop = batch.num_rows if stop is None else stop
-    if not (0 <= start <= stop <= batch.num_rows):
-        raise ConfigError(f"row range [{start}, {stop}) is outside the batch's {batch.num_rows} rows")
-    return start, stop
-
-
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(BaseRunner):
     """Runs the FP32 model with the selected tensors as extra outputs; collects statistics.
 
     Args:
@@ -503,24 +432,11 @@ class OnnxRuntimeRunner:
             "graph_optimization_level": GRAPH_OPTIMIZATION_LEVEL,
         }
 
-    def layout(self, batch: CalibrationBatch) -> BatchLayout:
-        """Validate `batch` against the model's inputs (DataError naming the input if it does not fit)."""
-        return _layout(self.inputs, batch, self.model.source)
-
     # -- running
-    def _feeds(self, batch: CalibrationBatch, layout: BatchLayout, start: int, stop: int, micro_batch: int) -> Any:
-        size = layout.micro_batch(micro_batch)
-        if layout.fixed_batch is not None and layout.fixed_batch > 1 and (stop - start) % layout.fixed_batch:
-            raise DataError(
-                f"the model's batch size is fixed at {layout.fixed_batch} but rows [{start}, {stop}) hold "
-                f"{stop - start} samples; give a multiple of {layout.fixed_batch} (padding would change the statistics)"
-            )
-        for chunk in batch.iter_micro_batches(size, start=start, stop=stop):
-            rows = next(iter(chunk.values())).shape[0]
-            if layout.stacked:
-                yield chunk, rows
-            else:
-                yield {n: a[0] for n, a in chunk.items()}, rows
+    def infer_impl(self, feed: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+        values = self._run_reusing(feed)
+        for name in self.tensor_names:
+            yield name, values.pop(name)  # drop each reference once reduced
 
     def run(self, feed: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """One inference: the selected tensors' values for one feed (graph inputs come from the feed).
@@ -604,63 +520,3 @@ class OnnxRuntimeRunner:
     def release_buffers(self) -> None:
         """Free the reused output buffers (about one micro-batch of activations)."""
         self._reuse = None
-
-    def collect_stats(
-        self,
-        batch: CalibrationBatch,
-        *,
-        start: int = 0,
-        stop: int | None = None,
-        micro_batch: int = 32,
-        nonfinite: NonFinitePolicy = "error",
-        progress: ProgressCallback = NO_PROGRESS,
-        stage: str = "statistics",
-    ) -> dict[str, TensorStats]:
-        """Pass 1 over rows [start, stop): exact per-tensor stats (merge shards with `merge_stats`)."""
-        layout = self.layout(batch)
-        start, stop = row_range(batch, start, stop)
-        stats = {n: TensorStats() for n in self.tensor_names}
-        progress.start(stage, stop - start, "sample")
-        try:
-            for feed, rows in self._feeds(batch, layout, start, stop, micro_batch):
-                values = self._run_reusing(feed)
-                for name in self.tensor_names:
-                    batch_stats = reduce_stats(values.pop(name), tensor=name, nonfinite=nonfinite)
-                    stats[name] = merge_stats([stats[name], batch_stats])
-                progress.advance(stage, rows)
-        finally:
-            progress.finish(stage)
-        return stats
-
-    def collect_counts(
-        self,
-        batch: CalibrationBatch,
-        hist_amax: Mapping[str, float],
-        *,
-        num_bins: int,
-        start: int = 0,
-        stop: int | None = None,
-        micro_batch: int = 32,
-        nonfinite: NonFinitePolicy = "error",
-        progress: ProgressCallback = NO_PROGRESS,
-        stage: str = "histograms",
-    ) -> dict[str, npt.NDArray[np.int64]]:
-        """Pass 2 over rows [start, stop): int64 |x| counts on [0, hist_amax[t]] (shards merge by adding)."""
-        missing = [n for n in self.tensor_names if n not in hist_amax]
-        if missing:
-            raise ConfigError(f"hist_amax lacks tensors {missing[:5]}; run collect_stats over the whole batch first")
-        layout = self.layout(batch)
-        start, stop = row_range(batch, start, stop)
-        counts = {n: np.zeros(num_bins, dtype=np.int64) for n in self.tensor_names}
-        progress.start(stage, stop - start, "sample")
-        try:
-            for feed, rows in self._feeds(batch, layout, start, stop, micro_batch):
-                values = self._run_reusing(feed)
-                for name in self.tensor_names:
-                    counts[name] += fill_counts(
-                        values.pop(name), num_bins, float(hist_amax[name]), tensor=name, nonfinite=nonfinite
-                    )
-                progress.advance(stage, rows)
-        finally:
-            progress.finish(stage)
-        return counts
