@@ -45,8 +45,8 @@ from trtcal.progress import NO_PROGRESS, ProgressCallback
 if TYPE_CHECKING:
     import onnx
 
-    from trtcal.runners.onnxruntime import LoadedModel, ModelInput, TensorSelection
-    from trtcal.workers.batch_format import CalibrationBatch
+    from trtcal.batch import CalibrationBatch
+    from trtcal.model import LoadedModel, ModelInput, TensorSelection
 
 __all__ = [
     "BaseRunner",

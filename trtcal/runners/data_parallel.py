@@ -32,7 +32,7 @@ from trtcal.progress import NO_PROGRESS, ProgressCallback
 from trtcal.runners.base import Runner, make_runner
 
 if TYPE_CHECKING:
-    from trtcal.workers.batch_format import CalibrationBatch
+    from trtcal.batch import CalibrationBatch
 
 __all__ = [
     "WorkerSpec",
@@ -209,11 +209,9 @@ def open_runner(spec: WorkerSpec) -> Runner:
 
 def open_batch_for(spec: WorkerSpec) -> Any:
     """Open the spec's calibration batch (memory-mapped; every worker maps the same file)."""
-    from trtcal.workers.batch_format import batch_from_numpy, open_batch
+    from trtcal.batch import open_any
 
-    if spec.batch.lower().endswith(".npy"):
-        return batch_from_numpy(spec.batch, input_name=spec.input_name)
-    return open_batch(spec.batch, verify=spec.verify_batch)
+    return open_any(spec.batch, [spec.input_name] if spec.input_name else [], verify=spec.verify_batch)
 
 
 def _worker_main(conn: Any, spec: WorkerSpec) -> None:

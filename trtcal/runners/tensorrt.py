@@ -104,7 +104,7 @@ STAGE = "tensorrt calibration"
 
 
 class MicroBatchSource(Protocol):
-    """What trtcal's CalibrationBatch offers (trtcal.workers.batch_format)."""
+    """What trtcal's CalibrationBatch offers (trtcal.batch)."""
 
     @property
     def num_rows(self) -> int: ...
@@ -325,7 +325,7 @@ def iter_micro_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Serve a calibration batch as micro-batches of exactly `micro_batch` samples, in order.
 
-    `source` is a `trtcal.workers.batch_format.CalibrationBatch` (anything with
+    `source` is a `trtcal.batch.CalibrationBatch` (anything with
     `iter_micro_batches(size)` and `num_rows`), one mapping input name -> array [N, ...] (sliced
     without copying), or an iterable of such mappings of any sizes (re-cut into `micro_batch`-sized
     pieces; pieces that straddle two items are concatenated). With `micro_batch=None` the items

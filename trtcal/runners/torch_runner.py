@@ -30,9 +30,9 @@ import numpy.typing as npt
 
 from trtcal.core.histogram import NonFinitePolicy
 from trtcal.errors import BackendUnavailableError, ConfigError, DataError, ModelError
+from trtcal.model import LoadedModel, TensorSelection, load_model, model_inputs, select_tensors
 from trtcal.runners.base import BaseRunner, Collector
 from trtcal.runners.gpu_histogram import DeviceHistogramCollector, DeviceStatsCollector, KernelBackend
-from trtcal.runners.onnxruntime import LoadedModel, TensorSelection, _model_inputs, load_model, select_tensors
 from trtcal.runners.torch_graph import SUPPORTED_OPS, TorchGraph, Value, _torch
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ class TorchRunner(_DeviceRunnerBase):
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.device = torch_device(device)
         self.kernel_backend = kernel_backend
-        self.inputs = _model_inputs(self.model.proto)
+        self.inputs = model_inputs(self.model.proto)
         self.graph = TorchGraph(self.model.proto, self.device)
         selected = select_tensors(self.model.proto, tensors)
         if not selected:

@@ -1256,7 +1256,7 @@ def test_cli_calibrates_from_an_npz_batch_with_the_stand_in(fake_trt, cudart, ti
 
 
 def test_cli_calibrates_from_trtcals_arrow_batch_with_the_stand_in(fake_trt, cudart, tiny_model, tmp_path):
-    from trtcal.workers.batch_format import write_batch
+    from trtcal.batch import write_batch
 
     data = _data(6)
     batch = tmp_path / "batch.arrow"
@@ -1274,7 +1274,7 @@ def test_cli_calibrates_from_trtcals_arrow_batch_with_the_stand_in(fake_trt, cud
 
 
 def test_calibration_batch_is_served_through_its_own_micro_batches(tmp_path):
-    from trtcal.workers.batch_format import batch_from_arrays
+    from trtcal.batch import batch_from_arrays
 
     data = _data(10)
     batch = batch_from_arrays(data)
