@@ -104,7 +104,7 @@ def test_fingerprint_follows_the_documented_procedure() -> None:
 
 def test_fingerprint_is_the_same_on_one_thread_and_many(monkeypatch: pytest.MonkeyPatch) -> None:
     """Big enough for several hashing chunks: the threaded path must fold digests in row order."""
-    import trtcal.batch as bf
+    import trtcal.batch.format as bf
 
     monkeypatch.setattr(bf, "_HASH_CHUNK", 4096)
     arrays, ids = _data(300)

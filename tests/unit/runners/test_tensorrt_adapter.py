@@ -49,6 +49,7 @@ from trtcal.errors import (
 )
 from trtcal.progress import RecordingProgress
 from trtcal.runners import tensorrt as adapter
+from trtcal.runners.tensorrt import feed
 
 MODEL_LITE0 = Path("/work/shared/models/efficientnet_lite0.onnx")
 
@@ -1280,7 +1281,7 @@ def test_calibration_batch_is_served_through_its_own_micro_batches(tmp_path):
     batch = batch_from_arrays(data)
     cut = list(adapter.iter_micro_batches(batch, 4, partial_batch="drop"))
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in cut]), data["x"][:8])
-    assert adapter._count_micro_batches(batch, 4, "drop") == 2
+    assert feed._count_micro_batches(batch, 4, "drop") == 2
     with pytest.raises(DataError, match="10 samples"):
         list(adapter.iter_micro_batches(batch, 4))
 
