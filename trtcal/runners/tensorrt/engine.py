@@ -259,93 +259,17 @@ def build_engine(
     trt = load_tensorrt()
     if cache is not None:
         calibrator = make_replay_calibrator(cache, algorithm=build.replay_algorithm)
+    live = isinstance(calibrator, ArrowBatchCalibrator)
     with warnings.catch_warnings():
         # Every calibration API is deprecated since TensorRT 10.1; using them is this adapter's purpose.
         warnings.simplefilter("ignore", DeprecationWarning)
-        logger = _make_trt_logger(trt)
-        if hasattr(trt, "init_libnvinfer_plugins"):
-            trt.init_libnvinfer_plugins(logger, "")
-        try:
-            builder = trt.Builder(logger)
-        except Exception as exc:
-            said = "; ".join(logger.errors[-3:])
-            raise BackendUnavailableError(
-                f"TensorRT could not create a builder ({exc}{'; TensorRT said: ' + said if said else ''}); "
-                "TensorRT needs an NVIDIA GPU with a working driver"
-            ) from exc
-        network = builder.create_network(0)
-        _parse_onnx(trt, network, logger, path)
-
-        config = builder.create_builder_config()
-        if build.workspace_bytes is not None:
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, build.workspace_bytes)
-        if build.builder_optimization_level is not None:
-            config.builder_optimization_level = build.builder_optimization_level
-        if not builder.platform_has_fast_int8:
-            log.warning("this GPU has no fast INT8; TensorRT may fall back to higher precision")
-        config.set_flag(trt.BuilderFlag.INT8)
-        if build.fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
-        if build.calibrate_before_fusion:
-            config.set_quantization_flag(trt.QuantizationFlag.CALIBRATE_BEFORE_FUSION)
-
+        logger, builder, network = _parse_network(trt, path)
+        config = _builder_config(trt, builder, build)
         inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
-        network_shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
-        live = isinstance(calibrator, ArrowBatchCalibrator)
-        served: dict[str, tuple[int, ...]] = {}
-        if live:
-            # A usable cache means TensorRT will not ask for data: then no data is read at all.
-            cached = calibrator.read_calibration_cache() is not None
-            calibrator.raise_if_failed()
-            if not cached:
-                served = calibrator.peek_shapes()
-        profile_shapes = resolve_profile_shapes(
-            network_shapes, input_shapes=input_shapes, calibration_shapes=calibration_profile or served
-        )
-        if profile_shapes:
-            profile = builder.create_optimization_profile()
-            for name, (lo, opt, hi) in profile_shapes.items():
-                profile.set_shape(name, lo, opt, hi)
-            config.add_optimization_profile(profile)
-        calibration_shapes = {name: tuple(network_shapes[name]) for name in network_shapes}
+        served = _served_shapes(calibrator) if live else {}
+        profile_shapes = _add_profile(builder, config, inputs, input_shapes, calibration_profile or served)
         if calibrator is not None:
-            dynamic = [name for name, shape in network_shapes.items() if -1 in shape]
-            if dynamic:
-                chosen = dict(calibration_profile or {})
-                unknown = sorted(set(chosen) - set(dynamic))
-                if unknown:
-                    raise ConfigError(
-                        f"calibration_profile names {unknown}, which are not dynamic network inputs {dynamic}"
-                    )
-                calibration = builder.create_optimization_profile()
-                for name in dynamic:
-                    shape = _as_shape(
-                        chosen.get(name, served.get(name, profile_shapes[name][1])),
-                        f"calibration_profile[{name!r}]",
-                    )
-                    if not _fits(network_shapes[name], shape):
-                        raise ConfigError(
-                            f"calibration shape {list(shape)} does not fit input {name!r} {list(network_shapes[name])}"
-                        )
-                    calibration.set_shape(name, shape, shape, shape)
-                    calibration_shapes[name] = shape
-                if not config.set_calibration_profile(calibration):
-                    raise ConfigError(f"TensorRT refused the calibration profile {calibration_shapes}")
-            if live:
-                for name, shape in served.items():
-                    if name in calibration_shapes and not _fits(calibration_shapes[name], shape):
-                        raise DataError(
-                            f"the calibration batch's micro-batches of input {name!r} are {list(shape)}, but "
-                            f"TensorRT calibrates it at {list(calibration_shapes[name])}; set micro_batch (or the "
-                            "calibration profile) to match"
-                        )
-                calibrator.set_input_metadata(
-                    {
-                        name: (calibration_shapes[name], _calibration_dtype(t.dtype))
-                        for name, t in inputs.items()
-                    }
-                )
-            config.int8_calibrator = calibrator
+            _attach_calibrator(builder, config, calibrator, inputs, profile_shapes, calibration_profile, served)
         if dynamic_ranges:
             count = _apply_dynamic_ranges(network, dynamic_ranges)
             log.info("set %d manual dynamic ranges", count)
@@ -364,3 +288,113 @@ def build_engine(
         said = "; ".join(logger.errors[-5:]) or "see the TensorRT log"
         raise ModelError(f"TensorRT could not build an INT8 engine of {path}: {said}")
     return bytes(serialized)
+
+
+def _parse_network(trt: ModuleType, path: Path) -> tuple[Any, Any, Any]:
+    """(logger, builder, network) with the ONNX model parsed into the network."""
+    logger = _make_trt_logger(trt)
+    if hasattr(trt, "init_libnvinfer_plugins"):
+        trt.init_libnvinfer_plugins(logger, "")
+    try:
+        builder = trt.Builder(logger)
+    except Exception as exc:
+        said = "; ".join(logger.errors[-3:])
+        raise BackendUnavailableError(
+            f"TensorRT could not create a builder ({exc}{'; TensorRT said: ' + said if said else ''}); "
+            "TensorRT needs an NVIDIA GPU with a working driver"
+        ) from exc
+    network = builder.create_network(0)
+    _parse_onnx(trt, network, logger, path)
+    return logger, builder, network
+
+
+def _builder_config(trt: ModuleType, builder: Any, build: EngineBuildConfig) -> Any:
+    """The builder config: memory, optimization level, INT8 (+FP16), calibrate before fusion."""
+    config = builder.create_builder_config()
+    if build.workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, build.workspace_bytes)
+    if build.builder_optimization_level is not None:
+        config.builder_optimization_level = build.builder_optimization_level
+    if not builder.platform_has_fast_int8:
+        log.warning("this GPU has no fast INT8; TensorRT may fall back to higher precision")
+    config.set_flag(trt.BuilderFlag.INT8)
+    if build.fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if build.calibrate_before_fusion:
+        config.set_quantization_flag(trt.QuantizationFlag.CALIBRATE_BEFORE_FUSION)
+    return config
+
+
+def _served_shapes(calibrator: ArrowBatchCalibrator) -> dict[str, tuple[int, ...]]:
+    """The shapes the calibrator will serve; none when a usable cache means no data is read at all."""
+    cached = calibrator.read_calibration_cache() is not None
+    calibrator.raise_if_failed()
+    return {} if cached else calibrator.peek_shapes()
+
+
+def _add_profile(
+    builder: Any,
+    config: Any,
+    inputs: Mapping[str, Any],
+    input_shapes: Mapping[str, ShapeSpec] | None,
+    calibration_shapes: Mapping[str, Sequence[int]],
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """The optimization profile of the dynamic inputs (added to `config` when there are any)."""
+    network_shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
+    profile_shapes = resolve_profile_shapes(
+        network_shapes, input_shapes=input_shapes, calibration_shapes=calibration_shapes
+    )
+    if profile_shapes:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile_shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    return profile_shapes
+
+
+def _attach_calibrator(
+    builder: Any,
+    config: Any,
+    calibrator: Any,
+    inputs: Mapping[str, Any],
+    profile_shapes: Mapping[str, tuple[tuple[int, ...], ...]],
+    calibration_profile: Mapping[str, Sequence[int]] | None,
+    served: Mapping[str, tuple[int, ...]],
+) -> None:
+    """Calibration profile of the dynamic inputs, the live calibrator's input metadata, then attach."""
+    network_shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
+    calibration_shapes: dict[str, tuple[int, ...]] = dict(network_shapes)
+    dynamic = [name for name, shape in network_shapes.items() if -1 in shape]
+    if dynamic:
+        chosen = dict(calibration_profile or {})
+        unknown = sorted(set(chosen) - set(dynamic))
+        if unknown:
+            raise ConfigError(
+                f"calibration_profile names {unknown}, which are not dynamic network inputs {dynamic}"
+            )
+        calibration = builder.create_optimization_profile()
+        for name in dynamic:
+            shape = _as_shape(
+                chosen.get(name, served.get(name, profile_shapes[name][1])),
+                f"calibration_profile[{name!r}]",
+            )
+            if not _fits(network_shapes[name], shape):
+                raise ConfigError(
+                    f"calibration shape {list(shape)} does not fit input {name!r} {list(network_shapes[name])}"
+                )
+            calibration.set_shape(name, shape, shape, shape)
+            calibration_shapes[name] = shape
+        if not config.set_calibration_profile(calibration):
+            raise ConfigError(f"TensorRT refused the calibration profile {calibration_shapes}")
+    if isinstance(calibrator, ArrowBatchCalibrator):
+        for name, shape in served.items():
+            if name in calibration_shapes and not _fits(calibration_shapes[name], shape):
+                raise DataError(
+                    f"the calibration batch's micro-batches of input {name!r} are {list(shape)}, but "
+                    f"TensorRT calibrates it at {list(calibration_shapes[name])}; set micro_batch (or the "
+                    "calibration profile) to match"
+                )
+        calibrator.set_input_metadata(
+            {name: (calibration_shapes[name], _calibration_dtype(t.dtype)) for name, t in inputs.items()}
+        )
+    config.int8_calibrator = calibrator
