@@ -199,6 +199,7 @@ def _parse_onnx(trt: ModuleType, network: Any, logger: Any, model_path: Path) ->
     raise ModelError(f"TensorRT's ONNX parser rejected {model_path}: {detail}{more}")
 
 
+# Over 80 lines only by its docstring (every argument documented); the body is ~45 lines of named steps.
 def build_engine(
     model_path: str | os.PathLike[str],
     *,

@@ -29,6 +29,46 @@ class MicroBatchSource(Protocol):
     def iter_micro_batches(self, size: int) -> Iterator[dict[str, np.ndarray]]: ...
 
 
+def _source_chunks(source: BatchSource, micro_batch: int | None) -> Iterable[Any]:
+    """The items of a batch source: a CalibrationBatch's micro-batches, one mapping, or the iterable."""
+    if _is_calibration_batch(source):
+        rows_total = int(source.num_rows)
+        if rows_total == 0:
+            raise DataError("the calibration batch is empty: the batch source gave no samples")
+        return source.iter_micro_batches(micro_batch or rows_total)
+    if isinstance(source, Mapping):
+        return [source]
+    return cast(Iterable[Any], source)
+
+
+def _check_leftover(
+    total: int, served: int, pending_rows: int, micro_batch: int | None, partial_batch: PartialBatchPolicy
+) -> None:
+    """An empty source, or samples that do not fill the last micro-batch: DataError or (drop) a warning."""
+    if total == 0:
+        raise DataError("the calibration batch is empty: the batch source gave no samples")
+    if pending_rows:
+        if partial_batch == "drop":
+            log.warning(
+                "dropping the last %d of %d calibration samples: they do not fill a micro-batch of %d "
+                "(TensorRT reads every batch at the calibration shape)",
+                pending_rows,
+                total,
+                micro_batch,
+            )
+            if served == 0:
+                raise DataError(
+                    f"the calibration batch has {total} samples, fewer than one micro-batch of {micro_batch}"
+                )
+        else:
+            raise DataError(
+                f"the calibration batch has {total} samples, which leaves a last micro-batch of {pending_rows} "
+                f"(micro_batch={micro_batch}); TensorRT reads every calibration batch at the same shape. "
+                f"Choose a micro_batch that divides {total}, or set partial_batch='drop' to leave those "
+                f"{pending_rows} samples out"
+            )
+
+
 BatchSource = MicroBatchSource | Mapping[str, Any] | Iterable[Mapping[str, Any]]
 
 
@@ -69,16 +109,7 @@ def iter_micro_batches(
             the source is empty, or (with partial_batch="error") the samples do not fill the
             last micro-batch.
     """
-    chunks: Iterable[Any]
-    if _is_calibration_batch(source):
-        rows_total = int(source.num_rows)
-        if rows_total == 0:
-            raise DataError("the calibration batch is empty: the batch source gave no samples")
-        chunks = source.iter_micro_batches(micro_batch or rows_total)
-    elif isinstance(source, Mapping):
-        chunks = [source]
-    else:
-        chunks = cast(Iterable[Any], source)
+    chunks = _source_chunks(source, micro_batch)
     names: tuple[str, ...] | None = None
     total = 0
     served = 0
@@ -115,28 +146,7 @@ def iter_micro_batches(
                     served += pending_rows
                     pending, pending_rows = {}, 0
             offset += take
-    if total == 0:
-        raise DataError("the calibration batch is empty: the batch source gave no samples")
-    if pending_rows:
-        if partial_batch == "drop":
-            log.warning(
-                "dropping the last %d of %d calibration samples: they do not fill a micro-batch of %d "
-                "(TensorRT reads every batch at the calibration shape)",
-                pending_rows,
-                total,
-                micro_batch,
-            )
-            if served == 0:
-                raise DataError(
-                    f"the calibration batch has {total} samples, fewer than one micro-batch of {micro_batch}"
-                )
-        else:
-            raise DataError(
-                f"the calibration batch has {total} samples, which leaves a last micro-batch of {pending_rows} "
-                f"(micro_batch={micro_batch}); TensorRT reads every calibration batch at the same shape. "
-                f"Choose a micro_batch that divides {total}, or set partial_batch='drop' to leave those "
-                f"{pending_rows} samples out"
-            )
+    _check_leftover(total, served, pending_rows, micro_batch, partial_batch)
 
 
 def _is_calibration_batch(source: Any) -> TypeGuard[MicroBatchSource]:
