@@ -29,13 +29,14 @@ def test_cli_parser_is_light():
 
 
 def test_batch_export_and_runners_never_import_ray():
-    """The batch contract, the exporters and the runners (without TensorRT) run outside Ray."""
+    """The batch contract, the exporters and the runners run outside Ray; the TensorRT adapter imports
+    TensorRT only when it is used."""
     statement = (
         "import trtcal.batch, trtcal.batch.reader, trtcal.batch.writer, trtcal.batch.planned_writer, trtcal.model; "
         "import trtcal.export; import pkgutil; [__import__('trtcal.export.' + m.name) for m in "
         "pkgutil.iter_modules(trtcal.export.__path__)]; "
         "import trtcal.runners.base, trtcal.runners.onnxruntime, trtcal.runners.data_parallel, "
-        "trtcal.runners.torch_graph, trtcal.runners.torch_runner, trtcal.runners.gpu_histogram"
+        "trtcal.runners.torch_graph, trtcal.runners.torch_runner, trtcal.runners.gpu_histogram, trtcal.runners.tensorrt"
     )
     loaded = _loaded_after(statement)
     assert "ray" not in loaded
