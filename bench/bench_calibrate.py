@@ -53,7 +53,7 @@ def _child_plain(data: str, level: str) -> dict[str, Any]:
     import numpy as np
     import onnxruntime as ort
 
-    from trtcal.workers.batch_format import open_batch
+    from trtcal.batch import open_batch
 
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
@@ -70,8 +70,8 @@ def _child_plain_torch_cuda(data: str) -> dict[str, Any]:
     here (PyTorch), no statistics; timed from the first micro-batch (cold kernels included)."""
     import torch
 
+    from trtcal.batch import open_batch
     from trtcal.runners.torch_runner import TorchRunner, _inference, fp32_exact
-    from trtcal.workers.batch_format import open_batch
 
     runner = TorchRunner(MODEL, device="cuda")
     batch = open_batch(data, verify=False)
@@ -112,7 +112,7 @@ def _child_ort(data: str, out: str, method: str) -> dict[str, Any]:
         quantize_static,
     )
 
-    from trtcal.workers.batch_format import open_batch
+    from trtcal.batch import open_batch
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -136,9 +136,9 @@ def _child_breakdown(data: str) -> dict[str, Any]:
     """Per-image cost (best of 3 passes over the data, ms) of each piece of a calibration pass."""
     import onnxruntime as ort
 
+    from trtcal.batch import open_batch
     from trtcal.core.histogram import fill_counts, reduce_stats
     from trtcal.runners.onnxruntime import OnnxRuntimeRunner
-    from trtcal.workers.batch_format import open_batch
 
     batch = open_batch(data, verify=False)
     n = batch.num_rows
@@ -295,7 +295,7 @@ def ensure_data(work: Path, n: int) -> Path:
     path = work / f"views-{n}.arrow"
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "from tests.fixtures.data import write_photo_batch; from trtcal.workers.batch_format import open_batch;"
+        "from tests.fixtures.data import write_photo_batch; from trtcal.batch import open_batch;"
         "import os, time; p, n = sys.argv[2], int(sys.argv[3]);"
         "ok = os.path.exists(p) and open_batch(p).num_rows == n;"
         "t = time.perf_counter(); ok or write_photo_batch(p, n);"

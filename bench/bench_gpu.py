@@ -143,7 +143,7 @@ def _views(indices: range) -> tuple[list[str], np.ndarray]:
 
 
 def make_batch(path: Path, n: int) -> None:
-    from trtcal.workers.batch_format import write_batch
+    from trtcal.batch import write_batch
 
     t0 = time.perf_counter()
     chunks = [range(a, min(a + 64, n)) for a in range(0, n, 64)]
@@ -161,10 +161,10 @@ def make_batch(path: Path, n: int) -> None:
 def bench_end_to_end(args: argparse.Namespace, workdir: Path) -> None:
     import torch
 
+    from trtcal.batch import open_batch
     from trtcal.runners.data_parallel import DataParallelStatistics, WorkerSpec
     from trtcal.runners.onnxruntime import OnnxRuntimeRunner
     from trtcal.runners.torch_runner import TorchRunner
-    from trtcal.workers.batch_format import open_batch
 
     n, mb = args.inputs, args.micro_batch
     path = workdir / f"views-{n}.arrow"

@@ -184,8 +184,7 @@ def parallel_ceiling(data: Path, spec: Any, workers: int, limit: int) -> dict[st
 
 
 def single_process(data: Path, output: Path, *, num_samples: int | None, seed: int, spec: Any, chunk: int) -> dict[str, Any]:
-    from trtcal.workers.batch_format import InputInfo
-    from trtcal.workers.planned_writer import PlannedBatchWriter
+    from trtcal.batch import InputInfo, PlannedBatchWriter
     from trtcal.workers.preprocess import (
         DEFAULT_MAX_IMAGE_PIXELS,
         decode_image,

@@ -422,12 +422,12 @@ def _in_subprocess(call: str, timeout: float = 20.0) -> None:
 def phase_hostile(work: Path, scale: int) -> dict[str, Any]:
     from PIL import Image
 
+    from trtcal.batch import batch_from_numpy, open_batch, write_batch
     from trtcal.core.cache_format import read_trt_cache
     from trtcal.orchestrator.calibrate import calibrate
     from trtcal.storage.index import parse_index_name
     from trtcal.storage.manifest import parse_manifest
     from trtcal.storage.names import check_artifact_name, check_key, check_namespace
-    from trtcal.workers.batch_format import batch_from_numpy, open_batch, write_batch
     from trtcal.workers.preprocess import preprocess_image_bytes, preset
 
     rng = random.Random(20261126)
@@ -525,7 +525,7 @@ def phase_hostile(work: Path, scale: int) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     tally.run("ONNX external data outside", lambda: _in_subprocess(
         "from pathlib import Path; from onnx import TensorProto; from tests.reliability.test_bad_input import _with_external_weight; "
-        f"from trtcal.runners.onnxruntime import load_model; p = Path({str(folder)!r}) / 'm.onnx'; "
+        f"from trtcal.model import load_model; p = Path({str(folder)!r}) / 'm.onnx'; "
         "p.write_bytes(_with_external_weight('/dev/zero').SerializeToString()); load_model(str(p))", timeout=15))
     marker = work / "EXECUTED"
     np.save(work / "obj.npy", np.array([_Planted(str(marker))], dtype=object), allow_pickle=True)

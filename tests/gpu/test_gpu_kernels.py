@@ -105,7 +105,7 @@ def test_collectors_accumulate_many_micro_batches(backend: str) -> None:
 
 @pytest.fixture(scope="module")
 def photo_batch():
-    from trtcal.workers.batch_format import batch_from_arrays
+    from trtcal.batch import batch_from_arrays
 
     arrays, ids = photo_views(24)
     return batch_from_arrays({INPUT_NAME: arrays}, ids)
@@ -159,9 +159,9 @@ def test_backends_agree_on_a_real_model(photo_batch) -> None:
 
 
 def test_one_worker_per_gpu_merges_bit_for_bit(tmp_path, photo_batch) -> None:
+    from trtcal.batch import write_batch
     from trtcal.runners.data_parallel import DataParallelStatistics, WorkerSpec, collect_sliced
     from trtcal.runners.torch_runner import TorchRunner
-    from trtcal.workers.batch_format import write_batch
 
     path = tmp_path / "views.arrow"
     arrays = photo_batch.array(INPUT_NAME)

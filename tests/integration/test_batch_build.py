@@ -17,9 +17,9 @@ import pytest
 
 from tests.integration.batch_helpers import MARKER_ENV
 from tests.unit.workers.images import bomb_png, encode, photo, write_photo_folder
+from trtcal.batch import open_batch
 from trtcal.errors import ConfigError, DataError
 from trtcal.progress import RecordingProgress
-from trtcal.workers.batch_format import open_batch
 from trtcal.workers.build import build_batch
 from trtcal.workers.preprocess import PRESETS
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trtcal.batch import BatchWriter, open_batch, write_batch
 from trtcal.errors import DataError
-from trtcal.workers.batch_format import BatchWriter, open_batch, write_batch
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +50,7 @@ def test_planned_writer_publishes_to_s3_with_the_bytes_of_write_batch(s3_server,
     """PlannedBatchWriter builds the file in the local temp dir and uploads it once, whole."""
     import fsspec
 
-    from trtcal.workers.batch_format import InputInfo
-    from trtcal.workers.planned_writer import PlannedBatchWriter
+    from trtcal.batch import InputInfo, PlannedBatchWriter
 
     options = s3_server.storage_options()
     rng = np.random.default_rng(1)

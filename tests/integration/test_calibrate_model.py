@@ -13,11 +13,11 @@ import pytest
 
 from tests.fixtures.data import INPUT_NAME, PREPROCESS_SPEC
 from tests.unit.runners import tiny_models
+from trtcal.batch import open_batch, write_batch
 from trtcal.cli import main as cli_main
 from trtcal.core.cache_format import read_trt_cache
 from trtcal.errors import DataError, ModelError, NonFiniteError
 from trtcal.orchestrator.calibrate import calibrate
-from trtcal.workers.batch_format import open_batch, write_batch
 
 pytestmark = pytest.mark.slow
 
@@ -206,7 +206,7 @@ def test_bad_input_gives_a_clear_error_and_no_output(bad_inputs: Path, efficient
 def test_basic_graph_optimisations_would_not_change_any_value(efficientnet_path: Path, photo_arrays: Any) -> None:
     """Backs the runner's documented choice: ORT_DISABLE_ALL is used so every tensor keeps its graph
     name and value; ORT_ENABLE_BASIC is measured to give bitwise the same values on this model."""
-    from trtcal.runners.onnxruntime import select_tensors, with_extra_outputs
+    from trtcal.model import select_tensors, with_extra_outputs
 
     arrays, _ids = photo_arrays
     model = onnx.load(str(efficientnet_path))

@@ -251,7 +251,7 @@ def test_symlinks_planted_in_a_local_store_are_never_followed(tmp_path: Path) ->
 
 @pytest.fixture(scope="module")
 def batch_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trtcal.workers.batch_format import write_batch
+    from trtcal.batch import write_batch
 
     path = tmp_path_factory.mktemp("batch") / "b.arrow"
     write_batch(path, {"input": tiny_batch(4)}, [f"s{i}" for i in range(4)], spec={"preset": "raw"})
@@ -262,7 +262,7 @@ def batch_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @given(header=st.binary(max_size=120), dims=st.lists(st.integers(0, 2**20), min_size=0, max_size=3),
        dtype=st.sampled_from(["<f4", "|O", "<f8", "|V8", "<U4", "|b1", "<i8", "bogus"]))
 def test_fuzzed_npy_headers_are_refused_without_allocating(tmp_path: Path, header: bytes, dims: list[int], dtype: str) -> None:
-    from trtcal.workers.batch_format import batch_from_numpy
+    from trtcal.batch import batch_from_numpy
 
     text = f"{{'descr': {dtype!r}, 'fortran_order': False, 'shape': {tuple(dims)!r}, }}"
     raw = text.encode("latin-1")
@@ -281,7 +281,7 @@ def test_fuzzed_npy_headers_are_refused_without_allocating(tmp_path: Path, heade
 
 
 def test_npy_header_whose_shape_product_overflows_int64_is_a_data_error(tmp_path: Path) -> None:
-    from trtcal.workers.batch_format import batch_from_numpy
+    from trtcal.batch import batch_from_numpy
 
     text = "{'descr': '<f4', 'fortran_order': False, 'shape': (1114, 178, 46517843999549), }"
     raw = text.encode("latin-1")
@@ -357,7 +357,7 @@ _EXTERNAL_PROBE = textwrap.dedent(
     sys.path.insert(0, {root!r})
     from tests.reliability.test_bad_input import _with_external_weight
     from trtcal.errors import ModelError
-    from trtcal.runners.onnxruntime import load_model
+    from trtcal.model import load_model
     folder = Path({folder!r})
     (folder / "m.onnx").write_bytes(_with_external_weight({location!r}).SerializeToString())
     try:
@@ -510,7 +510,7 @@ _BATCH_EDIT_SCAN = textwrap.dedent(
     sys.path.insert(0, {root!r})
     from pathlib import Path
     from trtcal.errors import TrtcalError
-    from trtcal.workers.batch_format import open_batch
+    from trtcal.batch import open_batch
     valid = Path({batch!r}).read_bytes()
     folder = Path({folder!r})
     escaped = {{}}
@@ -546,7 +546,7 @@ def test_every_single_byte_edit_of_a_batch_header_or_footer_is_a_trtcal_error(ba
 
 @pytest.mark.parametrize("shape", [(0, 2**62, 2**40), (2**40, 7, 2**40, 0)])
 def test_npy_with_a_zero_dimension_beside_huge_ones_is_a_data_error(tmp_path: Path, shape: tuple[int, ...]) -> None:
-    from trtcal.workers.batch_format import batch_from_numpy
+    from trtcal.batch import batch_from_numpy
 
     raw = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape!r}, }}".encode("latin-1")
     raw += b" " * (63 - (len(raw) + 10) % 64) + b"\n"

@@ -239,7 +239,7 @@ def test_disk_full_while_writing_the_batch_is_a_clear_error_and_nothing_is_publi
 
 
 def test_batch_writer_on_a_full_disk_raises_a_trtcal_error(small_disk: Path) -> None:
-    from trtcal.workers.batch_format import write_batch
+    from trtcal.batch import write_batch
 
     rows = np.zeros((8, 3, 224, 224), np.float32)  # 4.6 MiB
     with pytest.raises(TrtcalError, match="space"):
@@ -278,8 +278,7 @@ def test_output_folder_on_a_full_disk_is_a_trtcal_error(ray_local: Any, small_di
 def test_a_planned_batch_larger_than_the_free_space_fails_before_any_row(small_disk: Path) -> None:
     """PlannedBatchWriter reserves the whole file (posix_fallocate): a full disk is refused before
     any preprocessing work is spent, and nothing is left on the disk."""
-    from trtcal.workers.batch_format import InputInfo
-    from trtcal.workers.planned_writer import PlannedBatchWriter
+    from trtcal.batch import InputInfo, PlannedBatchWriter
 
     ids = [f"{i:09d}" for i in range(8)]
     with pytest.raises(StorageError, match="space") as info:

@@ -157,7 +157,7 @@ def test_impossible_allocation_is_a_clear_error():
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_live_entropy2_calibration_gives_a_cache_tensorrt_then_accepts(trt, photos, tmp_path):
-    from trtcal.workers.batch_format import batch_from_arrays
+    from trtcal.batch import batch_from_arrays
 
     batch = batch_from_arrays(photos)
     cache = adapter.calibrate_with_tensorrt(MODEL, batch, algorithm="entropy2", micro_batch=MICRO_BATCH)

@@ -14,8 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trtcal._version import FORMAT_VERSION
-from trtcal.errors import ConfigError, DataError
-from trtcal.workers.batch_format import (
+from trtcal.batch import (
     FINGERPRINT_SCHEME,
     BatchWriter,
     batch_from_arrays,
@@ -24,6 +23,7 @@ from trtcal.workers.batch_format import (
     open_batch,
     write_batch,
 )
+from trtcal.errors import ConfigError, DataError
 
 SPEC = {"resize_shorter": 256, "center_crop": 224, "mean": 127.0}
 
@@ -104,7 +104,7 @@ def test_fingerprint_follows_the_documented_procedure() -> None:
 
 def test_fingerprint_is_the_same_on_one_thread_and_many(monkeypatch: pytest.MonkeyPatch) -> None:
     """Big enough for several hashing chunks: the threaded path must fold digests in row order."""
-    import trtcal.workers.batch_format as bf
+    import trtcal.batch.format as bf
 
     monkeypatch.setattr(bf, "_HASH_CHUNK", 4096)
     arrays, ids = _data(300)
@@ -116,7 +116,7 @@ def test_fingerprint_is_the_same_on_one_thread_and_many(monkeypatch: pytest.Monk
 def test_format_2_batches_are_still_read_and_verified(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from trtcal.workers.batch_format import record_batch
+    from trtcal.batch.format import record_batch
 
     arrays, ids = _data(6)
     v1 = compute_fingerprint(ids, arrays, scheme="trtcal-batch-sha256-v1")

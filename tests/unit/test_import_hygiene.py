@@ -26,3 +26,23 @@ def test_top_level_package_is_light():
 def test_cli_parser_is_light():
     loaded = _loaded_after("from trtcal.cli import build_parser; build_parser()")
     assert not [m for m in HEAVY if m in loaded]
+
+
+def test_batch_export_and_runners_never_import_ray():
+    """The batch contract, the exporters and the runners run outside Ray; the TensorRT adapter imports
+    TensorRT only when it is used."""
+    statement = (
+        "import trtcal.batch, trtcal.batch.reader, trtcal.batch.writer, trtcal.batch.planned_writer, trtcal.model; "
+        "import trtcal.export; import pkgutil; [__import__('trtcal.export.' + m.name) for m in "
+        "pkgutil.iter_modules(trtcal.export.__path__)]; "
+        "import trtcal.runners.base, trtcal.runners.onnxruntime, trtcal.runners.data_parallel, "
+        "trtcal.runners.torch_graph, trtcal.runners.torch_runner, trtcal.runners.gpu_histogram, trtcal.runners.tensorrt"
+    )
+    loaded = _loaded_after(statement)
+    assert "ray" not in loaded
+    assert "tensorrt" not in loaded
+
+
+def test_batch_package_is_pyarrow_free_until_a_file_is_read():
+    loaded = _loaded_after("import trtcal.batch, trtcal.model")
+    assert not [m for m in ("ray", "pyarrow", "fsspec", "onnx", "onnxruntime", "torch") if m in loaded]

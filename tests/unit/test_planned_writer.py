@@ -7,9 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trtcal.batch import (
+    BatchWriter,
+    InputInfo,
+    PlannedBatchWriter,
+    compute_fingerprint,
+    open_batch,
+    write_batch,
+)
 from trtcal.errors import ConfigError, DataError
-from trtcal.workers.batch_format import BatchWriter, InputInfo, compute_fingerprint, open_batch, write_batch
-from trtcal.workers.planned_writer import PlannedBatchWriter
 
 SPEC = {"preprocess": {"preset": "imagenet"}, "skipped_inputs": 0}
 

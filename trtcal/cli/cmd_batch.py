@@ -131,7 +131,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from trtcal.workers.batch_format import FINGERPRINT_SCHEME, open_batch
+    from trtcal.batch import FINGERPRINT_SCHEME, open_batch
 
     with open_batch(args.batch, verify=not args.no_verify, **parse_storage_options(args.storage_option)) as batch:
         inputs = [info.to_dict() for info in batch.inputs.values()]

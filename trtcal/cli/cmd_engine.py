@@ -152,35 +152,14 @@ def read_ranges(path: Path) -> dict[str, Any]:
     return ranges
 
 
-def _model_input_names(model: Path) -> list[str]:
-    import onnx
-
-    try:
-        graph = onnx.load(str(model), load_external_data=False).graph
-    except Exception as exc:
-        raise ModelError(f"cannot read ONNX model {model}: {exc}") from exc
-    initializers = {init.name for init in graph.initializer}
-    return [value.name for value in graph.input if value.name not in initializers]
-
-
 def open_batch(path: Path, model: Path) -> Any:
     """The calibration batch in `path`: trtcal's Arrow batch file, or .npz / .npy (one input)."""
-    from trtcal.workers.batch_format import batch_from_numpy
-    from trtcal.workers.batch_format import open_batch as open_arrow_batch
+    from trtcal.batch import open_any
+    from trtcal.model import input_names
 
     if not path.is_file():
         raise ConfigError(f"--data: {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        return batch_from_numpy(path)
-    if suffix == ".npy":
-        names = _model_input_names(model)
-        if len(names) != 1:
-            raise ConfigError(
-                f"--data: a .npy file feeds one input, but {model} has inputs {names}; use .npz"
-            )
-        return batch_from_numpy(path, input_name=names[0])
-    return open_arrow_batch(path)
+    return open_any(path, lambda: input_names(model))
 
 
 def write_atomically(path: Path, data: bytes) -> None:

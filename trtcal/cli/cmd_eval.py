@@ -79,15 +79,9 @@ def model_input_names(model: Any) -> list[str]:
 
 def load_inputs(path: str, input_names: Sequence[str], limit: int | None = None) -> dict[str, np.ndarray]:
     """Model inputs from a trtcal Arrow batch, an .npz (input name -> array) or an .npy (one input)."""
-    from trtcal.workers.batch_format import batch_from_numpy, open_batch
+    from trtcal.batch import open_any
 
-    suffix = Path(path).suffix.lower()
-    if suffix in (".npy", ".npz"):
-        if suffix == ".npy" and len(input_names) != 1:
-            raise DataError(f"{path}: an .npy holds one array but the model has inputs {list(input_names)}; use .npz")
-        batch = batch_from_numpy(path, input_name=input_names[0] if suffix == ".npy" else None)
-    else:
-        batch = open_batch(path)
+    batch = open_any(path, input_names)
     missing = [n for n in input_names if n not in batch.input_names]
     if missing:
         raise DataError(f"{path} lacks the model input(s) {missing}; it holds {list(batch.input_names)}")

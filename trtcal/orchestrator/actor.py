@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trtcal.config import CalibrationConfig
-from trtcal.errors import BackendUnavailableError, InternalError, ModelError, TrtcalError, WorkerError
+from trtcal.errors import BackendUnavailableError, InternalError, TrtcalError, WorkerError
 from trtcal.export.artifacts import MANIFEST
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 
@@ -210,25 +210,16 @@ def _run_tensorrt(model_path: Path, batch: Any, request: ActorRequest, progress:
 
 def model_inputs(model_bytes: bytes) -> list[str]:
     """The model's graph inputs that are not initializers."""
-    import onnx
+    from trtcal.model import input_names
 
-    try:
-        graph = onnx.load_from_string(model_bytes).graph
-    except Exception as exc:  # onnx raises DecodeError and others
-        raise ModelError(f"the model is not a valid ONNX file ({type(exc).__name__}: {exc}); re-export it") from None
-    initializers = {i.name for i in graph.initializer}
-    return [i.name for i in graph.input if i.name not in initializers]
+    return input_names(model_bytes)
 
 
 def open_given_batch(url: str, model_bytes: bytes, storage_options: Mapping[str, Any]) -> Any:
     """An .arrow batch (any fsspec URL) or a local .npy/.npz as a CalibrationBatch."""
-    if url.split("?")[0].lower().endswith(".arrow"):
-        from trtcal.workers.batch_format import open_batch
+    from trtcal.batch import open_any
 
-        return open_batch(url, **dict(storage_options))
-    from trtcal.orchestrator.calibrate import resolve_batch
-
-    return resolve_batch(url, model_inputs(model_bytes))
+    return open_any(url, lambda: model_inputs(model_bytes), **dict(storage_options))
 
 
 # --- the actor and its driver side ----------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from trtcal._io import check_output_dir, publish_dir
+from trtcal.batch import open_any
 from trtcal.config import CalibrationConfig
 from trtcal.core.histogram import Histogram, TensorStats
 from trtcal.core.ranges import apply_manual_ranges
@@ -42,10 +43,11 @@ from trtcal.export.artifacts import (
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 
 if TYPE_CHECKING:
-    from trtcal.runners.onnxruntime import LoadedModel, OnnxRuntimeRunner
-    from trtcal.workers.batch_format import CalibrationBatch
+    from trtcal.batch import CalibrationBatch
+    from trtcal.model import LoadedModel
+    from trtcal.runners.onnxruntime import OnnxRuntimeRunner
 
-__all__ = ["CalibrationResult", "calibrate", "SAFE_AMAX", "ARTIFACT_NAMES", "resolve_batch", "needs_histograms"]
+__all__ = ["CalibrationResult", "calibrate", "SAFE_AMAX", "ARTIFACT_NAMES", "needs_histograms"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,56 +140,11 @@ def compute_method_amax(
 # Inputs
 
 
-def resolve_batch(batch: Any, input_names: Sequence[str]) -> Any:
-    """A CalibrationBatch from a batch object, a path (.arrow/.npy/.npz) or a mapping of arrays."""
-    from trtcal.workers.batch_format import CalibrationBatch, batch_from_arrays, batch_from_numpy, open_batch
-
-    if isinstance(batch, CalibrationBatch):
-        return batch
-    if isinstance(batch, Mapping):
-        return batch_from_arrays(batch)
-    if isinstance(batch, np.ndarray):
-        if len(input_names) != 1:
-            raise DataError(f"an array feeds one input but the model has inputs {list(input_names)}; pass a mapping")
-        return batch_from_arrays({input_names[0]: batch})
-    if isinstance(batch, (str, os.PathLike)):
-        text = os.fspath(batch)
-        suffix = Path(text.split("?")[0]).suffix.lower()
-        if suffix in (".npy", ".npz"):
-            if "://" in text:
-                raise ConfigError(f"{text}: .npy/.npz data must be a local file; use an .arrow batch for URLs")
-            if suffix == ".npy" and len(input_names) != 1:
-                raise DataError(
-                    f"{text} holds one unnamed array but the model has inputs {list(input_names)}; "
-                    "use an .npz with one array per input name"
-                )
-            return batch_from_numpy(text, input_name=input_names[0] if suffix == ".npy" else None)
-        return open_batch(text)
-    raise ConfigError(f"batch must be a CalibrationBatch, a path/URL or a mapping of arrays, got {type(batch).__name__}")
-
-
 def _runner_for(cfg: CalibrationConfig, loaded: LoadedModel) -> OnnxRuntimeRunner:
-    """ONNX Runtime on the CPU, or with its CUDA provider; for "cuda" without onnxruntime-gpu, the
-    PyTorch runner (trtcal's ONNX interpreter on torch, statistics computed on the GPU)."""
-    from trtcal.runners.onnxruntime import OnnxRuntimeRunner
+    """The runner `trtcal.runners.base.make_runner` picks for the device ("auto")."""
+    from trtcal.runners.base import make_runner
 
-    if cfg.device != "cpu":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers() and _torch_sees_cuda():
-            from trtcal.runners.torch_runner import TorchRunner
-
-            logger.info("onnxruntime has no CUDA provider here: collecting with the PyTorch runner on %s", cfg.device)
-            return TorchRunner(loaded, tensors=cfg.tensors, device=cfg.device)  # type: ignore[return-value]
-    return OnnxRuntimeRunner(loaded, tensors=cfg.tensors, device=cfg.device)
-
-
-def _torch_sees_cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+    return make_runner(loaded, tensors=cfg.tensors, device=cfg.device)  # type: ignore[return-value]
 
 
 def _can_spawn() -> bool:
@@ -262,7 +219,7 @@ def calibrate(
         ConfigError, DataError (incl. NonFiniteError), ModelError, BackendUnavailableError,
         StorageError. Nothing is left in `output_dir` when any of them is raised.
     """
-    from trtcal.runners.onnxruntime import load_model
+    from trtcal.model import load_model
 
     cfg = (config or CalibrationConfig()).with_overrides(**overrides)
 
@@ -280,7 +237,7 @@ def calibrate(
     timings["load_model"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cal_batch = resolve_batch(batch, sorted(runner.inputs))
+    cal_batch = open_any(batch, sorted(runner.inputs))
     try:
         return _calibrate_open_batch(cfg, loaded, runner, cal_batch, out_path, progress, timings, t0)
     finally:

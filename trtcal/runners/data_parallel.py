@@ -8,8 +8,8 @@ run is a micro-batch of exactly one slice, so even kernels whose rounding depend
 size see the same micro-batches. Two GPUs of the same model, driver and libraries then compute
 the same activations (the runners use deterministic FP32 kernels, no TF32).
 
-The per-slice functions (`stats_for_slice`, `counts_for_slice`) are pure given a runner and a
-batch, so a Ray actor can call them as well as the worker processes of `DataParallelStatistics`
+The per-slice functions (`stats_for_slice`, `counts_for_slice`) are pure given a runner (any
+`trtcal.runners.base.Runner`; the same signatures) and a batch, so a Ray actor can call them as well as the worker processes of `DataParallelStatistics`
 (one process per GPU, started once and reused for both passes).
 """
 
@@ -21,7 +21,7 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -29,12 +29,12 @@ import numpy.typing as npt
 from trtcal.core.histogram import DEFAULT_NUM_BINS, NonFinitePolicy, TensorStats, merge_stats
 from trtcal.errors import ConfigError, WorkerError
 from trtcal.progress import NO_PROGRESS, ProgressCallback
+from trtcal.runners.base import Runner, make_runner
 
 if TYPE_CHECKING:
-    from trtcal.workers.batch_format import CalibrationBatch
+    from trtcal.batch import CalibrationBatch
 
 __all__ = [
-    "StatisticsRunner",
     "WorkerSpec",
     "DataParallelStatistics",
     "plan_slices",
@@ -51,38 +51,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RunnerKind = Literal["torch", "onnxruntime", "onnxruntime-device"]
-
-
-class StatisticsRunner(Protocol):
-    """What the per-slice functions need: OnnxRuntimeRunner, TorchRunner and OrtDeviceRunner fit."""
-
-    tensor_names: tuple[str, ...]
-
-    def collect_stats(
-        self,
-        batch: CalibrationBatch,
-        *,
-        start: int = 0,
-        stop: int | None = None,
-        micro_batch: int = 32,
-        nonfinite: NonFinitePolicy = "error",
-        progress: ProgressCallback = NO_PROGRESS,
-        stage: str = "statistics",
-    ) -> dict[str, TensorStats]: ...
-
-    def collect_counts(
-        self,
-        batch: CalibrationBatch,
-        hist_amax: Mapping[str, float],
-        *,
-        num_bins: int,
-        start: int = 0,
-        stop: int | None = None,
-        micro_batch: int = 32,
-        nonfinite: NonFinitePolicy = "error",
-        progress: ProgressCallback = NO_PROGRESS,
-        stage: str = "histograms",
-    ) -> dict[str, npt.NDArray[np.int64]]: ...
 
 
 def plan_slices(num_rows: int, num_workers: int, micro_batch: int) -> list[tuple[int, int]]:
@@ -113,15 +81,15 @@ def plan_slices(num_rows: int, num_workers: int, micro_batch: int) -> list[tuple
 
 
 def stats_for_slice(
-    runner: StatisticsRunner, batch: Any, start: int, stop: int, *, micro_batch: int, nonfinite: NonFinitePolicy = "error"
+    runner: Runner, batch: CalibrationBatch, start: int, stop: int, *, micro_batch: int, nonfinite: NonFinitePolicy = "error"
 ) -> dict[str, TensorStats]:
     """Pass 1 over rows [start, stop) of `batch`."""
     return runner.collect_stats(batch, start=start, stop=stop, micro_batch=micro_batch, nonfinite=nonfinite)
 
 
 def counts_for_slice(
-    runner: StatisticsRunner,
-    batch: Any,
+    runner: Runner,
+    batch: CalibrationBatch,
     hist_amax: Mapping[str, float],
     start: int,
     stop: int,
@@ -169,8 +137,8 @@ def hist_amax_of(stats: Mapping[str, TensorStats]) -> dict[str, float]:
 
 
 def collect_sliced(
-    runner: StatisticsRunner,
-    batch: Any,
+    runner: Runner,
+    batch: CalibrationBatch,
     slices: Sequence[tuple[int, int]],
     *,
     micro_batch: int,
@@ -230,32 +198,20 @@ class WorkerSpec:
             raise ConfigError(f"runner must be 'torch', 'onnxruntime' or 'onnxruntime-device', got {self.runner!r}")
 
 
-def open_runner(spec: WorkerSpec) -> StatisticsRunner:
+def open_runner(spec: WorkerSpec) -> Runner:
     """Build the runner a spec names (imports the heavy modules here, in the worker)."""
     tensors: Any = spec.tensors if isinstance(spec.tensors, str) else list(spec.tensors)
-    if spec.runner == "onnxruntime":
-        from trtcal.runners.onnxruntime import OnnxRuntimeRunner
-
-        return OnnxRuntimeRunner(
-            spec.model, tensors=tensors, device=spec.device, intra_op_num_threads=spec.intra_op_num_threads
-        )
-    from trtcal.runners.torch_runner import OrtDeviceRunner, TorchRunner
-
-    if spec.runner == "torch":
-        return TorchRunner(spec.model, tensors=tensors, device=spec.device, kernel_backend=spec.kernel_backend)  # type: ignore[arg-type]
-    return OrtDeviceRunner(
-        spec.model, tensors=tensors, device=spec.device, kernel_backend=spec.kernel_backend,  # type: ignore[arg-type]
+    return make_runner(
+        spec.model, kind=spec.runner, tensors=tensors, device=spec.device, kernel_backend=spec.kernel_backend,
         intra_op_num_threads=spec.intra_op_num_threads,
     )
 
 
 def open_batch_for(spec: WorkerSpec) -> Any:
     """Open the spec's calibration batch (memory-mapped; every worker maps the same file)."""
-    from trtcal.workers.batch_format import batch_from_numpy, open_batch
+    from trtcal.batch import open_any
 
-    if spec.batch.lower().endswith(".npy"):
-        return batch_from_numpy(spec.batch, input_name=spec.input_name)
-    return open_batch(spec.batch, verify=spec.verify_batch)
+    return open_any(spec.batch, [spec.input_name] if spec.input_name else [], verify=spec.verify_batch)
 
 
 def _worker_main(conn: Any, spec: WorkerSpec) -> None:

@@ -1,25 +1,16 @@
 """FP32 activation statistics with ONNX Runtime, streamed over a calibration batch.
 
-Tensor selection (`select_tensors`): every floating activation of the top-level graph, i.e. graph
-inputs and node outputs that are not initializers, not `Constant` outputs and not computed from
-constants only; or only the activation inputs of quantizable ops ("quantizable": Conv,
-ConvTranspose, MatMul, Gemm data/weight inputs and the inputs of residual Adds whose two operands
-are both activations); or a list of tensor names. Tensors inside subgraphs (If/Loop bodies) are
-not reachable as graph outputs and are not calibrated.
+The selected tensors (`trtcal.model.select_tensors`) become extra graph outputs of a copy of the
+model, run with `GraphOptimizationLevel.ORT_DISABLE_ALL`: every node executes as written, so each
+tensor's name and values are those of the graph (ONNX Runtime's own calibrators do the same).
+Measured on EfficientNet-Lite0 (onnxruntime 1.32, CPU): ORT_ENABLE_BASIC and ORT_ENABLE_EXTENDED
+give bitwise the same values for all 95 tensors; ORT_ENABLE_ALL changes 94 of them by up to 1e-4
+absolute (NCHWc layout kernels) and is slower once they are outputs (reorders back to NCHW per
+tensor).
 
-The selected tensors become extra graph outputs of a copy of the model, run with
-`GraphOptimizationLevel.ORT_DISABLE_ALL`: every node executes as written, so each tensor's name and
-values are those of the graph (ONNX Runtime's own calibrators do the same). Measured on
-EfficientNet-Lite0 (onnxruntime 1.32, CPU): ORT_ENABLE_BASIC and ORT_ENABLE_EXTENDED give bitwise
-the same values for all 95 tensors; ORT_ENABLE_ALL changes 94 of them by up to 1e-4 absolute
-(NCHWc layout kernels) and is slower once they are outputs (reorders back to NCHW per tensor).
-
-Streaming: `collect_stats` (pass 1: exact max |x|, min, max, NaN/Inf counts) and
-`collect_counts` (pass 2: integer |x| histograms on the pass-1 amax) each walk a contiguous row
-range of the batch in micro-batches; only one micro-batch of activations is alive at a time and
-the batch's file pages are handed back after each micro-batch, so memory does not grow with the
-number of samples. Both results merge exactly (`merge_stats`, integer addition), so data-parallel
-actors can each take a row range and the merged result is bit-identical to one actor's.
+The passes (`collect_stats`, `collect_counts`) are `trtcal.runners.base.BaseRunner`'s; this runner
+supplies `infer_impl`: one session run per micro-batch, writing into the output buffers of the
+previous run (IOBinding), so memory does not grow with the number of samples.
 
 Batch layouts: a model input of rank r takes samples of rank r-1 (stacked along a new leading
 batch axis; a fixed leading dimension B means micro-batches of exactly B rows, B = 1 runs sample
@@ -28,55 +19,35 @@ by sample) or samples of rank r (the model has no batch axis: one sample per run
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import stat
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from trtcal.core.histogram import TensorStats, fill_counts, merge_stats, reduce_stats
 from trtcal.errors import BackendUnavailableError, ConfigError, DataError, ModelError
-from trtcal.progress import NO_PROGRESS, ProgressCallback
+from trtcal.model import (
+    LoadedModel,
+    TensorSelection,
+    load_model,
+    model_inputs,
+    select_tensors,
+    with_extra_outputs,
+)
+from trtcal.runners.base import BaseRunner
 
 if TYPE_CHECKING:
     import onnx
 
-    from trtcal.workers.batch_format import CalibrationBatch
 
-__all__ = [
-    "QUANTIZABLE_OP_TYPES",
-    "GRAPH_OPTIMIZATION_LEVEL",
-    "LoadedModel",
-    "ModelInput",
-    "OnnxRuntimeRunner",
-    "load_model",
-    "select_tensors",
-    "with_extra_outputs",
-]
+__all__ = ["GRAPH_OPTIMIZATION_LEVEL", "OnnxRuntimeRunner"]
 
 logger = logging.getLogger(__name__)
 
 RUNNER_KIND = "onnxruntime"
 GRAPH_OPTIMIZATION_LEVEL = "ORT_DISABLE_ALL"
-QUANTIZABLE_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-# Which inputs of a quantizable op TensorRT quantizes (data and weights; never the bias).
-_QUANTIZED_INPUTS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "MatMul": (0, 1), "Gemm": (0, 1)}
-_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"})
-TensorSelection = Literal["all", "quantizable"] | Sequence[str]
-NonFinitePolicy = Literal["error", "ignore"]
-
-
-def _onnx() -> Any:
-    try:
-        import onnx
-    except ImportError as exc:  # pragma: no cover - a core dependency
-        raise BackendUnavailableError("the onnx package is required: pip install onnx") from exc
-    return onnx
 
 
 def _ort() -> Any:
@@ -85,313 +56,6 @@ def _ort() -> Any:
     except ImportError as exc:  # pragma: no cover - a core dependency
         raise BackendUnavailableError("onnxruntime is required: pip install onnxruntime") from exc
     return onnxruntime
-
-
-def _float_elem_types() -> dict[int, np.dtype[Any]]:
-    tp = _onnx().TensorProto
-    return {tp.FLOAT: np.dtype("float32"), tp.FLOAT16: np.dtype("float16"), tp.DOUBLE: np.dtype("float64")}
-
-
-def _elem_dtype(elem_type: int) -> np.dtype[Any] | None:
-    onnx = _onnx()
-    try:
-        dtype: np.dtype[Any] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
-    except (KeyError, TypeError, ValueError):
-        return None
-    return dtype
-
-
-# ---------------------------------------------------------------------------------------------
-# Model loading and tensor selection
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """An ONNX model and the sha256 of the bytes it was loaded from (external data included)."""
-
-    proto: onnx.ModelProto
-    sha256: str
-    source: str
-
-
-def load_model(model: str | os.PathLike[str] | bytes | onnx.ModelProto) -> LoadedModel:
-    """Load an ONNX model from a path, bytes or a ModelProto; ModelError if it cannot be read.
-
-    The hash covers the model file's bytes and, for models with external data, each external
-    file's bytes in sorted location order.
-    """
-    onnx = _onnx()
-    if isinstance(model, onnx.ModelProto):
-        data = model.SerializeToString()
-        return LoadedModel(proto=model, sha256=hashlib.sha256(data).hexdigest(), source="<ModelProto>")
-    if isinstance(model, (bytes, bytearray, memoryview)):
-        data, source = bytes(model), "<bytes>"
-    else:
-        source = os.fspath(model)
-        try:
-            with open(source, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise ModelError(f"ONNX model {source!r} does not exist") from None
-        except OSError as exc:
-            raise ModelError(f"cannot read ONNX model {source!r}: {exc}") from exc
-    try:
-        proto = onnx.load_from_string(data)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise ModelError(f"{source} is not a valid ONNX model ({type(exc).__name__}: {exc}); check the file") from None
-    if not proto.graph.node and not proto.graph.input:
-        raise ModelError(f"{source} holds no graph; is it an ONNX model?")
-    digest = hashlib.sha256(data)
-    external = sorted(
-        {
-            entry.value
-            for init in proto.graph.initializer
-            if init.data_location == onnx.TensorProto.EXTERNAL
-            for entry in init.external_data
-            if entry.key == "location"
-        }
-    )
-    if external:
-        if source.startswith("<"):
-            raise ModelError("a model with external data must be given as a path, not bytes")
-        base = os.path.dirname(os.path.abspath(source))
-        base_real = os.path.realpath(base)
-        for location in external:
-            # Validate before opening: relative, inside the model's folder after symlinks, a regular file
-            # (a device or FIFO named here would hang the read).
-            target = os.path.realpath(os.path.join(base, location))
-            if os.path.isabs(location) or os.path.commonpath([base_real, target]) != base_real:
-                raise ModelError(
-                    f"{source}: external data {location!r} lies outside the model's folder; "
-                    "keep external-data files next to the model"
-                )
-            if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
-                raise ModelError(f"{source}: external data {location!r} is not a regular file")
-            try:
-                with open(target, "rb") as f:
-                    digest.update(location.encode("utf-8"))
-                    for block in iter(lambda: f.read(1 << 24), b""):
-                        digest.update(block)
-            except OSError as exc:
-                raise ModelError(f"{source}: cannot read external data {location!r}: {exc}") from exc
-        try:
-            onnx.external_data_helper.load_external_data_for_model(proto, base)
-        except Exception as exc:
-            raise ModelError(f"{source}: cannot load external data ({exc})") from exc
-    return LoadedModel(proto=proto, sha256=digest.hexdigest(), source=source)
-
-
-def _constant_names(graph: onnx.GraphProto) -> set[str]:
-    """Initializers, Constant outputs and outputs of nodes computed from constants only."""
-    constants = {init.name for init in graph.initializer}
-    constants.update(init.values.name for init in graph.sparse_initializer)
-    for node in graph.node:
-        inputs = [i for i in node.input if i]
-        has_subgraph = any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute)
-        if node.op_type == "Constant" or (
-            inputs and not has_subgraph and node.op_type not in _RANDOM_OPS and all(i in constants for i in inputs)
-        ):
-            constants.update(o for o in node.output if o)
-    return constants
-
-
-def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor the graph declares or shape inference can infer."""
-    onnx = _onnx()
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception as exc:  # inference is best effort; ORT reports the rest
-        logger.info("shape inference failed (%s); tensor types come from ONNX Runtime", exc)
-        inferred = model
-    types: dict[str, int] = {}
-    g = inferred.graph
-    for vi in [*g.input, *g.value_info, *g.output]:
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
-    return types
-
-
-def _activation_order(graph: onnx.GraphProto, constants: set[str]) -> list[str]:
-    """Graph inputs then node outputs, in graph order, without constants and duplicates."""
-    seen: set[str] = set()
-    order = []
-    for name in [*(i.name for i in graph.input), *(o for n in graph.node for o in n.output)]:
-        if name and name not in constants and name not in seen:
-            seen.add(name)
-            order.append(name)
-    return order
-
-
-def select_tensors(model: onnx.ModelProto, selection: TensorSelection = "all") -> list[str]:
-    """Names of the tensors to calibrate, in graph order.
-
-    Args:
-        model: the ONNX model.
-        selection: "all" (every floating activation), "quantizable" (activation inputs of Conv,
-            ConvTranspose, MatMul, Gemm and of residual Adds) or a sequence of tensor names.
-
-    Raises:
-        ConfigError: unknown selection, or a named tensor that is not a floating activation of the
-            top-level graph (the message says what it is instead).
-    """
-    graph = model.graph
-    constants = _constant_names(graph)
-    types = _tensor_types(model)
-    floating = set(_float_elem_types())
-    order = _activation_order(graph, constants)
-
-    def is_float(name: str) -> bool:
-        # Unknown types stay in; the runner drops whatever ONNX Runtime reports as non-floating.
-        return name not in types or types[name] in floating
-
-    if isinstance(selection, str):
-        if selection == "all":
-            return [n for n in order if is_float(n)]
-        if selection != "quantizable":
-            raise ConfigError(f"tensors must be 'all', 'quantizable' or a list of tensor names, got {selection!r}")
-        wanted: set[str] = set()
-        for node in graph.node:
-            if node.op_type in _QUANTIZED_INPUTS:
-                wanted.update(node.input[i] for i in _QUANTIZED_INPUTS[node.op_type] if i < len(node.input))
-            elif node.op_type == "Add" and len(node.input) == 2 and not (set(node.input) & constants):
-                wanted.update(node.input)
-        return [n for n in order if n in wanted and is_float(n)]
-    names = list(selection)
-    if not names:
-        raise ConfigError("tensors: the list of tensor names is empty")
-    bad = []
-    known = set(order)
-    for name in names:
-        if not isinstance(name, str):
-            bad.append(f"{name!r} (not a string)")
-        elif name in constants:
-            bad.append(f"{name!r} (a constant or initializer, not an activation)")
-        elif name not in known:
-            bad.append(f"{name!r} (not a tensor of the top-level graph)")
-        elif not is_float(name):
-            bad.append(f"{name!r} (not floating point)")
-    if bad:
-        raise ConfigError(
-            f"tensors: cannot calibrate {', '.join(bad)}; name floating-point activation tensors of the model "
-            "(graph inputs or node outputs, as in ranges.json or Netron), or use --tensors all|quantizable"
-        )
-    chosen = set(names)
-    return [n for n in order if n in chosen]
-
-
-def with_extra_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `model` whose graph also outputs `names` (nothing else changes)."""
-    onnx_module = _onnx()
-    augmented = model.__class__()
-    augmented.CopyFrom(model)
-    graph = augmented.graph
-    existing = {o.name for o in graph.output} | {i.name for i in graph.input}
-    typed = {vi.name: vi for vi in graph.value_info}
-    for name in names:
-        if name in existing:
-            continue
-        vi = onnx_module.ValueInfoProto()
-        if name in typed:
-            vi.CopyFrom(typed[name])
-        else:
-            vi.name = name
-        graph.output.append(vi)
-    return augmented
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs and batch layout
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    """A graph input that must be fed: its dims (None where symbolic) and numpy dtype."""
-
-    name: str
-    dims: tuple[int | None, ...]
-    dtype: str
-
-    def describe(self) -> str:
-        return f"[{', '.join('?' if d is None else str(d) for d in self.dims)}] {self.dtype}"
-
-
-def _model_inputs(model: onnx.ModelProto) -> dict[str, ModelInput]:
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = {}
-    for vi in model.graph.input:
-        if vi.name in initializers:
-            continue  # an input with a default value (IR < 4 style); not fed
-        if not vi.type.HasField("tensor_type"):
-            raise ModelError(f"model input {vi.name!r} is not a tensor; only tensor inputs are supported")
-        tt = vi.type.tensor_type
-        dtype = _elem_dtype(tt.elem_type)
-        if dtype is None:
-            raise ModelError(f"model input {vi.name!r} has element type {tt.elem_type}, which numpy cannot hold")
-        dims: tuple[int | None, ...] = ()
-        if tt.HasField("shape"):
-            dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
-        inputs[vi.name] = ModelInput(name=vi.name, dims=dims, dtype=dtype.name)
-    return inputs
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """How rows of the batch become feeds: stacked (with a possibly fixed batch size) or one by one."""
-
-    stacked: bool  # samples have rank r-1: stack them along a new leading axis
-    fixed_batch: int | None  # the model's fixed leading dimension when stacked
-
-    def micro_batch(self, requested: int) -> int:
-        if not self.stacked:
-            return 1
-        return self.fixed_batch if self.fixed_batch is not None else requested
-
-
-def _layout(inputs: Mapping[str, ModelInput], batch: CalibrationBatch, source: str) -> BatchLayout:
-    """Check the batch against the model inputs; DataError naming the input on any mismatch."""
-    got = batch.inputs
-    missing = sorted(set(inputs) - set(got))
-    extra = sorted(set(got) - set(inputs))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing input(s) {missing} (expected {[f'{n}: {inputs[n].describe()}' for n in missing]})")
-        if extra:
-            parts.append(f"column(s) {extra} that the model has no input for")
-        raise DataError(
-            f"calibration batch {batch.source!r} does not match model {source!r}: {'; '.join(parts)}. "
-            f"The model's inputs are {sorted(inputs)}; the batch holds {sorted(got)}"
-        )
-    modes: set[tuple[bool, int | None]] = set()
-    for name, expected in sorted(inputs.items()):
-        info = got[name]
-        if np.dtype(info.dtype) != np.dtype(expected.dtype):
-            raise DataError(
-                f"input {name!r}: the model expects {expected.dtype}, the batch holds {info.dtype}; "
-                f"convert the data to {expected.dtype} when preprocessing"
-            )
-        sample = info.shape
-        dims = expected.dims
-        if len(sample) == len(dims) - 1:
-            stacked, model_dims, lead = True, dims[1:], dims[0]
-        elif len(sample) == len(dims):
-            stacked, model_dims, lead = False, dims, None
-        else:
-            raise DataError(
-                f"input {name!r}: the model expects {expected.describe()} (a batch axis then "
-                f"{len(dims) - 1} dims), the batch's samples have shape {list(sample)}"
-            )
-        for axis, (want, have) in enumerate(zip(model_dims, sample)):
-            if want is not None and want != have:
-                raise DataError(
-                    f"input {name!r}: the model expects {expected.describe()}, the batch's samples have shape "
-                    f"{list(sample)} (dimension {axis + (1 if stacked else 0)} is {have}, expected {want})"
-                )
-        modes.add((stacked, lead))
-    if len(modes) != 1:
-        raise DataError(f"model {source!r}: inputs disagree on the batch axis ({sorted(modes, key=str)}); not supported")
-    stacked, lead = modes.pop()
-    return BatchLayout(stacked=stacked, fixed_batch=lead)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,15 +81,7 @@ def _providers(device: str) -> list[Any]:
 _FLOAT_ORT_TYPES = frozenset({"tensor(float)", "tensor(float16)", "tensor(double)"})
 
 
-def row_range(batch: CalibrationBatch, start: int, stop: int | None) -> tuple[int, int]:
-    """[start, stop) checked against the batch (stop None: to the end); shared by every runner."""
-    stop = batch.num_rows if stop is None else stop
-    if not (0 <= start <= stop <= batch.num_rows):
-        raise ConfigError(f"row range [{start}, {stop}) is outside the batch's {batch.num_rows} rows")
-    return start, stop
-
-
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(BaseRunner):
     """Runs the FP32 model with the selected tensors as extra outputs; collects statistics.
 
     Args:
@@ -454,7 +110,7 @@ class OnnxRuntimeRunner:
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.device = device
         self.providers = _providers(device)
-        self.inputs = _model_inputs(self.model.proto)
+        self.inputs = model_inputs(self.model.proto)
         selected = select_tensors(self.model.proto, tensors)
         self._session_options = ort.SessionOptions()
         self._session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -503,24 +159,11 @@ class OnnxRuntimeRunner:
             "graph_optimization_level": GRAPH_OPTIMIZATION_LEVEL,
         }
 
-    def layout(self, batch: CalibrationBatch) -> BatchLayout:
-        """Validate `batch` against the model's inputs (DataError naming the input if it does not fit)."""
-        return _layout(self.inputs, batch, self.model.source)
-
     # -- running
-    def _feeds(self, batch: CalibrationBatch, layout: BatchLayout, start: int, stop: int, micro_batch: int) -> Any:
-        size = layout.micro_batch(micro_batch)
-        if layout.fixed_batch is not None and layout.fixed_batch > 1 and (stop - start) % layout.fixed_batch:
-            raise DataError(
-                f"the model's batch size is fixed at {layout.fixed_batch} but rows [{start}, {stop}) hold "
-                f"{stop - start} samples; give a multiple of {layout.fixed_batch} (padding would change the statistics)"
-            )
-        for chunk in batch.iter_micro_batches(size, start=start, stop=stop):
-            rows = next(iter(chunk.values())).shape[0]
-            if layout.stacked:
-                yield chunk, rows
-            else:
-                yield {n: a[0] for n, a in chunk.items()}, rows
+    def infer_impl(self, feed: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+        values = self._run_reusing(feed)
+        for name in self.tensor_names:
+            yield name, values.pop(name)  # drop each reference once reduced
 
     def run(self, feed: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """One inference: the selected tensors' values for one feed (graph inputs come from the feed).
@@ -604,63 +247,3 @@ class OnnxRuntimeRunner:
     def release_buffers(self) -> None:
         """Free the reused output buffers (about one micro-batch of activations)."""
         self._reuse = None
-
-    def collect_stats(
-        self,
-        batch: CalibrationBatch,
-        *,
-        start: int = 0,
-        stop: int | None = None,
-        micro_batch: int = 32,
-        nonfinite: NonFinitePolicy = "error",
-        progress: ProgressCallback = NO_PROGRESS,
-        stage: str = "statistics",
-    ) -> dict[str, TensorStats]:
-        """Pass 1 over rows [start, stop): exact per-tensor stats (merge shards with `merge_stats`)."""
-        layout = self.layout(batch)
-        start, stop = row_range(batch, start, stop)
-        stats = {n: TensorStats() for n in self.tensor_names}
-        progress.start(stage, stop - start, "sample")
-        try:
-            for feed, rows in self._feeds(batch, layout, start, stop, micro_batch):
-                values = self._run_reusing(feed)
-                for name in self.tensor_names:
-                    batch_stats = reduce_stats(values.pop(name), tensor=name, nonfinite=nonfinite)
-                    stats[name] = merge_stats([stats[name], batch_stats])
-                progress.advance(stage, rows)
-        finally:
-            progress.finish(stage)
-        return stats
-
-    def collect_counts(
-        self,
-        batch: CalibrationBatch,
-        hist_amax: Mapping[str, float],
-        *,
-        num_bins: int,
-        start: int = 0,
-        stop: int | None = None,
-        micro_batch: int = 32,
-        nonfinite: NonFinitePolicy = "error",
-        progress: ProgressCallback = NO_PROGRESS,
-        stage: str = "histograms",
-    ) -> dict[str, npt.NDArray[np.int64]]:
-        """Pass 2 over rows [start, stop): int64 |x| counts on [0, hist_amax[t]] (shards merge by adding)."""
-        missing = [n for n in self.tensor_names if n not in hist_amax]
-        if missing:
-            raise ConfigError(f"hist_amax lacks tensors {missing[:5]}; run collect_stats over the whole batch first")
-        layout = self.layout(batch)
-        start, stop = row_range(batch, start, stop)
-        counts = {n: np.zeros(num_bins, dtype=np.int64) for n in self.tensor_names}
-        progress.start(stage, stop - start, "sample")
-        try:
-            for feed, rows in self._feeds(batch, layout, start, stop, micro_batch):
-                values = self._run_reusing(feed)
-                for name in self.tensor_names:
-                    counts[name] += fill_counts(
-                        values.pop(name), num_bins, float(hist_amax[name]), tensor=name, nonfinite=nonfinite
-                    )
-                progress.advance(stage, rows)
-        finally:
-            progress.finish(stage)
-        return counts

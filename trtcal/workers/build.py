@@ -35,11 +35,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from trtcal.batch import InputInfo, PlannedBatchWriter
 from trtcal.config import BatchConfig, OnBadInput, choices
 from trtcal.errors import ConfigError, DataError, TrtcalError, WorkerError
 from trtcal.progress import NO_PROGRESS, ProgressCallback
-from trtcal.workers.batch_format import InputInfo
-from trtcal.workers.planned_writer import PlannedBatchWriter
 from trtcal.workers.preprocess import (
     output_shape,
 )

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from trtcal.workers.planned_writer import RowPlacement
+from trtcal.batch import RowPlacement
 from trtcal.workers.preprocess import InputRejected, PreprocessSpec, preprocess_array, preprocess_image_bytes
 from trtcal.workers.sources import (
     Dataset,

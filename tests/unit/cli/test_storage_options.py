@@ -73,7 +73,7 @@ def _batch_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[list[
 
 
 def _batch_show(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[list[str], dict[str, Any]]:
-    seen = _capture(monkeypatch, "trtcal.workers.batch_format.open_batch",
+    seen = _capture(monkeypatch, "trtcal.batch.open_batch",
                     lambda a, kw: {k: v for k, v in kw.items() if k != "verify"})
     return ["batch", "show", str(tmp_path / "b.arrow")], seen
 

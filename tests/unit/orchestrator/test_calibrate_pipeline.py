@@ -10,13 +10,13 @@ import onnx
 import pytest
 
 from tests.unit.runners import tiny_models
+from trtcal.batch import write_batch
 from trtcal.cli import main as cli_main
 from trtcal.config import CalibrationConfig
 from trtcal.core.cache_format import read_trt_cache
 from trtcal.errors import ConfigError, DataError, ModelError, NonFiniteError
 from trtcal.orchestrator.calibrate import SAFE_AMAX, calibrate
 from trtcal.progress import RecordingProgress
-from trtcal.workers.batch_format import write_batch
 
 
 @pytest.fixture()

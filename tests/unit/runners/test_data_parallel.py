@@ -12,6 +12,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     pytest.fail("these tests need torch (the CPU wheel is enough): add it to the dev extra", pytrace=False)
 
+from trtcal.batch import open_batch, write_batch
 from trtcal.core import TensorStats
 from trtcal.errors import ConfigError, ModelError, NonFiniteError
 from trtcal.runners.data_parallel import (
@@ -23,7 +24,6 @@ from trtcal.runners.data_parallel import (
     plan_slices,
 )
 from trtcal.runners.torch_runner import TorchRunner
-from trtcal.workers.batch_format import open_batch, write_batch
 
 F32 = np.float32
 

@@ -10,11 +10,12 @@ import onnxruntime as ort
 import pytest
 
 from tests.unit.runners import tiny_models
+from trtcal.batch import batch_from_arrays
 from trtcal.core.histogram import TensorStats, fill_counts, merge_stats, reduce_stats
 from trtcal.errors import BackendUnavailableError, ConfigError, DataError, ModelError, NonFiniteError
+from trtcal.model import load_model, select_tensors, with_extra_outputs
 from trtcal.progress import RecordingProgress
-from trtcal.runners.onnxruntime import OnnxRuntimeRunner, load_model, select_tensors, with_extra_outputs
-from trtcal.workers.batch_format import batch_from_arrays
+from trtcal.runners.onnxruntime import OnnxRuntimeRunner
 
 NUM_BINS = 64
 

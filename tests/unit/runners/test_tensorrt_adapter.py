@@ -49,6 +49,7 @@ from trtcal.errors import (
 )
 from trtcal.progress import RecordingProgress
 from trtcal.runners import tensorrt as adapter
+from trtcal.runners.tensorrt import feed
 
 MODEL_LITE0 = Path("/work/shared/models/efficientnet_lite0.onnx")
 
@@ -1256,7 +1257,7 @@ def test_cli_calibrates_from_an_npz_batch_with_the_stand_in(fake_trt, cudart, ti
 
 
 def test_cli_calibrates_from_trtcals_arrow_batch_with_the_stand_in(fake_trt, cudart, tiny_model, tmp_path):
-    from trtcal.workers.batch_format import write_batch
+    from trtcal.batch import write_batch
 
     data = _data(6)
     batch = tmp_path / "batch.arrow"
@@ -1274,13 +1275,13 @@ def test_cli_calibrates_from_trtcals_arrow_batch_with_the_stand_in(fake_trt, cud
 
 
 def test_calibration_batch_is_served_through_its_own_micro_batches(tmp_path):
-    from trtcal.workers.batch_format import batch_from_arrays
+    from trtcal.batch import batch_from_arrays
 
     data = _data(10)
     batch = batch_from_arrays(data)
     cut = list(adapter.iter_micro_batches(batch, 4, partial_batch="drop"))
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in cut]), data["x"][:8])
-    assert adapter._count_micro_batches(batch, 4, "drop") == 2
+    assert feed._count_micro_batches(batch, 4, "drop") == 2
     with pytest.raises(DataError, match="10 samples"):
         list(adapter.iter_micro_batches(batch, 4))
 

@@ -14,12 +14,12 @@ except ImportError:  # pragma: no cover - depends on the environment
     pytest.fail("these tests need torch (the CPU wheel is enough): add it to the dev extra", pytrace=False)
 
 from tests.fixtures.data import INPUT_NAME, MODEL_PATH, photo_views
+from trtcal.batch import batch_from_arrays
 from trtcal.core import fill_counts, merge_stats, reduce_stats
 from trtcal.errors import ConfigError, ModelError, NonFiniteError
 from trtcal.runners.data_parallel import collect_sliced, plan_slices
 from trtcal.runners.onnxruntime import OnnxRuntimeRunner
 from trtcal.runners.torch_runner import SUPPORTED_OPS, OrtDeviceRunner, TorchRunner
-from trtcal.workers.batch_format import batch_from_arrays
 
 MODEL = MODEL_PATH
 F32 = np.float32

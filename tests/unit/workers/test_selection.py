@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trtcal.batch import validate_sample_ids
 from trtcal.errors import ConfigError, DataError
-from trtcal.workers.batch_format import validate_sample_ids
 from trtcal.workers.selection import (
     MAX_SAMPLE_ID_BYTES,
     allocate_per_class,

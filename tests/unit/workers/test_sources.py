@@ -126,7 +126,7 @@ def test_hostile_names(tmp_path):
     dataset, _shards, _refused, listings = _listing(root)
     refs = resolve_selection(listings[0], {"": np.arange(len(names) + 1)}, stratify=False)
     ids = [r.sample_id for r in refs]
-    from trtcal.workers.batch_format import validate_sample_ids
+    from trtcal.batch import validate_sample_ids
 
     validate_sample_ids(ids)
     assert "c/new\\x0aline.png" in ids and "c/bad\\xffbyte.png" in ids and "c/back\\\\slash.png" in ids

@@ -41,17 +41,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from trtcal.errors import ConfigError, DataError
-from trtcal.workers.batch_format import (
+from trtcal.batch._location import _Target
+from trtcal.batch.format import (
     DIGEST_BYTES,
     BatchInfo,
-    BatchWriter,
     InputInfo,
-    _as_storage_error,
     _check_array,
     _check_input_name,
-    _FileMapping,
-    _Target,
     canonical_spec_json,
     fingerprint_digest,
     le_row_bytes,
@@ -59,6 +55,9 @@ from trtcal.workers.batch_format import (
     row_digests,
     validate_sample_ids,
 )
+from trtcal.batch.reader import _FileMapping
+from trtcal.batch.writer import BatchWriter, _as_storage_error
+from trtcal.errors import ConfigError, DataError
 
 __all__ = ["PlannedBatchWriter", "RowPlacement"]
 

@@ -1,0 +1,388 @@
+"""The statistics loop, written once; each runner supplies only how it runs the model.
+
+A runner (`BaseRunner` subclass) knows a loaded model, its fed inputs and the tensors it
+calibrates, and implements three hooks (Polygraphy's `infer` -> `infer_impl` split):
+
+* `infer_impl(feed)`: run one micro-batch, yield `(tensor name, value)` for every selected tensor
+  in `tensor_names` order (a value may be freed once the generator resumes);
+* `_stats_collector(nonfinite)` / `_counts_collector(hist_amax, num_bins, nonfinite)`: where the
+  values are reduced (numpy on the host here, device kernels in `torch_runner`);
+* optionally `_pass_context()` (e.g. exact FP32 and inference mode) and `_uploader()` (host ->
+  device copies of each micro-batch).
+
+`collect_stats` (pass 1: exact max |x|, min, max, NaN/Inf counts) and `collect_counts` (pass 2:
+integer |x| histograms on the pass-1 amax) then walk a contiguous row range [start, stop) of the
+batch in micro-batches (`feed_micro_batches`, the one feeder). Results of row ranges merge exactly
+(`trtcal.core.merge_stats`, integer addition), which is what `data_parallel` relies on.
+
+`make_runner` is the one factory: "onnxruntime", "torch", "onnxruntime-device", or "auto" (ONNX
+Runtime, except on a CUDA device where onnxruntime lacks its CUDA provider and PyTorch sees a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from trtcal.core.histogram import (
+    DEFAULT_NUM_BINS,
+    NonFinitePolicy,
+    TensorStats,
+    fill_counts,
+    merge_stats,
+    reduce_stats,
+)
+from trtcal.errors import ConfigError, DataError
+from trtcal.progress import NO_PROGRESS, ProgressCallback
+
+if TYPE_CHECKING:
+    import onnx
+
+    from trtcal.batch import CalibrationBatch
+    from trtcal.model import LoadedModel, ModelInput, TensorSelection
+
+__all__ = [
+    "BaseRunner",
+    "BatchLayout",
+    "Collector",
+    "Runner",
+    "RunnerKind",
+    "batch_layout",
+    "feed_micro_batches",
+    "make_runner",
+    "row_range",
+]
+
+logger = logging.getLogger(__name__)
+
+RunnerKind = Literal["auto", "onnxruntime", "torch", "onnxruntime-device"]
+RUNNER_KINDS = ("auto", "onnxruntime", "torch", "onnxruntime-device")
+Feed = Mapping[str, Any]  # input name -> array (numpy on the host, or a device tensor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch layout and the micro-batch feeder
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How rows of the batch become feeds: stacked (with a possibly fixed batch size) or one by one."""
+
+    stacked: bool  # samples have rank r-1: stack them along a new leading axis
+    fixed_batch: int | None  # the model's fixed leading dimension when stacked
+
+    def micro_batch(self, requested: int) -> int:
+        if not self.stacked:
+            return 1
+        return self.fixed_batch if self.fixed_batch is not None else requested
+
+
+def batch_layout(inputs: Mapping[str, ModelInput], batch: CalibrationBatch, source: str) -> BatchLayout:
+    """Check the batch against the model inputs; DataError naming the input on any mismatch."""
+    got = batch.inputs
+    missing = sorted(set(inputs) - set(got))
+    extra = sorted(set(got) - set(inputs))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {missing} (expected {[f'{n}: {inputs[n].describe()}' for n in missing]})")
+        if extra:
+            parts.append(f"column(s) {extra} that the model has no input for")
+        raise DataError(
+            f"calibration batch {batch.source!r} does not match model {source!r}: {'; '.join(parts)}. "
+            f"The model's inputs are {sorted(inputs)}; the batch holds {sorted(got)}"
+        )
+    modes: set[tuple[bool, int | None]] = set()
+    for name, expected in sorted(inputs.items()):
+        modes.add(_input_mode(name, expected, got[name]))
+    if len(modes) != 1:
+        raise DataError(f"model {source!r}: inputs disagree on the batch axis ({sorted(modes, key=str)}); not supported")
+    stacked, lead = modes.pop()
+    return BatchLayout(stacked=stacked, fixed_batch=lead)
+
+
+def _input_mode(name: str, expected: ModelInput, info: Any) -> tuple[bool, int | None]:
+    """(stacked, fixed leading dim) of one input, or DataError saying how the batch column differs."""
+    if np.dtype(info.dtype) != np.dtype(expected.dtype):
+        raise DataError(
+            f"input {name!r}: the model expects {expected.dtype}, the batch holds {info.dtype}; "
+            f"convert the data to {expected.dtype} when preprocessing"
+        )
+    sample = info.shape
+    dims = expected.dims
+    if len(sample) == len(dims) - 1:
+        stacked, model_dims, lead = True, dims[1:], dims[0]
+    elif len(sample) == len(dims):
+        stacked, model_dims, lead = False, dims, None
+    else:
+        raise DataError(
+            f"input {name!r}: the model expects {expected.describe()} (a batch axis then "
+            f"{len(dims) - 1} dims), the batch's samples have shape {list(sample)}"
+        )
+    for axis, (want, have) in enumerate(zip(model_dims, sample)):
+        if want is not None and want != have:
+            raise DataError(
+                f"input {name!r}: the model expects {expected.describe()}, the batch's samples have shape "
+                f"{list(sample)} (dimension {axis + (1 if stacked else 0)} is {have}, expected {want})"
+            )
+    return stacked, lead
+
+
+def row_range(batch: CalibrationBatch, start: int, stop: int | None) -> tuple[int, int]:
+    """[start, stop) checked against the batch (stop None: to the end)."""
+    stop = batch.num_rows if stop is None else stop
+    if not (0 <= start <= stop <= batch.num_rows):
+        raise ConfigError(f"row range [{start}, {stop}) is outside the batch's {batch.num_rows} rows")
+    return start, stop
+
+
+def feed_micro_batches(
+    batch: CalibrationBatch, layout: BatchLayout, start: int, stop: int, micro_batch: int
+) -> Iterator[tuple[dict[str, npt.NDArray[Any]], int]]:
+    """(feed, rows) per micro-batch of rows [start, stop): stacked rows, or one unstacked sample."""
+    if not isinstance(micro_batch, int) or isinstance(micro_batch, bool) or micro_batch < 1:
+        raise ConfigError(f"micro_batch must be an integer >= 1, got {micro_batch!r}")
+    size = layout.micro_batch(micro_batch)
+    if layout.fixed_batch is not None and layout.fixed_batch > 1 and (stop - start) % layout.fixed_batch:
+        raise DataError(
+            f"the model's batch size is fixed at {layout.fixed_batch} but rows [{start}, {stop}) hold "
+            f"{stop - start} samples; give a multiple of {layout.fixed_batch} (padding would change the statistics)"
+        )
+    for chunk in batch.iter_micro_batches(size, start=start, stop=stop):
+        rows = next(iter(chunk.values())).shape[0]
+        yield (chunk if layout.stacked else {n: a[0] for n, a in chunk.items()}), rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectors: where the values of one pass are reduced
+
+
+class Collector(Protocol):
+    """Takes each tensor value of a pass; `result()` is the pass's answer per tensor."""
+
+    def update(self, name: str, value: Any) -> None: ...
+
+    def result(self) -> dict[str, Any]: ...
+
+
+class HostStatsCollector:
+    """Pass 1 on the host: exact stats per micro-batch, merged (numpy, `trtcal.core`)."""
+
+    def __init__(self, names: tuple[str, ...], nonfinite: NonFinitePolicy) -> None:
+        self._stats = {n: TensorStats() for n in names}
+        self._nonfinite = nonfinite
+
+    def update(self, name: str, value: npt.NDArray[Any]) -> None:
+        batch_stats = reduce_stats(value, tensor=name, nonfinite=self._nonfinite)
+        self._stats[name] = merge_stats([self._stats[name], batch_stats])
+
+    def result(self) -> dict[str, TensorStats]:
+        return self._stats
+
+
+class HostCountsCollector:
+    """Pass 2 on the host: integer |x| counts on [0, hist_amax[t]], added per micro-batch."""
+
+    def __init__(self, hist_amax: Mapping[str, float], num_bins: int, nonfinite: NonFinitePolicy) -> None:
+        self._amax = {n: float(a) for n, a in hist_amax.items()}
+        self._counts = {n: np.zeros(num_bins, dtype=np.int64) for n in self._amax}
+        self._num_bins = num_bins
+        self._nonfinite = nonfinite
+
+    def update(self, name: str, value: npt.NDArray[Any]) -> None:
+        self._counts[name] += fill_counts(value, self._num_bins, self._amax[name], tensor=name, nonfinite=self._nonfinite)
+
+    def result(self) -> dict[str, npt.NDArray[np.int64]]:
+        return self._counts
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner protocol and the loop
+
+
+class Runner(Protocol):
+    """What callers of a runner use (the pipeline, data-parallel workers, the Ray actor)."""
+
+    kind: str
+    tensor_names: tuple[str, ...]
+
+    @property
+    def info(self) -> dict[str, Any]: ...
+
+    def layout(self, batch: CalibrationBatch) -> BatchLayout: ...
+
+    def collect_stats(
+        self,
+        batch: CalibrationBatch,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        micro_batch: int = 32,
+        nonfinite: NonFinitePolicy = "error",
+        progress: ProgressCallback = NO_PROGRESS,
+        stage: str = "statistics",
+    ) -> dict[str, TensorStats]: ...
+
+    def collect_counts(
+        self,
+        batch: CalibrationBatch,
+        hist_amax: Mapping[str, float],
+        *,
+        num_bins: int = DEFAULT_NUM_BINS,
+        start: int = 0,
+        stop: int | None = None,
+        micro_batch: int = 32,
+        nonfinite: NonFinitePolicy = "error",
+        progress: ProgressCallback = NO_PROGRESS,
+        stage: str = "histograms",
+    ) -> dict[str, npt.NDArray[np.int64]]: ...
+
+
+class BaseRunner:
+    """collect_stats / collect_counts over a row range; subclasses implement `infer_impl`."""
+
+    kind = "base"
+    model: LoadedModel
+    inputs: dict[str, ModelInput]
+    tensor_names: tuple[str, ...]
+
+    # -- hooks
+    def infer_impl(self, feed: Feed) -> Iterator[tuple[str, Any]]:
+        """Run one micro-batch; yield (name, value) for each of `tensor_names`, in that order."""
+        raise NotImplementedError
+
+    def _stats_collector(self, nonfinite: NonFinitePolicy) -> Collector:
+        return HostStatsCollector(self.tensor_names, nonfinite)
+
+    def _counts_collector(self, hist_amax: Mapping[str, float], num_bins: int, nonfinite: NonFinitePolicy) -> Collector:
+        return HostCountsCollector({n: hist_amax[n] for n in self.tensor_names}, num_bins, nonfinite)
+
+    def _pass_context(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def _uploader(self) -> Callable[[dict[str, npt.NDArray[Any]]], Feed]:
+        """Turns each host micro-batch into what `infer_impl` takes (one uploader per pass)."""
+        return lambda feed: feed
+
+    # -- the loop
+    @property
+    def info(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def layout(self, batch: CalibrationBatch) -> BatchLayout:
+        """Validate `batch` against the model's inputs (DataError naming the input if it does not fit)."""
+        return batch_layout(self.inputs, batch, self.model.source)
+
+    def _collect(
+        self, batch: CalibrationBatch, collector: Collector, start: int, stop: int | None,
+        micro_batch: int, progress: ProgressCallback, stage: str,
+    ) -> dict[str, Any]:  # fmt: skip
+        layout = self.layout(batch)
+        start, stop = row_range(batch, start, stop)
+        progress.start(stage, stop - start, "sample")
+        # A started stage is always finished, also when a pass fails (NonFiniteError, a bad feed):
+        # the ONNX Runtime runner did so, the device runners left the stage open on errors.
+        try:
+            with self._pass_context():
+                upload = self._uploader()
+                for feed, rows in feed_micro_batches(batch, layout, start, stop, micro_batch):
+                    for name, value in self.infer_impl(upload(feed)):
+                        collector.update(name, value)
+                    progress.advance(stage, rows)
+                return collector.result()
+        finally:
+            progress.finish(stage)
+
+    def collect_stats(
+        self,
+        batch: CalibrationBatch,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        micro_batch: int = 32,
+        nonfinite: NonFinitePolicy = "error",
+        progress: ProgressCallback = NO_PROGRESS,
+        stage: str = "statistics",
+    ) -> dict[str, TensorStats]:
+        """Pass 1 over rows [start, stop): exact per-tensor stats (merge shards with `merge_stats`)."""
+        collector = self._stats_collector(nonfinite)
+        return self._collect(batch, collector, start, stop, micro_batch, progress, stage)
+
+    def collect_counts(
+        self,
+        batch: CalibrationBatch,
+        hist_amax: Mapping[str, float],
+        *,
+        num_bins: int = DEFAULT_NUM_BINS,
+        start: int = 0,
+        stop: int | None = None,
+        micro_batch: int = 32,
+        nonfinite: NonFinitePolicy = "error",
+        progress: ProgressCallback = NO_PROGRESS,
+        stage: str = "histograms",
+    ) -> dict[str, npt.NDArray[np.int64]]:
+        """Pass 2 over rows [start, stop): int64 |x| counts on [0, hist_amax[t]] (shards merge by adding)."""
+        missing = [n for n in self.tensor_names if n not in hist_amax]
+        if missing:
+            raise ConfigError(f"hist_amax lacks tensors {missing[:5]}; run collect_stats over the whole batch first")
+        collector = self._counts_collector(hist_amax, num_bins, nonfinite)
+        return self._collect(batch, collector, start, stop, micro_batch, progress, stage)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one factory
+
+
+def make_runner(
+    model: str | os.PathLike[str] | bytes | onnx.ModelProto | LoadedModel,
+    *,
+    kind: RunnerKind = "auto",
+    tensors: TensorSelection = "all",
+    device: str = "cpu",
+    kernel_backend: str = "auto",
+    intra_op_num_threads: int = 0,
+) -> Runner:
+    """The runner `kind` names (heavy modules are imported here, by the process that runs it).
+
+    "auto": ONNX Runtime on the CPU or with its CUDA provider; for a CUDA device without
+    onnxruntime-gpu but with a GPU PyTorch sees, the PyTorch runner (trtcal's ONNX interpreter on
+    torch, statistics computed on the GPU).
+    """
+    if kind not in RUNNER_KINDS:
+        raise ConfigError(f"runner must be one of {list(RUNNER_KINDS)}, got {kind!r}")
+    if kind == "auto":
+        kind = "torch" if device != "cpu" and _prefer_torch() else "onnxruntime"
+        if kind == "torch":
+            logger.info("onnxruntime has no CUDA provider here: collecting with the PyTorch runner on %s", device)
+    if kind == "onnxruntime":
+        from trtcal.runners.onnxruntime import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(model, tensors=tensors, device=device, intra_op_num_threads=intra_op_num_threads)
+    from trtcal.runners.torch_runner import OrtDeviceRunner, TorchRunner
+
+    if kind == "torch":
+        return TorchRunner(model, tensors=tensors, device=device, kernel_backend=kernel_backend)  # type: ignore[arg-type]
+    return OrtDeviceRunner(
+        model, tensors=tensors, device=device, kernel_backend=kernel_backend,  # type: ignore[arg-type]
+        intra_op_num_threads=intra_op_num_threads,
+    )
+
+
+def _prefer_torch() -> bool:
+    """True when onnxruntime lacks its CUDA provider and PyTorch sees a CUDA GPU."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
