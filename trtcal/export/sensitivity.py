@@ -149,11 +149,16 @@ class LayerSensitivity:
     sqnr_db: float
     top1_agreement: float | None  # None: the primary output has no class axis
     macs: int | None = None  # of the whole block
-    members: tuple[str, ...] = ()
+    members: tuple[str, ...] = ()  # empty means the leader alone
+
+    def __post_init__(self) -> None:
+        # One spelling of "the leader alone", so a saved result loads back equal.
+        if not self.members:
+            object.__setattr__(self, "members", (self.node,))
 
     @property
     def layers(self) -> tuple[str, ...]:
-        return self.members or (self.node,)
+        return self.members
 
 
 @dataclass(frozen=True)
