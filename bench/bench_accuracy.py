@@ -367,7 +367,7 @@ def main() -> int:
         "quantization-noise-reduction rule; the '(noise reduction off)' rows quantize it too, the placement ORT "
         "and ModelOpt use, to show how much of the difference that rule makes.",
         "- ORT quantize_static also quantizes Add/Clip/pooling outputs with its default op list; ModelOpt "
-        "quantizes by its TensorRT partitioning rules; trtcal by calibration-algorithms.md §7.",
+        "quantizes by its TensorRT partitioning rules; trtcal by the placement rules of docs/qdq.md.",
     ]
     text = "\n".join(lines) + "\n"
     print()

@@ -7,9 +7,10 @@ CUDA device is missing. `test_device_buffers_*` need only cuda-python and a GPU 
 Run where TensorRT exists:  pytest -m "tensorrt or gpu" tests/tensorrt -v -s
 (-s shows the scale comparisons the tests print).
 
-The thresholds below were chosen from the documented behaviour (calibration-algorithms.md §2.6,
-§3.3, §9), NOT from a run: no real TensorRT run has been made for this project yet. Where a
-threshold fails, read the printed comparison before loosening anything.
+The thresholds below were chosen from the documented behaviour (docs/algorithms.md: "Public cache
+lines", "MinMax", "What can and cannot be bit-exact"), NOT from a run: no real TensorRT run has
+been made for this project yet. Where a threshold fails, read the printed comparison before
+loosening anything.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def trt():
 
 @pytest.fixture(scope="module")
 def photos() -> dict[str, np.ndarray]:
-    """32 real photo views preprocessed as the model expects (models/README.md)."""
+    """32 real photo views preprocessed as the model expects (tests/fixtures/data.py)."""
     import skimage.data
     from PIL import Image
 
