@@ -27,11 +27,9 @@ MAX_FUNCTION_LINES = 80  # def line to last line, docstring included; nested fun
 
 # path (relative to the repository) -> why it may be longer for now
 LONG_MODULES: dict[str, str] = {
-    "trtcal/orchestrator/dataset.py": "being split by issue 14 move 2 (job / actor / keys)",
     "trtcal/runners/tensorrt.py": "being split by issue 14 move 7 (runners/tensorrt/ package)",
     "trtcal/runners/torch_runner.py": "being split by issue 14 move 3 (ONNX interpreter into torch_graph.py)",
     "trtcal/workers/batch_format.py": "being split by issue 14 move 6 (trtcal/batch/ format, reader, writer)",
-    "trtcal/workers/build.py": "being split by issue 14 moves 1 and 7 (config tree; _build as named stages)",
     "trtcal/storage/store.py": "being split by issue 14 move 8 (storage/layout.py)",
     "trtcal/export/qdq.py": "no move of issue 14 splits it yet (868 lines: placement plan + graph rewrite)",
     "trtcal/workers/sources.py": "no move of issue 14 splits it yet (866 lines: one class per source kind)",
@@ -39,14 +37,11 @@ LONG_MODULES: dict[str, str] = {
 
 # "path::Qualified.name" -> why it may be longer for now
 LONG_FUNCTIONS: dict[str, str] = {
-    "trtcal/orchestrator/dataset.py::calibrate_dataset": "being split by issue 14 move 2 (named job steps)",
-    "trtcal/orchestrator/pipeline.py::_calibrate_open_batch": "being split by issue 14 move 4 (artifacts in memory)",
     "trtcal/orchestrator/jobs.py::submit_job": "being split by issue 14 move 1 (one config tree)",
     "trtcal/runners/tensorrt.py::build_engine": "being split by issue 14 move 7 (runners/tensorrt/engine.py)",
     "trtcal/runners/tensorrt.py::iter_micro_batches": "being split by issue 14 moves 3 and 7 (one feeder)",
-    "trtcal/workers/build.py::_build": "being split by issue 14 move 7 (named stage functions)",
-    "trtcal/workers/build.py::_process_task": "being split by issue 14 move 7 (named stage functions)",
     "trtcal/cli/cmd_engine.py::run_build": "being split by issue 14 move 1 (pass the config, not its fields)",
+    "trtcal/cli/cmd_eval.py::run_eval": "grew to 82 lines with `eval --target-sqnr/--output-kind` (9e2d5a8); to split",
     "trtcal/export/qdq.py::plan_qdq": "no move of issue 14 splits it yet (one pass over the graph's nodes)",
     "trtcal/export/qdq.py::apply_plan": "no move of issue 14 splits it yet (one pass over the graph's nodes)",
     "trtcal/export/sensitivity.py::fallback_auto": "no move of issue 14 splits it yet (the search loop)",
@@ -221,6 +216,7 @@ _TEXT_SUFFIXES = {".py", ".md", ".sh", ".toml", ".yaml", ".yml", ".txt", ".cfg",
 # variable (under $out): that is an output, not a citation.
 _MD_REFERENCE = re.compile(r"(?<![\w./$}-])(/?(?:\.{1,2}/)*[\w][\w./-]*\.md)\b")
 _URL = re.compile(r"\w+://\S+")
+_OPTION_VALUE = re.compile(r"(?<![\w-])-{1,2}[a-zA-Z][\w-]*[ =]\S+")  # `--write report.md`: an output the command writes
 
 
 def _repository_files() -> list[Path]:
@@ -241,7 +237,8 @@ def _repository_files() -> list[Path]:
 
 def _md_references(text: str) -> Iterator[str]:
     for line in text.splitlines():
-        yield from _MD_REFERENCE.findall(_URL.sub(" ", line))  # web addresses are public, not ours
+        line = _OPTION_VALUE.sub(" ", _URL.sub(" ", line))  # web addresses are public, not ours
+        yield from _MD_REFERENCE.findall(line)
 
 
 def _resolves(reference: str, citing: Path, markdown: set[Path]) -> bool:
@@ -256,7 +253,7 @@ def _resolves(reference: str, citing: Path, markdown: set[Path]) -> bool:
 def test_md_reference_pattern() -> None:
     md = ".md"  # spelled apart so this file cites nothing itself
     text = f"see docs/a{md} §2, (../up/B{md}), `c-d{md}` and /abs/E{md}; https://h.org/o/r/F{md} is a " \
-           f"web address, *{md} a glob, $out/G{md} an output"  # fmt: skip
+           f"web address, *{md} a glob, $out/G{md} and `--write H{md}` outputs"  # fmt: skip
     assert list(_md_references(text)) == [f"docs/a{md}", f"../up/B{md}", f"c-d{md}", f"/abs/E{md}"]
 
 
