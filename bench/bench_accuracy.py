@@ -42,7 +42,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DEFAULT_MODEL = ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"
 
 # Disjoint photo sets (the stereo motorcycle pair is one scene: only its left view is used). The
 # evaluation photos are the ones showing objects an ImageNet classifier can name; textures and
@@ -215,7 +214,8 @@ def modelopt_entropy(python: str, model: str, calib_path: Path, out: Path) -> tu
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--model", default="",
+                        help="ONNX model (default: EfficientNet-Lite0 from trtcal.demo.model_zoo, fetched once)")
     parser.add_argument("--calib", type=int, default=500, help="calibration views")
     parser.add_argument("--eval", type=int, default=200, help="evaluation views")
     parser.add_argument("--eval-photos", choices=("objects", "all"), default="objects",
@@ -227,6 +227,10 @@ def main() -> int:
     parser.add_argument("--write", default="", help="write the results as Markdown to this file")
     parser.add_argument("--json", default="", help="write the raw numbers as JSON to this file")
     args = parser.parse_args()
+    if not args.model:
+        from tests.fixtures.data import efficientnet_model_path
+
+        args.model = str(efficientnet_model_path())
 
     import onnxruntime
 
@@ -363,7 +367,7 @@ def main() -> int:
         "quantization-noise-reduction rule; the '(noise reduction off)' rows quantize it too, the placement ORT "
         "and ModelOpt use, to show how much of the difference that rule makes.",
         "- ORT quantize_static also quantizes Add/Clip/pooling outputs with its default op list; ModelOpt "
-        "quantizes by its TensorRT partitioning rules; trtcal by calibration-algorithms.md §7.",
+        "quantizes by its TensorRT partitioning rules; trtcal by the placement rules of docs/qdq.md.",
     ]
     text = "\n".join(lines) + "\n"
     print()

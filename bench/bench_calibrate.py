@@ -36,7 +36,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODEL = Path(os.environ.get("TRTCAL_TEST_MODEL", REPO.parent / "shared" / "models" / "efficientnet_lite0.onnx"))
+from tests.fixtures.data import efficientnet_model_path  # noqa: E402
+
+# $TRTCAL_TEST_MODEL, else EfficientNet-Lite0 from trtcal.demo.model_zoo (fetched and converted once)
+MODEL = efficientnet_model_path()
 MICRO_BATCH = 32
 ORT_BATCH = 20  # divides 100, 500 and 1000
 KINDS = (

@@ -30,8 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.fixtures.data import INPUT_NAME, MODEL_PATH, PREPROCESS_SPEC, view  # noqa: E402
+from tests.fixtures.data import INPUT_NAME, PREPROCESS_SPEC, efficientnet_model_path, view  # noqa: E402
 from trtcal.core import fill_counts, reduce_stats  # noqa: E402
+
+MODEL_PATH = efficientnet_model_path()  # $TRTCAL_TEST_MODEL, else fetched once by trtcal.demo.model_zoo
 
 RESULTS: dict[str, object] = {}
 

@@ -34,13 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from tests.fixtures.data import efficientnet_model_path  # noqa: E402
 from tests.fixtures.s3 import S3Server, running_server, server_from_env  # noqa: E402
 from trtcal.core import write_trt_cache  # noqa: E402
 from trtcal.storage import CacheStore, EntryFilter, KeyInputs, compute_cache_key  # noqa: E402
 
-MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "efficientnet_lite0.onnx"
-if not MODEL.exists():
-    MODEL = Path("/work/shared/models/efficientnet_lite0.onnx")
+MODEL = efficientnet_model_path()  # $TRTCAL_TEST_MODEL, else fetched once by trtcal.demo.model_zoo
 
 
 def typical_entry(i: int = 0) -> tuple[KeyInputs, dict[str, bytes]]:

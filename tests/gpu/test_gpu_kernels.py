@@ -14,7 +14,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (PyTorch sees no CUDA device)"),
 ]
 
-from tests.fixtures.data import INPUT_NAME, MODEL_PATH, photo_views  # noqa: E402
+from tests.fixtures.data import INPUT_NAME, photo_views  # noqa: E402
 from tests.unit.runners.test_gpu_histogram import CASE_IDS, CASES, assert_same_as_core  # noqa: E402
 from trtcal.core import fill_counts, merge_stats, reduce_stats  # noqa: E402
 from trtcal.errors import NonFiniteError  # noqa: E402
@@ -112,18 +112,18 @@ def photo_batch():
 
 
 @pytest.fixture(scope="module")
-def gpu_runner():
+def gpu_runner(efficientnet_path):
     from trtcal.runners.torch_runner import TorchRunner
 
-    return TorchRunner(MODEL_PATH, device="cuda")
+    return TorchRunner(efficientnet_path, device="cuda")
 
 
-def test_gpu_activations_close_to_onnxruntime_cpu(gpu_runner, photo_batch) -> None:
+def test_gpu_activations_close_to_onnxruntime_cpu(efficientnet_path, gpu_runner, photo_batch) -> None:
     from trtcal.runners.onnxruntime import OnnxRuntimeRunner
 
     feed = photo_batch.rows(0, 8)
     got = gpu_runner.run(feed)
-    want = OnnxRuntimeRunner(MODEL_PATH).run(feed)
+    want = OnnxRuntimeRunner(efficientnet_path).run(feed)
     worst = max(float(np.abs(got[n] - want[n]).max() / np.abs(want[n]).max()) for n in want)
     assert worst < 1e-4  # TF32 would land near 1e-3
     assert np.array_equal(got["logits"].argmax(1), want["logits"].argmax(1))
@@ -143,13 +143,13 @@ def test_gpu_passes_equal_core_on_the_same_activations(gpu_runner, photo_batch) 
         assert np.array_equal(counts[name], want), name
 
 
-def test_backends_agree_on_a_real_model(photo_batch) -> None:
+def test_backends_agree_on_a_real_model(efficientnet_path, photo_batch) -> None:
     from trtcal.runners.torch_runner import TorchRunner
 
     if not cupy_available():
         pytest.skip("CuPy not installed")
-    a = TorchRunner(MODEL_PATH, device="cuda", kernel_backend="torch")
-    b = TorchRunner(MODEL_PATH, device="cuda", kernel_backend="cupy")
+    a = TorchRunner(efficientnet_path, device="cuda", kernel_backend="torch")
+    b = TorchRunner(efficientnet_path, device="cuda", kernel_backend="cupy")
     stats = a.collect_stats(photo_batch, micro_batch=12)
     assert b.collect_stats(photo_batch, micro_batch=12) == stats
     amax = {n: s.amax for n, s in stats.items()}
@@ -158,7 +158,7 @@ def test_backends_agree_on_a_real_model(photo_batch) -> None:
     assert all(np.array_equal(ca[n], cb[n]) for n in ca)
 
 
-def test_one_worker_per_gpu_merges_bit_for_bit(tmp_path, photo_batch) -> None:
+def test_one_worker_per_gpu_merges_bit_for_bit(efficientnet_path, tmp_path, photo_batch) -> None:
     from trtcal.batch import write_batch
     from trtcal.runners.data_parallel import DataParallelStatistics, WorkerSpec, collect_sliced
     from trtcal.runners.torch_runner import TorchRunner
@@ -166,17 +166,17 @@ def test_one_worker_per_gpu_merges_bit_for_bit(tmp_path, photo_batch) -> None:
     path = tmp_path / "views.arrow"
     arrays = photo_batch.array(INPUT_NAME)
     write_batch(path, {INPUT_NAME: arrays}, photo_batch.sample_ids, spec={})
-    single = collect_sliced(TorchRunner(MODEL_PATH, device="cuda:0"), photo_batch, [(0, 24)], micro_batch=4)
+    single = collect_sliced(TorchRunner(efficientnet_path, device="cuda:0"), photo_batch, [(0, 24)], micro_batch=4)
     gpus = torch.cuda.device_count()
     devices = [f"cuda:{i}" for i in range(gpus)] if gpus > 1 else ["cuda:0", "cuda:0"]
-    spec = WorkerSpec(model=str(MODEL_PATH), batch=str(path), runner="torch")
+    spec = WorkerSpec(model=str(efficientnet_path), batch=str(path), runner="torch")
     with DataParallelStatistics(spec, devices) as pool:
         stats, counts = pool.collect(24, micro_batch=4)
     assert stats == single[0]
     assert all(np.array_equal(counts[n], single[1][n]) for n in counts)
 
 
-def test_ort_cuda_provider_feeds_device_kernels(photo_batch) -> None:
+def test_ort_cuda_provider_feeds_device_kernels(efficientnet_path, photo_batch) -> None:
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
@@ -184,13 +184,13 @@ def test_ort_cuda_provider_feeds_device_kernels(photo_batch) -> None:
     from trtcal.runners.onnxruntime import OnnxRuntimeRunner
     from trtcal.runners.torch_runner import OrtDeviceRunner
 
-    runner = OrtDeviceRunner(MODEL_PATH, device="cuda")
+    runner = OrtDeviceRunner(efficientnet_path, device="cuda")
     stats = runner.collect_stats(photo_batch, micro_batch=8)
-    want = OnnxRuntimeRunner(MODEL_PATH, device="cuda").collect_stats(photo_batch, micro_batch=8)
+    want = OnnxRuntimeRunner(efficientnet_path, device="cuda").collect_stats(photo_batch, micro_batch=8)
     assert stats == want  # same ORT CUDA activations, device kernels == core
 
 
-def test_calibrate_on_cuda_without_onnxruntime_gpu_uses_the_torch_runner(photo_batch, tmp_path) -> None:
+def test_calibrate_on_cuda_without_onnxruntime_gpu_uses_the_torch_runner(efficientnet_path, photo_batch, tmp_path) -> None:
     """trtcal.calibrate(device="cuda") where only PyTorch sees the GPU: the PyTorch runner collects on
     the GPU; the amax values match the CPU ONNX Runtime run to FP32 kernel differences."""
     import onnxruntime
@@ -199,10 +199,10 @@ def test_calibrate_on_cuda_without_onnxruntime_gpu_uses_the_torch_runner(photo_b
         pytest.skip("onnxruntime-gpu is installed: calibrate uses its CUDA provider")
     import trtcal
 
-    gpu = trtcal.calibrate(MODEL_PATH, photo_batch, algorithms=("minmax", "entropy2"), device="cuda", output_dir=tmp_path / "g")
-    cpu = trtcal.calibrate(MODEL_PATH, photo_batch, algorithms=("minmax", "entropy2"))
+    gpu = trtcal.calibrate(efficientnet_path, photo_batch, algorithms=("minmax", "entropy2"), device="cuda", output_dir=tmp_path / "g")
+    cpu = trtcal.calibrate(efficientnet_path, photo_batch, algorithms=("minmax", "entropy2"))
     assert gpu.manifest["runner"]["kind"] == "torch" and gpu.manifest["runner"]["device"].startswith("cuda")
-    trtcal.calibrate(MODEL_PATH, photo_batch, algorithms=("minmax", "entropy2"), device="cuda", output_dir=tmp_path / "h")
+    trtcal.calibrate(efficientnet_path, photo_batch, algorithms=("minmax", "entropy2"), device="cuda", output_dir=tmp_path / "h")
     for name in ("calibration.minmax.cache", "ranges.json", "histograms.npy"):
         assert (tmp_path / "g" / name).read_bytes() == (tmp_path / "h" / name).read_bytes(), name  # deterministic on GPU
     for tensor, amax in cpu.amax["minmax"].items():

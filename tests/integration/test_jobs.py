@@ -34,7 +34,6 @@ from trtcal.orchestrator import jobs
 from trtcal.orchestrator.calibrate import calibrate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MODEL = REPO_ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"
 HEAD_START_TIMEOUT_S = 90.0
 CLI_TIMEOUT_S = 240.0
 # The head's `python` is whatever its PATH says; the job must use this interpreter (and this trtcal).
@@ -517,7 +516,7 @@ def test_no_follow_then_jobs_stop(ray_head: RayHead) -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_calibration_job_succeeds_with_the_same_bytes_as_a_local_run(
-    ray_head: RayHead, photo_npy: Path, tmp_path: Path
+    efficientnet_path: Path, ray_head: RayHead, photo_npy: Path, tmp_path: Path
 ) -> None:
     job_id = _job_id()
     out = tmp_path / "from-job"
@@ -529,7 +528,7 @@ def test_calibration_job_succeeds_with_the_same_bytes_as_a_local_run(
         "--submission-id",
         job_id,
         "--",
-        *_calibrate_args(MODEL, photo_npy, out),
+        *_calibrate_args(efficientnet_path, photo_npy, out),
         head=ray_head,
     )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
@@ -552,7 +551,7 @@ def test_calibration_job_succeeds_with_the_same_bytes_as_a_local_run(
 
     # The job computed exactly what a local run computes.
     local = tmp_path / "local"
-    calibrate(MODEL, photo_npy, output_dir=local, algorithms=("entropy2",))
+    calibrate(efficientnet_path, photo_npy, output_dir=local, algorithms=("entropy2",))
     names = ["calibration.cache", "calibration.entropy2.cache", "ranges.json", "histograms.npy"]
     assert {n: (out / n).read_bytes() for n in names} == {n: (local / n).read_bytes() for n in names}
 

@@ -1,6 +1,7 @@
 """Slow, obviously correct references for the scale searches (loops, float64, scipy's KL).
 
-Written from the algorithm text (calibration-algorithms.md §3.2), independently of trtcal.core.
+Written from the algorithm text (docs/algorithms.md: entropy2, and "What is known about TensorRT's
+own calibrators"), independently of trtcal.core.
 """
 
 from __future__ import annotations

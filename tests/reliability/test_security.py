@@ -46,7 +46,7 @@ _ALLOWED = {
     ("trtcal/runners/data_parallel.py", "pickle.loads"),
     # The restricted checkpoint reader: an Unpickler subclass whose find_class allows a fixed set of
     # torch rebuild functions, after an opcode walk (tests/unit/test_pth_reader.py attacks it).
-    ("trtcal/orchestrator/_pth.py", "pickle.Unpickler"),
+    ("trtcal/demo/_pth.py", "pickle.Unpickler"),
 }
 
 

@@ -7,9 +7,10 @@ CUDA device is missing. `test_device_buffers_*` need only cuda-python and a GPU 
 Run where TensorRT exists:  pytest -m "tensorrt or gpu" tests/tensorrt -v -s
 (-s shows the scale comparisons the tests print).
 
-The thresholds below were chosen from the documented behaviour (calibration-algorithms.md §2.6,
-§3.3, §9), NOT from a run: no real TensorRT run has been made for this project yet. Where a
-threshold fails, read the printed comparison before loosening anything.
+The thresholds below were chosen from the documented behaviour (docs/algorithms.md: "Public cache
+lines", "MinMax", "What can and cannot be bit-exact"), NOT from a run: no real TensorRT run has
+been made for this project yet. Where a threshold fails, read the printed comparison before
+loosening anything.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import pytest
 from trtcal.core import read_trt_cache, write_trt_cache
 from trtcal.runners import tensorrt as adapter
 
-MODEL = Path("/work/shared/models/efficientnet_lite0.onnx")
 MICRO_BATCH = 8
 
 
@@ -53,7 +53,7 @@ def trt():
 
 @pytest.fixture(scope="module")
 def photos() -> dict[str, np.ndarray]:
-    """32 real photo views preprocessed as the model expects (models/README.md)."""
+    """32 real photo views preprocessed as the model expects (tests/fixtures/data.py)."""
     import skimage.data
     from PIL import Image
 
@@ -82,12 +82,12 @@ def photos() -> dict[str, np.ndarray]:
     return {"input": np.stack(samples).astype(np.float32)}
 
 
-def _onnx_minmax_amax(batch: dict[str, np.ndarray]) -> dict[str, float]:
+def _onnx_minmax_amax(efficientnet_path: Path, batch: dict[str, np.ndarray]) -> dict[str, float]:
     """max|x| of every float activation, by ONNX Runtime on CPU (independent of TensorRT)."""
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(MODEL))
+    model = onnx.load(str(efficientnet_path))
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
     known = {o.name for o in graph.output}
@@ -156,17 +156,17 @@ def test_impossible_allocation_is_a_clear_error():
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_live_entropy2_calibration_gives_a_cache_tensorrt_then_accepts(trt, photos, tmp_path):
+def test_live_entropy2_calibration_gives_a_cache_tensorrt_then_accepts(efficientnet_path: Path, trt, photos, tmp_path):
     from trtcal.batch import batch_from_arrays
 
     batch = batch_from_arrays(photos)
-    cache = adapter.calibrate_with_tensorrt(MODEL, batch, algorithm="entropy2", micro_batch=MICRO_BATCH)
+    cache = adapter.calibrate_with_tensorrt(efficientnet_path, batch, algorithm="entropy2", micro_batch=MICRO_BATCH)
     parsed = read_trt_cache(cache)
     assert parsed.header == f"TRT-{adapter._trt_version_int(trt)}-EntropyCalibration2"
     assert "input" in parsed.scale and len(parsed.scale) > 50
 
     # The same cache through the replay path: TensorRT must accept it without asking for data.
-    engine = adapter.build_engine(MODEL, cache=cache, input_shapes={"input": (MICRO_BATCH, 3, 224, 224)})
+    engine = adapter.build_engine(efficientnet_path, cache=cache, input_shapes={"input": (MICRO_BATCH, 3, 224, 224)})
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     assert runtime.deserialize_cuda_engine(engine) is not None
 
@@ -184,10 +184,10 @@ def test_live_entropy2_calibration_gives_a_cache_tensorrt_then_accepts(trt, phot
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_live_minmax_scales_match_onnxruntime_max(trt, photos):
-    cache = adapter.calibrate_with_tensorrt(MODEL, photos, algorithm="minmax", micro_batch=MICRO_BATCH)
+def test_live_minmax_scales_match_onnxruntime_max(efficientnet_path: Path, trt, photos):
+    cache = adapter.calibrate_with_tensorrt(efficientnet_path, photos, algorithm="minmax", micro_batch=MICRO_BATCH)
     theirs = read_trt_cache(cache).amax
-    ours = _onnx_minmax_amax(photos)
+    ours = _onnx_minmax_amax(efficientnet_path, photos)
     diffs = _relative_scale_differences(ours, theirs)
     print(
         f"\nMinMax: {len(diffs)} shared tensors of {len(ours)} (ORT) / {len(theirs)} (TensorRT); "
@@ -200,13 +200,13 @@ def test_live_minmax_scales_match_onnxruntime_max(trt, photos):
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_engine_from_a_trtcal_cache_with_a_foreign_header(trt, photos):
-    amax = _onnx_minmax_amax(photos)
+def test_engine_from_a_trtcal_cache_with_a_foreign_header(efficientnet_path: Path, trt, photos):
+    amax = _onnx_minmax_amax(efficientnet_path, photos)
     cache = write_trt_cache(
         amax, trt_version="8.6.1", algorithm="minmax"
     )  # TensorRT 10 would ignore this header
     engine = adapter.build_engine(
-        MODEL, cache=cache, input_shapes={"input": (1, 3, 224, 224)}, replay_algorithm="minmax"
+        efficientnet_path, cache=cache, input_shapes={"input": (1, 3, 224, 224)}, replay_algorithm="minmax"
     )
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     assert runtime.deserialize_cuda_engine(engine) is not None
@@ -219,19 +219,19 @@ def test_engine_from_a_trtcal_cache_with_a_foreign_header(trt, photos):
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_error_inside_get_batch_fails_the_real_build(trt, photos):
+def test_error_inside_get_batch_fails_the_real_build(efficientnet_path: Path, trt, photos):
     def source():
         yield {"input": photos["input"][:MICRO_BATCH]}
         raise RuntimeError("decoder failed on sample 8")
 
     with adapter.make_calibrator("entropy2", source(), micro_batch=MICRO_BATCH) as calibrator:
         with pytest.raises(RuntimeError, match="decoder failed"):
-            adapter.build_engine(MODEL, calibrator=calibrator)
+            adapter.build_engine(efficientnet_path, calibrator=calibrator)
 
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_manual_dynamic_ranges_build(trt, photos):
-    amax = _onnx_minmax_amax(photos)
-    engine = adapter.build_engine(MODEL, dynamic_ranges=amax, input_shapes={"input": (1, 3, 224, 224)})
+def test_manual_dynamic_ranges_build(efficientnet_path: Path, trt, photos):
+    amax = _onnx_minmax_amax(efficientnet_path, photos)
+    engine = adapter.build_engine(efficientnet_path, dynamic_ranges=amax, input_shapes={"input": (1, 3, 224, 224)})
     assert len(engine) > 0

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from trtcal.demo._pth import read_state_dict
 from trtcal.errors import ModelError
-from trtcal.orchestrator._pth import read_state_dict
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 

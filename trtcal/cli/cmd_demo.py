@@ -11,7 +11,7 @@ from typing import Any
 def run(args: argparse.Namespace) -> int:
     from trtcal.cli.cmd_calibrate import LabelledProgress, json_only_stdout
     from trtcal.cli.progress import TqdmProgress
-    from trtcal.orchestrator.demo import DemoConfig, run_demo
+    from trtcal.demo.demo import DemoConfig, run_demo
 
     values: dict[str, Any] = {}
     if args.output is not None:

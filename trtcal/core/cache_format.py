@@ -1,9 +1,9 @@
 """TensorRT calibration cache codec (text: `TRT-<version>-<Algo>` header, `name: %08x` lines).
 
 Values are the big-endian bit pattern of the float32 scale = float32(amax) / 127
-(calibration-algorithms.md §2). The reader is lenient where real caches vary (legacy `1`
-header, names with spaces, colons, `*`, brackets; 1-8 hex digits; CRLF; trailing blank lines)
-and strict everywhere else: malformed input raises CacheFormatError with the line number.
+(docs/algorithms.md, "TensorRT calibration cache format"). The reader is lenient where real caches
+vary (legacy `1` header, names with spaces, colons, `*`, brackets; 1-8 hex digits; CRLF; trailing
+blank lines) and strict everywhere else: malformed input raises CacheFormatError with the line number.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = [
 ALGORITHM_HEADERS: Mapping[str, str] = {
     "entropy2": "EntropyCalibration2",
     "minmax": "MinMaxCalibration",
-    "entropy": "EntropyCalibration",  # suffix not seen in public files (calibration-algorithms.md §2.2)
+    "entropy": "EntropyCalibration",  # suffix not seen in public files (docs/algorithms.md)
     "legacy": "LegacyCalibration",  # idem
     "percentile": "EntropyCalibration2",
     "mse": "EntropyCalibration2",

@@ -15,7 +15,7 @@ SAFE_SCALE = np.float32(1.0)
 
 
 def weight_axis(op_type: str, *, trans_b: bool = False) -> int:
-    """The output-channel axis of a weight tensor for TensorRT (calibration-algorithms.md §7.2)."""
+    """The output-channel axis of a weight tensor for TensorRT (docs/algorithms.md, Q/DQ rules)."""
     if op_type == "Conv":
         return 0  # [Cout, Cin/g, k...]
     if op_type == "ConvTranspose":

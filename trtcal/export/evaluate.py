@@ -4,7 +4,7 @@ A Q/DQ model is run by ONNX Runtime with every graph optimisation off
 (`GraphOptimizationLevel.ORT_DISABLE_ALL`), so each QuantizeLinear/DequantizeLinear executes as
 written: exact fake quantization, the arithmetic TensorRT's INT8 kernels approximate. ONNX
 Runtime's fused int8 CPU kernels (optimisations on) saturate on CPUs without VNNI and lose
-~25 points of agreement whatever the calibration (platform-notes.md); that path is available
+~25 points of agreement whatever the calibration (docs/platform.md); that path is available
 only on request and is always labelled "(ORT fused int8 kernels)", never mixed with simulation.
 
 Metrics per output tensor, against the FP32 model's output on the same inputs, chosen by what the

@@ -1,4 +1,4 @@
-"""Q/DQ ONNX export: explicit INT8 quantization for TensorRT 10/11 (calibration-algorithms.md §7).
+"""Q/DQ ONNX export: explicit INT8 quantization for TensorRT 10/11 (rules: docs/algorithms.md, docs/qdq.md).
 
 Placement follows TensorRT's rules:
 
@@ -8,10 +8,10 @@ Placement follows TensorRT's rules:
   followed by a DequantizeLinear;
 * the residual input of a skip-connection Add is quantized so TensorRT fuses the Add into the
   convolution that produces the other input;
-* zero points are explicit int8 zeros (uint8 would be the ONNX default, §7.1); every scale is a
+* zero points are explicit int8 zeros (uint8 would be the ONNX default); every scale is a
   strictly positive float32; the default opset is raised to 13 (per-axis Q/DQ) when lower;
 * outputs of the weighted layers are not quantized unless asked (`quantize_outputs`);
-* the implicit-mode "quantization noise reduction" rule (§3.5), which explicit mode lost, is
+* the implicit-mode "quantization noise reduction" rule (docs/algorithms.md), which explicit mode lost, is
   applied on request (default on): the last smoothing layer on each path to an FP32 network
   output stays in float.
 
@@ -339,7 +339,7 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:
 
 
 def last_smoothing_nodes(graph: onnx.GraphProto, float32: frozenset[str] | None = None) -> set[int]:
-    """Indices of the last smoothing layer on each path to an FP32 network output (§3.5).
+    """Indices of the last smoothing layer on each path to an FP32 network output (docs/algorithms.md, "Noise reduction").
 
     Walks back from every FP32 output; a path ends at its first smoothing layer (which is kept
     float), at a graph input, or at a node of a custom domain (a plugin: the rule does not apply).

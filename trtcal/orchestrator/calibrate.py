@@ -141,8 +141,8 @@ def compute_method_amax(
 
 
 def _runner_for(cfg: CalibrationConfig, loaded: LoadedModel) -> OnnxRuntimeRunner:
-    """The runner `trtcal.runners.base.make_runner` picks for the device ("auto")."""
-    from trtcal.runners.base import make_runner
+    """The runner `trtcal.runners.factory.make_runner` picks for the device ("auto")."""
+    from trtcal.runners.factory import make_runner
 
     return make_runner(loaded, tensors=cfg.tensors, device=cfg.device)  # type: ignore[return-value]
 

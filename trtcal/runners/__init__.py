@@ -1,7 +1,7 @@
 """Runners: run the FP32 model over a calibration batch and collect per-tensor statistics.
 
 * `base`: the `Runner` protocol, the collection loop written once (`BaseRunner.collect_stats`,
-  `collect_counts`), the micro-batch feeder, batch layouts and the one factory `make_runner`;
+  `collect_counts`), the micro-batch feeder, batch layouts; `factory`: the one runner factory `make_runner`;
 * `onnxruntime`: `OnnxRuntimeRunner` (ONNX Runtime, host reductions);
 * `torch_runner`: `TorchRunner` and `OrtDeviceRunner` (reductions on the device, via
   `gpu_histogram`); `torch_graph`: the ONNX interpreter on PyTorch that `TorchRunner` runs;

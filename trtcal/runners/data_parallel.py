@@ -29,7 +29,8 @@ import numpy.typing as npt
 from trtcal.core.histogram import DEFAULT_NUM_BINS, NonFinitePolicy, TensorStats, merge_stats
 from trtcal.errors import ConfigError, WorkerError
 from trtcal.progress import NO_PROGRESS, ProgressCallback
-from trtcal.runners.base import Runner, make_runner
+from trtcal.runners.base import Runner
+from trtcal.runners.factory import make_runner
 
 if TYPE_CHECKING:
     from trtcal.batch import CalibrationBatch

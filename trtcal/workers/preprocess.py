@@ -7,7 +7,7 @@ is part of the cache key. Presets (`preset`):
                        (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225), RGB, NCHW, float32
                        (torchvision's Resize(256) + CenterCrop(224) + ToTensor + Normalize)
     efficientnet-lite  the same geometry with bicubic resizing, (x - 127) / 128
-                       (what /work/shared/models/efficientnet_lite0.onnx was trained with)
+                       (what EfficientNet-Lite0, trtcal.demo.model_zoo, was trained with)
     raw                no resize, no crop, pixel values 0..255 as floats (all images must share a size)
 
 Anything else: `function="package.module:function"`, imported by name (never from a file path or

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from trtcal.core import read_trt_cache, trt_version_int, write_trt_cache
 from trtcal.errors import CacheFormatError, ConfigError
 
-# Public, real TensorRT cache lines (calibration-algorithms.md §2.6): (R, i) -> amax = (i + 0.5) * R / 2048.
+# Public, real TensorRT cache lines (docs/algorithms.md, "Public cache lines"): (R, i) -> amax = (i + 0.5) * R / 2048.
 GOLDEN = [
     ("data", 1.0, 2040, "3c008912"),
     ("prob", 1.0, 2048, "3c010a14"),

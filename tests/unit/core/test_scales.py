@@ -58,7 +58,7 @@ def test_entropy2_matches_slow_reference(case):
 
 
 def test_entropy2_on_published_relu_laplace_case():
-    # calibration-algorithms.md §5.7: Migacz-literal gives i = 1555 on 2M ReLU-Laplace samples (max 15.36).
+    # docs/algorithms.md, "Measured": Migacz-literal gives i = 1555 on 2M ReLU-Laplace samples (max 15.36).
     rng = np.random.default_rng(0)
     x = np.abs(rng.laplace(size=2_000_000)).astype(np.float32)
     counts, amax = _hist(x)

@@ -16,7 +16,6 @@ from trtcal.config import CalibrationConfig, JobConfig
 from trtcal.errors import BackendUnavailableError, ConfigError
 from trtcal.orchestrator.actor import ActorRequest, run_calibration
 
-MODEL = Path(__file__).resolve().parents[3].parent / "shared" / "models" / "efficientnet_lite0.onnx"
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
@@ -31,18 +30,18 @@ def test_tensorrt_backend_needs_one_tensorrt_algorithm() -> None:
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="checks the error where TensorRT is absent")
-def test_actor_work_without_tensorrt_is_a_clear_error(tmp_path: Path) -> None:
+def test_actor_work_without_tensorrt_is_a_clear_error(efficientnet_path: Path, tmp_path: Path) -> None:
     data = tmp_path / "x.npy"
     np.save(data, np.zeros((2, 3, 224, 224), np.float32))
     cal = CalibrationConfig(algorithms=("entropy2",))
     with pytest.raises(BackendUnavailableError, match="TensorRT"):
-        run_calibration(ActorRequest(MODEL.read_bytes(), str(data), cal, export_qdq=False, backend="tensorrt"))
+        run_calibration(ActorRequest(efficientnet_path.read_bytes(), str(data), cal, export_qdq=False, backend="tensorrt"))
 
 
-def test_cli_backend_tensorrt_on_a_gpu_less_cluster_fails_fast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_backend_tensorrt_on_a_gpu_less_cluster_fails_fast(efficientnet_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "x.npy"
     np.save(data, np.zeros((2, 3, 224, 224), np.float32))
-    rc = cli_main(["calibrate", str(MODEL), "--data", str(data), "--backend", "tensorrt", "-a", "entropy2",
+    rc = cli_main(["calibrate", str(efficientnet_path), "--data", str(data), "--backend", "tensorrt", "-a", "entropy2",
                    "--store", str(tmp_path / "store"), "-o", str(tmp_path / "out")])
     assert rc == 2
     err = capsys.readouterr().err

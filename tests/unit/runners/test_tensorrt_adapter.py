@@ -51,8 +51,6 @@ from trtcal.progress import RecordingProgress
 from trtcal.runners import tensorrt as adapter
 from trtcal.runners.tensorrt import feed
 
-MODEL_LITE0 = Path("/work/shared/models/efficientnet_lite0.onnx")
-
 # --------------------------------------------------------------------------------------------
 # Stand-in: cuda-python runtime over host memory
 # --------------------------------------------------------------------------------------------
@@ -1168,12 +1166,12 @@ def test_calibrate_with_tensorrt_reuses_a_stored_cache_without_data(fake_trt, cu
 # --------------------------------------------------------------------------------------------
 
 
-def test_cli_without_tensorrt_stops_with_the_install_hint(monkeypatch, tmp_path, capsys):
+def test_cli_without_tensorrt_stops_with_the_install_hint(efficientnet_path: Path, monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     cache = tmp_path / "calibration.cache"
     cache.write_bytes(TRT_CACHE)
     out = tmp_path / "model.engine"
-    rc = cli_main(["engine", "build", str(MODEL_LITE0), "--cache", str(cache), "-o", str(out)])
+    rc = cli_main(["engine", "build", str(efficientnet_path), "--cache", str(cache), "-o", str(out)])
     assert rc == 2
     err = capsys.readouterr().err
     assert "trtcal: error: TensorRT is not installed" in err and "pip install 'trtcal[tensorrt]'" in err
@@ -1192,17 +1190,17 @@ def test_cli_without_tensorrt_stops_with_the_install_hint(monkeypatch, tmp_path,
         (["--cache", "CACHE", "--input-shape", "x=1x3", "--input-shape", "x=2x3"], "names 'x' twice"),
     ],
 )
-def test_cli_argument_errors_come_before_tensorrt(monkeypatch, tmp_path, capsys, extra, match):
+def test_cli_argument_errors_come_before_tensorrt(efficientnet_path: Path, monkeypatch, tmp_path, capsys, extra, match):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     cache = tmp_path / "calibration.cache"
     cache.write_bytes(TRT_CACHE)
     extra = [str(cache) if e == "CACHE" else e for e in extra]
-    rc = cli_main(["engine", "build", str(MODEL_LITE0), *extra, "-o", str(tmp_path / "m.engine")])
+    rc = cli_main(["engine", "build", str(efficientnet_path), *extra, "-o", str(tmp_path / "m.engine")])
     assert rc == 2
     assert match in capsys.readouterr().err
 
 
-def test_cli_builds_from_cache_with_the_stand_in(fake_trt, tmp_path):
+def test_cli_builds_from_cache_with_the_stand_in(efficientnet_path: Path, fake_trt, tmp_path):
     cache = tmp_path / "calibration.cache"
     cache.write_bytes(write_trt_cache({"input": 1.0}, trt_version="10.3.0", algorithm="entropy2"))
     ranges = tmp_path / "ranges.json"
@@ -1212,7 +1210,7 @@ def test_cli_builds_from_cache_with_the_stand_in(fake_trt, tmp_path):
         [
             "engine",
             "build",
-            str(MODEL_LITE0),
+            str(efficientnet_path),
             "--cache",
             str(cache),
             "--input-shape",

@@ -13,7 +13,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     pytest.fail("these tests need torch (the CPU wheel is enough): add it to the dev extra", pytrace=False)
 
-from tests.fixtures.data import INPUT_NAME, MODEL_PATH, photo_views
+from tests.fixtures.data import INPUT_NAME, photo_views
 from trtcal.batch import batch_from_arrays
 from trtcal.core import fill_counts, merge_stats, reduce_stats
 from trtcal.errors import ConfigError, ModelError, NonFiniteError
@@ -21,7 +21,6 @@ from trtcal.runners.data_parallel import collect_sliced, plan_slices
 from trtcal.runners.onnxruntime import OnnxRuntimeRunner
 from trtcal.runners.torch_runner import SUPPORTED_OPS, OrtDeviceRunner, TorchRunner
 
-MODEL = MODEL_PATH
 F32 = np.float32
 
 
@@ -183,13 +182,13 @@ def photos_batch():
 
 
 @pytest.fixture(scope="module")
-def lite0_torch():
-    return TorchRunner(MODEL, device="cpu")
+def lite0_torch(efficientnet_path):
+    return TorchRunner(efficientnet_path, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def lite0_ort():
-    return OnnxRuntimeRunner(MODEL)
+def lite0_ort(efficientnet_path):
+    return OnnxRuntimeRunner(efficientnet_path)
 
 
 def test_efficientnet_lite0_every_tensor_matches_onnxruntime(lite0_torch, lite0_ort, photos_batch) -> None:
@@ -223,8 +222,8 @@ def test_torch_stats_close_to_onnxruntime_stats(lite0_torch, lite0_ort, photos_b
         assert abs(ours[name].amax - want.amax) <= 1e-4 * want.amax, name
 
 
-def test_ort_device_runner_equals_onnxruntime_runner_bit_for_bit(lite0_ort, photos_batch) -> None:
-    device_runner = OrtDeviceRunner(MODEL, device="cpu")
+def test_ort_device_runner_equals_onnxruntime_runner_bit_for_bit(efficientnet_path, lite0_ort, photos_batch) -> None:
+    device_runner = OrtDeviceRunner(efficientnet_path, device="cpu")
     stats = device_runner.collect_stats(photos_batch, micro_batch=4)
     want = lite0_ort.collect_stats(photos_batch, micro_batch=4)
     assert stats == want

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from trtcal.demo._pth import read_state_dict
 from trtcal.errors import ModelError, StorageError
-from trtcal.orchestrator._pth import read_state_dict
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 
 if TYPE_CHECKING:

@@ -138,10 +138,10 @@ def run_demo(config: DemoConfig | None = None, *, progress: ProgressCallback = N
     import json
 
     from trtcal.config import BatchConfig, CalibrationConfig, JobConfig, default_store_url
+    from trtcal.demo.model_zoo import fetch_efficientnet_lite0
     from trtcal.export.evaluate import evaluate
     from trtcal.export.qdq import export_qdq
     from trtcal.orchestrator.job import calibrate_dataset
-    from trtcal.orchestrator.model_zoo import fetch_efficientnet_lite0
 
     config = config or DemoConfig()
     cache = Path(default_store_url()).parent / "demo"
