@@ -216,12 +216,13 @@ def _output_table(rows: Sequence[MethodEvaluation], name: str | None, *, titled:
     sqnr_label = f"SQNR of the {act} output (dB)" if act else "output SQNR (dB)"
     agreement_label = "top-1 agreement (per position)" if first.metrics.kind == "sequence" else "top-1 agreement"
     kl_label = "mean KL" if act in ("Softmax", "LogSoftmax") else "mean KL of softmax"
+    # Task agreement first where the output defines it (the column users read first), then SQNR.
     columns: list[tuple[str, Any]] = [
+        (agreement_label, lambda o: _fmt(o.metrics.top1_agreement, 4)),
         (sqnr_label, lambda o: _fmt(o.metrics.sqnr_db, 2)),
         (f"{act} input SQNR (dB)" if act else "", lambda o: _fmt(o.pre_activation_sqnr_db, 2)),
         ("cosine", lambda o: _fmt(o.metrics.cosine, 5)),
         ("max abs error", lambda o: "" if o.metrics.max_abs_error is None else f"{o.metrics.max_abs_error:.4g}"),
-        (agreement_label, lambda o: _fmt(o.metrics.top1_agreement, 4)),
         ("sequence match", lambda o: _fmt(o.metrics.sequence_match, 4)),
         ("top-5 overlap", lambda o: _fmt(o.metrics.top5_overlap, 4)),
         (kl_label, lambda o: _fmt(o.metrics.mean_kl, 5)),
