@@ -30,7 +30,8 @@ from trtcal.workers.preprocess import DEFAULT_MAX_IMAGE_PIXELS, PreprocessSpec, 
 __all__ = [
     "BatchConfig", "CalibrationConfig", "ClusterConfig", "JobConfig", "StoreSettings", "MAX_NUM_BINS",
     "Backend", "ActorDevice", "Nonfinite", "OnBadInput", "TensorSelection", "TENSORRT_ALGORITHMS",
-    "choices", "default_store_url", "parse_num_samples", "check_seed",
+    "choices", "default_store_url", "parse_num_samples", "check_seed", "InputSpec", "INPUT_DTYPES",
+    "parse_input_specs", "input_specs_to_dict",
 ]
 
 MAX_NUM_BINS = 1 << 20  # far beyond any use; keeps a typo from allocating gigabytes per tensor
@@ -40,6 +41,7 @@ OnBadInput = Literal["fail", "skip"]
 ActorDevice = Literal["auto", "cpu", "gpu"]
 Backend = Literal["onnxruntime", "tensorrt"]
 TENSORRT_ALGORITHMS = ("entropy2", "minmax", "entropy", "legacy")  # TensorRT 10's own calibrators
+INPUT_DTYPES = ("int64", "int32", "float32", "float16", "bool")
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -237,6 +239,156 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """How one model input is fed (docs/inputs.md). Declared per input; undeclared inputs are fed
+    from the batch column of the same name, batch axis 0, as stored.
+
+    Attributes:
+        name: the model input.
+        dtype: element type of the fed array ("int64", "int32", "float32", "float16", "bool");
+            None: the data's own (token ids from text are int64).
+        length: token inputs: pad or truncate the last axis to this many positions.
+        pad_value: what padding positions hold (0; a mask input pads with 0 whatever this says).
+        batch_axis: the model input's axis that holds the samples (0 for most; 1 for an RNN state
+            [2, N, 128]); None: the input has no batch axis (fed as is, e.g. a scalar).
+        value: a constant input (e.g. ``sr=16000``, a zero RNN state): the same value every run,
+            not read from the data. With a batch axis it is repeated along that axis per micro-batch.
+        shape: a constant's per-sample shape (``value`` is broadcast to it), e.g. [2, 128].
+        mask: the attention mask: 1 for a real token, 0 for padding. Statistics then drop padded
+            positions (docs/inputs.md states the rule); text sources derive it when the data lacks it.
+        column: the data's column / tokenizer output feeding this input (default: `name`).
+    """
+
+    name: str
+    dtype: str | None = None
+    length: int | None = None
+    pad_value: float = 0
+    batch_axis: int | None = 0
+    value: Any = None
+    shape: tuple[int, ...] | None = None
+    mask: bool = False
+    column: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"inputs[{self.name!r}]"
+        if not isinstance(self.name, str) or not self.name or self.name == "sample_id":
+            raise ConfigError(f"inputs: an input name must be a non-empty string other than 'sample_id', got {self.name!r}")
+        if self.dtype is not None and self.dtype not in INPUT_DTYPES:
+            raise ConfigError(f"{where}.dtype must be one of {list(INPUT_DTYPES)}, got {self.dtype!r}")
+        _check_int(f"{where}.length", self.length, 1, optional=True)
+        _check_int(f"{where}.batch_axis", self.batch_axis, 0, optional=True)
+        _check_bool(f"{where}.mask", self.mask)
+        if isinstance(self.pad_value, bool) or not isinstance(self.pad_value, (int, float)) or not math.isfinite(self.pad_value):
+            raise ConfigError(f"{where}.pad_value must be a finite number, got {self.pad_value!r}")
+        if self.shape is not None:
+            if isinstance(self.shape, (str, bytes)) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in self.shape
+            ):
+                raise ConfigError(f"{where}.shape must be a list of positive integers, got {self.shape!r}")
+            object.__setattr__(self, "shape", tuple(self.shape))
+        if self.value is not None:
+            import numpy as np
+
+            try:
+                array = np.asarray(self.value)
+            except (TypeError, ValueError):
+                array = np.asarray(None)
+            if array.dtype.kind not in "biuf" or (array.dtype.kind == "f" and not np.all(np.isfinite(array))):
+                raise ConfigError(f"{where}.value must be a finite number or a nested list of numbers, got {self.value!r}")
+            if self.shape is not None:
+                try:
+                    np.broadcast_to(array, self.shape)
+                except ValueError:
+                    raise ConfigError(f"{where}.value of shape {list(array.shape)} cannot fill shape {list(self.shape)}") from None
+            if self.mask or self.length is not None:
+                raise ConfigError(f"{where}: a constant (value) cannot also be a mask or have a length")
+            object.__setattr__(self, "value", array.tolist())
+        elif self.shape is not None:
+            raise ConfigError(f"{where}.shape is for constants: give a value too")
+        if self.column is not None and (not isinstance(self.column, str) or not self.column):
+            raise ConfigError(f"{where}.column must be a non-empty string, got {self.column!r}")
+
+    @property
+    def is_constant(self) -> bool:
+        return self.value is not None
+
+    @property
+    def source_column(self) -> str:
+        return self.column or self.name
+
+    def constant(self) -> Any:
+        """The constant's per-sample array (numpy), in `dtype` (default: int64 for integers, float32)."""
+        import numpy as np
+
+        array = np.asarray(self.value)
+        dtype = self.dtype or ("int64" if array.dtype.kind in "iu" else "bool" if array.dtype.kind == "b" else "float32")
+        if self.shape is not None:
+            array = np.broadcast_to(array, self.shape)
+        return np.array(array, dtype=dtype, copy=True)  # 0-d stays 0-d (a scalar input)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that differ from the defaults (canonical: part of batch keys and documents)."""
+        defaults = InputSpec(name=self.name)
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "name" and value != getattr(defaults, f.name):
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def parse_input_specs(value: Any) -> tuple[InputSpec, ...]:
+    """Input specs from a mapping ``{name: {field: value}}``, its JSON text, a path to a .json file, or
+    InputSpecs; sorted by name. ConfigError naming the input and field on anything else."""
+    import json
+
+    if value is None:
+        return ()
+    if isinstance(value, InputSpec):
+        return (value,)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.startswith("{"):
+            try:
+                with open(text, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as exc:
+                raise ConfigError(f"inputs: {value!r} is neither a JSON object nor a readable .json file ({exc})") from None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"inputs: not valid JSON ({exc})") from None
+    if isinstance(value, Mapping):
+        specs = []
+        known = {f.name for f in fields(InputSpec)} - {"name"}
+        for name, body in value.items():
+            if isinstance(body, InputSpec):
+                specs.append(body)
+                continue
+            if not isinstance(body, Mapping):
+                raise ConfigError(f"inputs[{name!r}] must be an object of fields {sorted(known)}, got {body!r}")
+            unknown = sorted(set(body) - known)
+            if unknown:
+                raise ConfigError(f"inputs[{name!r}]: unknown field(s) {unknown}; known: {sorted(known)}")
+            specs.append(InputSpec(name=name, **dict(body)))
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, InputSpec) for v in value):
+        specs = list(value)
+    else:
+        raise ConfigError(f"inputs must be a mapping input name -> fields (or its JSON), got {type(value).__name__}")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"inputs: an input is declared twice in {names}")
+    if sum(s.mask for s in specs) > 1:
+        raise ConfigError(f"inputs: at most one input can be the mask, got {[s.name for s in specs if s.mask]}")
+    return tuple(sorted(specs, key=lambda s: s.name))
+
+
+def input_specs_to_dict(specs: tuple[InputSpec, ...]) -> dict[str, dict[str, Any]]:
+    """The JSON form of input specs (``{name: {non-default fields}}``), sorted by name."""
+    return {s.name: s.to_dict() for s in sorted(specs, key=lambda s: s.name)}
+
+
+@dataclass(frozen=True, kw_only=True)
 class BatchConfig:
     """How to build a calibration batch from a dataset. Validated on construction.
 
@@ -252,6 +404,11 @@ class BatchConfig:
         max_image_pixels: decompression-bomb limit (width x height) per image.
         max_retries: how often Ray reruns a task whose worker died.
         chunk_size: samples per task; None picks ~8 MiB of output per task.
+        inputs: declared model inputs (`InputSpec`: dtype, length, batch axis, constants, mask); a
+            mapping or its JSON is parsed here. Stored in the batch; runners feed by it.
+        tokenizer: raw text: "package.module:function" (text -> {column: token ids}) or a path to
+            a Hugging Face ``tokenizer.json`` (needs trtcal[text]).
+        text_field: the JSONL / Parquet field holding raw text.
     """
 
     num_samples: int | None = 500
@@ -264,9 +421,17 @@ class BatchConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_retries: int = 3
     chunk_size: int | None = None
+    inputs: tuple[InputSpec, ...] = ()
+    tokenizer: str | None = None
+    text_field: str = "text"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_samples", parse_num_samples(self.num_samples))
+        object.__setattr__(self, "inputs", parse_input_specs(self.inputs))
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
+            raise ConfigError(f"tokenizer must be 'package.module:function' or a tokenizer.json path, got {self.tokenizer!r}")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ConfigError(f"text_field must be a non-empty string, got {self.text_field!r}")
         check_seed(self.seed)
         if isinstance(self.preprocess, str):
             object.__setattr__(self, "preprocess", parse_preprocess(self.preprocess))
