@@ -305,6 +305,8 @@ class InputSpec:
             object.__setattr__(self, "value", array.tolist())
         elif self.shape is not None:
             raise ConfigError(f"{where}.shape is for constants: give a value too")
+        elif self.batch_axis is None:
+            raise ConfigError(f"{where}: only a constant (value) can have no batch axis")
         if self.column is not None and (not isinstance(self.column, str) or not self.column):
             raise ConfigError(f"{where}.column must be a non-empty string, got {self.column!r}")
 

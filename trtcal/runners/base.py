@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
@@ -70,22 +70,60 @@ Feed = Mapping[str, Any]  # input name -> array (numpy on the host, or a device 
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """How rows of the batch become feeds: stacked (with a possibly fixed batch size) or one by one."""
+    """How rows of the batch become feeds: stacked (with a possibly fixed batch size) or one by one.
+
+    Declared inputs (`trtcal.config.InputSpec`, stored in the batch's spec under "inputs") add
+    inputs whose samples stack along another axis (`batch_axes`), constants fed every micro-batch
+    (`constants`: name, array, axis it is repeated along or None) and the mask input.
+    """
 
     stacked: bool  # samples have rank r-1: stack them along a new leading axis
     fixed_batch: int | None  # the model's fixed leading dimension when stacked
+    batch_axes: tuple[tuple[str, int], ...] = ()
+    constants: tuple[tuple[str, Any, int | None], ...] = field(default=(), compare=False)
+    mask_input: str | None = None
 
     def micro_batch(self, requested: int) -> int:
         if not self.stacked:
             return 1
         return self.fixed_batch if self.fixed_batch is not None else requested
 
+    def feed(self, chunk: dict[str, npt.NDArray[Any]], rows: int) -> dict[str, npt.NDArray[Any]]:
+        """The model feed for `rows` stacked rows (or one unstacked sample): axes moved, constants added."""
+        if not self.stacked:
+            feed = {n: a[0] for n, a in chunk.items()}
+        else:
+            feed = dict(chunk)
+            for name, axis in self.batch_axes:
+                feed[name] = np.ascontiguousarray(np.moveaxis(feed[name], 0, axis))
+        for name, value, axis in self.constants:
+            if axis is None or not self.stacked:
+                feed[name] = value
+            else:
+                shape = (*value.shape[:axis], rows, *value.shape[axis:])
+                feed[name] = np.ascontiguousarray(np.broadcast_to(np.expand_dims(value, axis), shape))
+        return feed
+
 
 def batch_layout(inputs: Mapping[str, ModelInput], batch: CalibrationBatch, source: str) -> BatchLayout:
-    """Check the batch against the model inputs; DataError naming the input on any mismatch."""
+    """Check the batch against the model inputs (and the input specs it carries); DataError naming the
+    input on any mismatch."""
+    from trtcal.config import parse_input_specs
+
+    try:
+        specs = {s.name: s for s in parse_input_specs(batch.spec.get("inputs") or {})}
+    except ConfigError as exc:
+        raise DataError(f"calibration batch {batch.source!r}: its input specs are invalid ({exc})") from None
+    undeclared = sorted(set(specs) - set(inputs))
+    if undeclared:
+        raise DataError(
+            f"calibration batch {batch.source!r} declares input(s) {undeclared} that model {source!r} does not have; "
+            f"its inputs are {sorted(inputs)}"
+        )
+    fed = {n: m for n, m in inputs.items() if not (n in specs and specs[n].is_constant)}
     got = batch.inputs
-    missing = sorted(set(inputs) - set(got))
-    extra = sorted(set(got) - set(inputs))
+    missing = sorted(set(fed) - set(got))
+    extra = sorted(set(got) - set(fed))
     if missing or extra:
         parts = []
         if missing:
@@ -95,27 +133,65 @@ def batch_layout(inputs: Mapping[str, ModelInput], batch: CalibrationBatch, sour
         raise DataError(
             f"calibration batch {batch.source!r} does not match model {source!r}: {'; '.join(parts)}. "
             f"The model's inputs are {sorted(inputs)}; the batch holds {sorted(got)}"
+            + ("; declare constant inputs (value) with --inputs" if missing else "")
         )
-    modes: set[tuple[bool, int | None]] = set()
-    for name, expected in sorted(inputs.items()):
-        modes.add(_input_mode(name, expected, got[name]))
-    if len(modes) != 1:
-        raise DataError(f"model {source!r}: inputs disagree on the batch axis ({sorted(modes, key=str)}); not supported")
-    stacked, lead = modes.pop()
-    return BatchLayout(stacked=stacked, fixed_batch=lead)
+    modes: dict[str, tuple[bool, int | None]] = {}
+    axes: list[tuple[str, int]] = []
+    for name, expected in sorted(fed.items()):
+        axis = specs[name].batch_axis if name in specs else 0
+        if axis is None or (expected.dims and axis >= len(expected.dims)):
+            raise DataError(
+                f"input {name!r}: batch_axis {axis} does not fit the model's {expected.describe()}; "
+                "inputs read from the data need a batch axis (constants take a value)"
+            )
+        modes[name] = _input_mode(name, expected, got[name], axis)
+        if axis and modes[name][0]:
+            axes.append((name, axis))
+    if len(set(modes.values())) > 1:
+        described = "; ".join(
+            f"{n!r} (model {fed[n].describe()}, samples {list(got[n].shape)}): "
+            + (f"stacked, batch dim {'?' if lead is None else lead}" if stacked else "one whole feed per row")
+            for n, (stacked, lead) in sorted(modes.items())
+        )
+        raise DataError(
+            f"inputs disagree on the batch axis: {described}. Declare each input's batch axis "
+            "(e.g. --inputs '{\"state\": {\"batch_axis\": 1}}'), or its value if it is a constant; see docs/inputs.md"
+        )
+    stacked, lead = next(iter(modes.values()))
+    constants = tuple(_constant_feed(specs[n], inputs[n], stacked) for n in sorted(inputs) if n in specs and specs[n].is_constant)
+    masks = [n for n, s in specs.items() if s.mask]
+    return BatchLayout(stacked=stacked, fixed_batch=lead, batch_axes=tuple(axes), constants=constants,
+                       mask_input=masks[0] if masks else None)
 
 
-def _input_mode(name: str, expected: ModelInput, info: Any) -> tuple[bool, int | None]:
-    """(stacked, fixed leading dim) of one input, or DataError saying how the batch column differs."""
+def _constant_feed(spec: Any, expected: ModelInput, stacked: bool) -> tuple[str, Any, int | None]:
+    """(name, array, repeat axis or None) of a constant input: fed as is when it has the model's rank."""
+    value = spec.constant()
+    if spec.dtype is None:
+        value = value.astype(expected.dtype)
+    rank = len(expected.dims)
+    if value.ndim == rank:
+        return spec.name, value, None
+    axis = spec.batch_axis if spec.batch_axis is not None else 0
+    if value.ndim == rank - 1 and stacked:
+        return spec.name, value, axis
+    raise DataError(
+        f"input {spec.name!r}: the constant has shape {list(value.shape)}, the model expects {expected.describe()}; "
+        "give the whole input's shape, or the per-sample shape with its batch_axis"
+    )
+
+
+def _input_mode(name: str, expected: ModelInput, info: Any, axis: int = 0) -> tuple[bool, int | None]:
+    """(stacked, batch dim) of one input, or DataError saying how the batch column differs."""
     if np.dtype(info.dtype) != np.dtype(expected.dtype):
         raise DataError(
             f"input {name!r}: the model expects {expected.dtype}, the batch holds {info.dtype}; "
-            f"convert the data to {expected.dtype} when preprocessing"
+            f"convert the data to {expected.dtype} when preprocessing (or declare its dtype with --inputs)"
         )
     sample = info.shape
     dims = expected.dims
     if len(sample) == len(dims) - 1:
-        stacked, model_dims, lead = True, dims[1:], dims[0]
+        stacked, model_dims, lead = True, dims[:axis] + dims[axis + 1 :], dims[axis]
     elif len(sample) == len(dims):
         stacked, model_dims, lead = False, dims, None
     else:
@@ -123,11 +199,12 @@ def _input_mode(name: str, expected: ModelInput, info: Any) -> tuple[bool, int |
             f"input {name!r}: the model expects {expected.describe()} (a batch axis then "
             f"{len(dims) - 1} dims), the batch's samples have shape {list(sample)}"
         )
-    for axis, (want, have) in enumerate(zip(model_dims, sample)):
+    for position, (want, have) in enumerate(zip(model_dims, sample)):
         if want is not None and want != have:
+            model_axis = position + (1 if stacked and position >= axis else 0)
             raise DataError(
                 f"input {name!r}: the model expects {expected.describe()}, the batch's samples have shape "
-                f"{list(sample)} (dimension {axis + (1 if stacked else 0)} is {have}, expected {want})"
+                f"{list(sample)} (dimension {model_axis} is {have}, expected {want})"
             )
     return stacked, lead
 
@@ -154,7 +231,7 @@ def feed_micro_batches(
         )
     for chunk in batch.iter_micro_batches(size, start=start, stop=stop):
         rows = next(iter(chunk.values())).shape[0]
-        yield (chunk if layout.stacked else {n: a[0] for n, a in chunk.items()}), rows
+        yield layout.feed(chunk, rows), rows
 
 
 # ---------------------------------------------------------------------------------------------
