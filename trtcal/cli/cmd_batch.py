@@ -19,7 +19,17 @@ from typing import Any
 from trtcal.cli._options import add_storage_option, parse_storage_options
 from trtcal.config import OnBadInput, choices
 
-__all__ = ["register", "batch_config_from_args", "run_build", "run_show"]
+__all__ = ["register", "add_input_options", "batch_config_from_args", "run_build", "run_show"]
+
+
+def add_input_options(parser: Any) -> None:
+    """--inputs / --tokenizer / --text-field (shared by `batch build` and `calibrate`; docs/inputs.md)."""
+    parser.add_argument(
+        "--inputs", metavar="JSON|FILE",
+        help="declared model inputs: {name: {dtype, length, pad_value, batch_axis, value, shape, mask, column}}",
+    )
+    parser.add_argument("--tokenizer", metavar="MOD:FN|tokenizer.json", help="tokenize raw text (JSONL field, .txt lines)")
+    parser.add_argument("--text-field", metavar="NAME", help="the JSONL/Parquet field holding raw text (default: text)")
 
 
 def register(subparsers: Any) -> None:
@@ -61,6 +71,7 @@ def register(subparsers: Any) -> None:
     build.add_argument("--stratify", action="store_true", default=None, help="draw evenly per class folder / label")
     build.add_argument("--input-name", metavar="NAME", help="the model input the arrays feed (default: input)")
     build.add_argument("--max-image-pixels", type=int, metavar="N", help="decompression-bomb limit per image")
+    add_input_options(build)
     add_storage_option(build, what="the dataset and the output")
     build.add_argument("--report-json", metavar="FILE", help="write the build report (skipped files, timings) as JSON")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -75,7 +86,10 @@ def register(subparsers: Any) -> None:
 
 
 # BatchConfig fields that `batch build` and `calibrate` both take from options of the same name.
-_BATCH_OPTIONS = ("num_samples", "seed", "workers", "on_bad_input", "stratify", "input_name", "max_image_pixels")
+_BATCH_OPTIONS = (
+    "num_samples", "seed", "workers", "on_bad_input", "stratify", "input_name", "max_image_pixels", "inputs",
+    "tokenizer", "text_field",
+)
 
 
 def batch_config_from_args(args: argparse.Namespace) -> Any:
@@ -91,7 +105,7 @@ def batch_config_from_args(args: argparse.Namespace) -> Any:
     overrides = {k: getattr(args, k, None) for k in ("layout", "dtype", "interpolation")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     values: dict[str, Any] = {name: getattr(args, name, None) for name in _BATCH_OPTIONS}
-    if args.preprocess is not None:
+    if getattr(args, "preprocess", None) is not None:
         values["preprocess"] = parse_preprocess(args.preprocess, **overrides)
     elif overrides:
         values["preprocess"] = replace(BatchConfig().preprocess, **overrides)
@@ -118,7 +132,7 @@ def run_build(args: argparse.Namespace) -> int:
     shapes = ", ".join(f"{i.name} {list(i.shape)} {i.dtype}" for i in report.inputs)
     print(
         f"wrote {report.output_url}: {report.num_rows} rows ({shapes}), {report.fingerprint}, "
-        f"{report.nbytes / 2**20:.1f} MiB in {seconds:.1f} s ({rate:.1f} images/s preprocessing, "
+        f"{report.nbytes / 2**20:.1f} MiB in {seconds:.1f} s ({rate:.1f} samples/s preprocessing, "
         f"{report.workers} workers)"
     )
     for bad in report.refused:

@@ -107,6 +107,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--stratify", action="store_true", default=None, help="draw evenly per class folder")
     data.add_argument("--on-bad-input", choices=choices(OnBadInput), default=None,
                       help="corrupt/unreadable inputs: fail listing them, or skip and report them")
+    from trtcal.cli.cmd_batch import add_input_options
+
+    add_input_options(data)
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--address", default=None, help="Ray address (absent: an embedded local Ray; auto; ray://…)")
     cluster.add_argument("--workers", type=int, default=None, help="preprocessing tasks in flight (default: cluster CPUs)")

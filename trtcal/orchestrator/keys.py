@@ -26,7 +26,7 @@ def batch_key_inputs(data: str, batch: BatchConfig) -> dict[str, Any]:
     """What identifies a batch request (not its content: the dataset is only listed when building)."""
     from trtcal._secrets import redact_url
 
-    return {
+    key = {
         "kind": "calibration-batch",
         "data": redact_url(os.fspath(data)),
         "num_samples": batch.num_samples,
@@ -36,6 +36,20 @@ def batch_key_inputs(data: str, batch: BatchConfig) -> dict[str, Any]:
         "on_bad_input": batch.on_bad_input,
         "format_version": FORMAT_VERSION,
     }
+    # Text and declared inputs only: image requests keep their keys.
+    if batch.inputs:
+        from trtcal.config import input_specs_to_dict
+
+        key["inputs"] = input_specs_to_dict(batch.inputs)
+    if batch.tokenizer is not None:
+        key["tokenizer"] = batch.tokenizer
+        key["text_field"] = batch.text_field
+        if batch.tokenizer.endswith(".json") and os.path.isfile(batch.tokenizer):
+            import hashlib
+
+            with open(batch.tokenizer, "rb") as f:
+                key["tokenizer_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return key
 
 
 def runner_id(device: str, backend: str = "onnxruntime") -> tuple[str, str]:

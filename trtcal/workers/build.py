@@ -344,6 +344,10 @@ class _Listed:
 
 
 def _build(b: _Build, started: float) -> BuildReport:
+    from trtcal.workers.text import build_text, is_text_request
+
+    if is_text_request(b.dataset, b.config):
+        return build_text(b, started)
     wall: dict[str, float] = {}
     warnings: list[str] = []
     t0 = time.perf_counter()
@@ -469,6 +473,10 @@ class _ChunkSink:
         self.document: dict[str, Any] = {
             "preprocess": b.config.preprocess.to_dict(), "skipped_inputs": 0, "refused_entries": num_refused,
         }
+        if b.config.inputs:  # declared inputs (batch axis, constants) travel with the batch to the runners
+            from trtcal.config import input_specs_to_dict
+
+            self.document["inputs"] = input_specs_to_dict(b.config.inputs)
         self.writer: PlannedBatchWriter | None = None if expected is None else self.open_writer(expected)
 
     def open_writer(self, signature: Any) -> PlannedBatchWriter:
