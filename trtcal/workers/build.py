@@ -201,8 +201,11 @@ def build_batch_on(
     """`build_batch` on a Ray session the caller holds (`calibrate_dataset` opens one for the whole job)."""
     import ray
 
+    from trtcal.workers.text import is_jsonl_url, open_text_dataset
+
     started = time.perf_counter()
-    dataset = open_dataset(data_url, storage_options)
+    text_url = os.fspath(data_url)
+    dataset = open_text_dataset(text_url, storage_options) if is_jsonl_url(text_url) else open_dataset(data_url, storage_options)
     output_url = os.fspath(output_url)
     out_options = storage_options_for(
         output_url, output_storage_options if output_storage_options is not None else storage_options

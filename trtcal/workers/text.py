@@ -40,7 +40,10 @@ if TYPE_CHECKING:
     from trtcal.workers.build import BuildReport, _Build
     from trtcal.workers.sources import Dataset
 
-__all__ = ["JSONL_EXTENSIONS", "is_text_request", "list_text_files", "encode_record", "load_tokenizer", "build_text"]
+__all__ = [
+    "JSONL_EXTENSIONS", "TokenizerRef", "is_text_request", "list_text_files", "encode_record", "load_tokenizer",
+    "tokenizer_ref", "build_text", "text_document",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,35 @@ def is_text_request(dataset: Dataset, config: BatchConfig) -> bool:
         return False
     kinds = {_kind(rel, tokenizer=False) for rel, _ in list_text_files(dataset, tokenizer=False, strict=False)}
     return bool(kinds - {None})
+
+
+def open_text_dataset(url: str, storage_options: Mapping[str, Any] | None = None) -> Dataset:
+    """`sources.open_dataset` for one JSONL file (which the image/tensor opener does not know)."""
+    import os
+    import posixpath
+
+    import fsspec
+
+    from trtcal.errors import StorageError
+    from trtcal.workers.sources import Dataset, storage_options_for
+
+    options = storage_options_for(url, storage_options)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        if protocol in ("file", "local"):
+            protocol, path = "file", os.path.abspath(path)
+        exists = fs.isfile(path)
+    except (ImportError, OSError, ValueError) as exc:
+        raise StorageError(f"cannot open {url}: {exc}", url=url) from None
+    if not exists:
+        raise DataError(f"dataset {url} does not exist (no such file)")
+    return Dataset(url=url, protocol=protocol, root=posixpath.dirname(path) if protocol != "file" else os.path.dirname(path),
+                   target=path, layout="file", storage_options=options)
+
+
+def is_jsonl_url(url: str) -> bool:
+    return url.split("?")[0].lower().endswith(JSONL_EXTENSIONS)
 
 
 def list_text_files(dataset: Dataset, *, tokenizer: bool, strict: bool = True) -> list[tuple[str, str]]:
