@@ -41,6 +41,10 @@ __all__ = [
     "model_inputs",
     "select_tensors",
     "with_extra_outputs",
+    "MASK_FILL_LIMIT",
+    "mask_inputs",
+    "mask_tensors",
+    "token_axes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,6 +54,12 @@ QUANTIZABLE_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _QUANTIZED_INPUTS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "MatMul": (0, 1), "Gemm": (0, 1)}
 _RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"})
 TensorSelection = Literal["all", "quantizable"] | Sequence[str]
+# In a masked activation (scores + additive mask), values at or below this are the mask's fill
+# (-inf, finfo.min, -1e9, -1e4 plus a score), not data: half the smallest fill in common use.
+MASK_FILL_LIMIT = -5000.0
+# Ops through which a masked activation stays masked (values moved or selected, never mixed).
+_MASK_PASSTHROUGH = frozenset({"Reshape", "Transpose", "Cast", "Unsqueeze", "Squeeze", "Identity", "Flatten", "Expand"})
+_MASK_APPLY = frozenset({"Add", "Sub", "Where", "Mul", "Max", "Min"})
 
 def _onnx() -> Any:
     try:
@@ -222,6 +232,9 @@ def select_tensors(model: onnx.ModelProto, selection: TensorSelection = "all") -
         return name not in types or types[name] in floating
 
     if isinstance(selection, str):
+        # Attention-mask tensors (computed from the mask input and constants only) are not calibrated.
+        masks, _ = mask_tensors(model)
+        order = [n for n in order if n not in masks]
         if selection == "all":
             return [n for n in order if is_float(n)]
         if selection != "quantizable":
@@ -331,3 +344,92 @@ def input_names(model: str | os.PathLike[str] | bytes | onnx.ModelProto | Loaded
             raise ModelError(f"cannot read ONNX model {source}: {exc}") from None
     initializers = {i.name for i in proto.graph.initializer}
     return [i.name for i in proto.graph.input if i.name not in initializers]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention masks (docs/inputs.md, "Masks in statistics")
+
+
+def mask_inputs(model: onnx.ModelProto, declared: str | None = None) -> set[str]:
+    """The attention-mask inputs: the declared one, and integer/bool graph inputs named like "*mask*"."""
+    names = {declared} if declared else set()
+    for name, info in model_inputs(model).items():
+        if "mask" in name.lower() and np.dtype(info.dtype).kind in "biu":
+            names.add(name)
+    return names
+
+
+def mask_tensors(model: onnx.ModelProto, declared: str | None = None) -> tuple[set[str], set[str]]:
+    """(mask tensors, masked activations) of the top-level graph.
+
+    Mask tensors are computed from the mask inputs and constants only (the additive mask: 0 or a
+    large negative fill); they are never calibrated. Masked activations are outputs of an
+    Add/Sub/Where/Mul/Max/Min that takes a mask tensor and data (scores + mask), and what
+    Reshape/Transpose/Cast/... pass on from them: their values at or below MASK_FILL_LIMIT
+    (-inf included) are the fill and are left out of the statistics, never an error.
+    """
+    graph = model.graph
+    sources = mask_inputs(model, declared)
+    if not sources:
+        return set(), set()
+    constants = _constant_names(graph)
+    masks: set[str] = set(sources)
+    masked: set[str] = set()
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if not inputs or node.op_type == "Constant":
+            continue
+        if all(i in masks or i in constants for i in inputs) and any(i in masks for i in inputs):
+            masks.update(o for o in node.output if o)
+        elif node.op_type in _MASK_APPLY and any(i in masks for i in inputs):
+            masked.update(o for o in node.output if o)
+        elif node.op_type in _MASK_PASSTHROUGH and inputs[0] in masked:
+            masked.update(o for o in node.output if o)
+    return masks - sources, masked
+
+
+def token_axes(model: onnx.ModelProto, mask_input: str) -> dict[str, tuple[bool, tuple[int, ...]]]:
+    """tensor -> (batched, its sequence axes), by symbolic shape inference (the mask input must have
+    symbolic [batch, sequence] dims). batched: axis 0 is the mask's batch dim and the sequence axes
+    are >= 1; unbatched (a position table [S, D] or [1, S, D]): one sequence axis, no batch dim."""
+    inputs = {vi.name: vi for vi in model.graph.input}
+    if mask_input not in inputs:
+        return {}
+    dims = inputs[mask_input].type.tensor_type.shape.dim
+    if len(dims) != 2 or not dims[0].dim_param or not dims[1].dim_param:
+        logger.warning(
+            "mask input %r has no symbolic [batch, sequence] dims; padded positions are not left out of the "
+            "statistics (export the model with dynamic axes)", mask_input,
+        )
+        return {}
+    batch_sym, seq_sym = dims[0].dim_param, dims[1].dim_param
+    inferred = _symbolic_shapes(model)
+    out: dict[str, tuple[bool, tuple[int, ...]]] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        shape = list(vi.type.tensor_type.shape.dim) if vi.type.HasField("tensor_type") else []
+        axes = tuple(k for k in range(len(shape)) if shape[k].dim_param == seq_sym)
+        if not axes:
+            continue
+        if shape[0].dim_param == batch_sym and 0 not in axes:
+            out[vi.name] = (True, axes)
+        elif len(axes) == 1 and all(shape[k].dim_value == 1 for k in range(axes[0])) and not any(
+            d.dim_param == batch_sym for d in shape
+        ):
+            out[vi.name] = (False, axes)
+    return out
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's symbolic shape inference (keeps dim names through Reshape/MatMul), else onnx's."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
+        if inferred is not None:
+            return inferred  # type: ignore[no-any-return]
+    except Exception as exc:  # best effort: fall back to onnx's inference
+        logger.info("symbolic shape inference failed (%s); using onnx shape inference", exc)
+    try:
+        return _onnx().shape_inference.infer_shapes(model, strict_mode=False)  # type: ignore[no-any-return]
+    except Exception:
+        return model

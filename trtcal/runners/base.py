@@ -39,6 +39,7 @@ from trtcal.core.histogram import (
     reduce_stats,
 )
 from trtcal.errors import ConfigError, DataError
+from trtcal.model import MASK_FILL_LIMIT
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 
 if TYPE_CHECKING:
@@ -234,6 +235,28 @@ def feed_micro_batches(
         yield layout.feed(chunk, rows), rows
 
 
+def drop_padding(value: Any, keep: Any, rule: tuple[bool, tuple[int, ...]]) -> Any:
+    """The values of a tensor at real token positions, flattened to [kept positions, rest].
+
+    `keep` [N, S] is mask != 0. A batched tensor (axis 0 the batch, sequence `axes` >= 1) keeps a
+    position when it is real on every sequence axis (attention scores [N, H, S, S]: a real query
+    and a real key). An unbatched one (a position table [S, D] or [1, S, D]) keeps the positions
+    that are real in some row of the micro-batch. numpy or torch values alike."""
+    batched, axes = rule
+    seq = keep.shape[1]
+    if any(value.shape[a] != seq for a in axes) or (batched and value.shape[0] != keep.shape[0]):
+        return value  # a shape the rule does not cover (data-dependent): left as is
+    first = 1 if batched else 0
+    targets = tuple(range(first, first + len(axes)))
+    moved = value.movedim(axes, targets) if hasattr(value, "movedim") else np.moveaxis(value, axes, targets)
+    if not batched:
+        return moved[keep.any(0)]
+    both = keep
+    for _ in axes[1:]:
+        both = both[..., None] & keep.reshape(keep.shape[0], *([1] * (both.ndim - 1)), seq)
+    return moved[both]
+
+
 # ---------------------------------------------------------------------------------------------
 # Collectors: where the values of one pass are reduced
 
@@ -363,16 +386,37 @@ class BaseRunner:
         progress.start(stage, stop - start, "sample")
         # A started stage is always finished, also when a pass fails (NonFiniteError, a bad feed):
         # the ONNX Runtime runner did so, the device runners left the stage open on errors.
+        masked, axes = self._mask_rules(layout.mask_input)
         try:
             with self._pass_context():
                 upload = self._uploader()
                 for feed, rows in feed_micro_batches(batch, layout, start, stop, micro_batch):
-                    for name, value in self.infer_impl(upload(feed)):
+                    fed = upload(feed)
+                    keep = None if layout.mask_input is None else fed[layout.mask_input] != 0
+                    for name, value in self.infer_impl(fed):
+                        if keep is not None and name in axes:
+                            value = drop_padding(value, keep, axes[name])
+                        if name in masked:
+                            value = value[value > MASK_FILL_LIMIT]  # the mask's fill is not data
                         collector.update(name, value)
                     progress.advance(stage, rows)
                 return collector.result()
         finally:
             progress.finish(stage)
+
+    def _mask_rules(self, mask_input: str | None) -> tuple[frozenset[str], dict[str, tuple[bool, tuple[int, ...]]]]:
+        """(masked activations, token axes per tensor when a mask input is declared), cached."""
+        from trtcal.model import mask_tensors, token_axes
+
+        cache = self.__dict__.setdefault("_mask_cache", {})
+        if mask_input not in cache:
+            _, masked = mask_tensors(self.model.proto, mask_input)
+            axes = token_axes(self.model.proto, mask_input) if mask_input is not None else {}
+            selected = set(self.tensor_names)
+            cache[mask_input] = (frozenset(masked & selected), {n: a for n, a in axes.items() if n in selected})
+            if axes:
+                logger.info("statistics leave out padded positions of %d tensors (mask input %r)", len(cache[mask_input][1]), mask_input)
+        return cache[mask_input]  # type: ignore[no-any-return]
 
     def collect_stats(
         self,
