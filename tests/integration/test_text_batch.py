@@ -12,9 +12,9 @@ import pytest
 
 from tests.unit.workers.text_data import sentences, write_jsonl, write_tokenizer_json
 from trtcal.batch import open_batch
+from trtcal.config import BatchConfig
 from trtcal.errors import ConfigError, DataError
 from trtcal.orchestrator.keys import batch_key_inputs
-from trtcal.config import BatchConfig
 from trtcal.workers.build import build_batch
 
 pytestmark = pytest.mark.integration
