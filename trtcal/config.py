@@ -116,10 +116,7 @@ class CalibrationConfig:
         micro_batch: samples per ONNX Runtime run (memory grows with it, not with the batch size).
         num_bins: histogram bins on [0, max |x|] per tensor.
         method_params: per-method parameters, e.g. ``{"percentile": {"percentile": 99.99}}``.
-        tensors: "quantizable" (default: the activations the Q/DQ export quantizes: inputs of Conv,
-            ConvTranspose, MatMul, Gemm and residual Adds; only these are exposed as extra outputs,
-            so memory stays that of the model), "all" floating activations (a full TensorRT
-            implicit-quantization cache and report; exposes every tensor), or tensor names.
+        tensors: "all" floating activations, "quantizable" op inputs, or a tuple of tensor names.
         nonfinite: "error" raises NonFiniteError naming the tensor; "ignore" skips NaN/Inf values
             (they are counted in ranges.json).
         manual_ranges: tensor -> amax that overrides (or adds to) the calibrated value.
@@ -136,7 +133,7 @@ class CalibrationConfig:
     micro_batch: int = 32
     num_bins: int = DEFAULT_NUM_BINS
     method_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    tensors: TensorSelection | tuple[str, ...] = "quantizable"
+    tensors: TensorSelection | tuple[str, ...] = "all"
     nonfinite: Nonfinite = "error"
     manual_ranges: Mapping[str, float] = field(default_factory=dict)
     device: str = "cpu"

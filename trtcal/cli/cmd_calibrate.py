@@ -56,8 +56,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--tensors", default=None, metavar="WHICH",
-        help="'quantizable' (default: the activations the Q/DQ export quantizes; low memory), 'all' floating "
-        "activations (full TensorRT cache and report; exposes every tensor), or comma-separated tensor names",
+        help="'all' floating activations, 'quantizable' op inputs, or a comma-separated list of tensor names",
     )
     group.add_argument(
         "--on-nonfinite", choices=choices(Nonfinite), default=None, dest="nonfinite",
