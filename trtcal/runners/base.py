@@ -97,12 +97,12 @@ class BatchLayout:
             feed = dict(chunk)
             for name, axis in self.batch_axes:
                 feed[name] = np.ascontiguousarray(np.moveaxis(feed[name], 0, axis))
-        for name, value, axis in self.constants:
-            if axis is None or not self.stacked:
+        for name, value, repeat_axis in self.constants:
+            if repeat_axis is None or not self.stacked:
                 feed[name] = value
             else:
-                shape = (*value.shape[:axis], rows, *value.shape[axis:])
-                feed[name] = np.ascontiguousarray(np.broadcast_to(np.expand_dims(value, axis), shape))
+                shape = (*value.shape[:repeat_axis], rows, *value.shape[repeat_axis:])
+                feed[name] = np.ascontiguousarray(np.broadcast_to(np.expand_dims(value, repeat_axis), shape))
         return feed
 
 

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 from trtcal.batch import batch_from_arrays
 from trtcal.config import input_specs_to_dict, parse_input_specs
 from trtcal.errors import DataError
-from trtcal.runners.base import make_runner
+from trtcal.runners.factory import make_runner
 
 
 def vad_like_model() -> onnx.ModelProto:

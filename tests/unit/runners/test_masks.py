@@ -11,7 +11,7 @@ from trtcal.batch import batch_from_arrays
 from trtcal.config import input_specs_to_dict, parse_input_specs
 from trtcal.errors import NonFiniteError
 from trtcal.model import mask_tensors, select_tensors
-from trtcal.runners.base import make_runner
+from trtcal.runners.factory import make_runner
 
 MASK_SPEC = {"inputs": input_specs_to_dict(parse_input_specs({"attention_mask": {"mask": True}}))}
 
