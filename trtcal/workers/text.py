@@ -37,7 +37,7 @@ from trtcal.workers.preprocess import InputRejected, load_function
 from trtcal.workers.selection import make_sample_id, path_sort_key, select_samples
 
 if TYPE_CHECKING:
-    from trtcal.workers.build import BuildReport, _Build
+    from trtcal.workers.build_base import BuildReport, _Build
     from trtcal.workers.sources import Dataset
 
 __all__ = [
@@ -340,22 +340,9 @@ def _text_task(
     return rows, rejected, time.perf_counter() - t0
 
 
-def build_text(b: _Build, started: float) -> BuildReport:
-    """`build_batch` for text/token data: count, draw, encode in Ray tasks, write sorted by id."""
-    import ray
-
-    from trtcal.batch import write_batch
-    from trtcal.workers.build import BadInput, BuildReport, _bad_input_message, _location
-
+def _select_text_refs(b: _Build, tokenizer: Any, wall: dict[str, float]) -> tuple[list[_TextRef], Any, list[str]]:
+    """List the text files, count their records and draw the seeded selection, sorted by sample id."""
     config, dataset = b.config, b.dataset
-    specs = config.inputs
-    if not any(not s.is_constant for s in specs):
-        raise ConfigError(
-            "text data: declare the model inputs it feeds and their lengths with --inputs, e.g. "
-            "'{\"input_ids\": {\"length\": 128}, \"attention_mask\": {\"mask\": true, \"length\": 128}}' (docs/inputs.md)"
-        )
-    wall: dict[str, float] = {}
-    tokenizer = tokenizer_ref(config.tokenizer)
     t0 = time.perf_counter()
     files = list_text_files(dataset, tokenizer=tokenizer is not None)
     fs = dataset.filesystem()
@@ -376,6 +363,26 @@ def build_text(b: _Build, started: float) -> BuildReport:
          for (rel, path), chosen in zip(files, selection.per_shard) for row in chosen.get("", ())),
         key=lambda r: r.sample_id,
     )
+    return refs, selection, warnings
+
+
+def build_text(b: _Build, started: float) -> BuildReport:
+    """`build_batch` for text/token data: count, draw, encode in Ray tasks, write sorted by id."""
+    import ray
+
+    from trtcal.batch import write_batch
+    from trtcal.workers.build_base import BadInput, BuildReport, _bad_input_message, _location
+
+    config, dataset = b.config, b.dataset
+    specs = config.inputs
+    if not any(not s.is_constant for s in specs):
+        raise ConfigError(
+            "text data: declare the model inputs it feeds and their lengths with --inputs, e.g. "
+            "'{\"input_ids\": {\"length\": 128}, \"attention_mask\": {\"mask\": true, \"length\": 128}}' (docs/inputs.md)"
+        )
+    wall: dict[str, float] = {}
+    tokenizer = tokenizer_ref(config.tokenizer)
+    refs, selection, warnings = _select_text_refs(b, tokenizer, wall)
     t0 = time.perf_counter()
     task = ray.remote(_text_task).options(num_cpus=1, max_retries=config.max_retries, retry_exceptions=False)
     size = config.chunk_size or _ROWS_PER_TASK
