@@ -5,18 +5,23 @@ Placement follows TensorRT's rules:
 * the inputs of every Conv, ConvTranspose, MatMul and Gemm are quantized: activations per tensor
   (scale = float32(amax) / 127 from the calibration table), constant weights per output channel
   (s_k = max|W_k| / 127 on the axis of `trtcal.core.weight_axis`), stored as int8 initializers
-  followed by a DequantizeLinear;
+  followed by a DequantizeLinear. This includes the attention batched MatMuls (Q·Kᵀ and
+  softmax·V), whose two inputs are activations;
 * the residual input of a skip-connection Add is quantized so TensorRT fuses the Add into the
-  convolution that produces the other input;
+  layer that produces the other input; an additive attention-mask Add is never a residual Add
+  (`graph_rules.mask_tensors`), and nothing inside a normalisation, a Softmax (other than as a
+  MatMul input) or an integer path gets Q/DQ;
 * zero points are explicit int8 zeros (uint8 would be the ONNX default); every scale is a
   strictly positive float32; the default opset is raised to 13 (per-axis Q/DQ) when lower;
 * outputs of the weighted layers are not quantized unless asked (`quantize_outputs`);
 * the implicit-mode "quantization noise reduction" rule (docs/algorithms.md), which explicit mode lost, is
-  applied on request (default on): the last smoothing layer on each path to an FP32 network
-  output stays in float.
+  applied on request (default on): a weighted layer that produces an FP32 network output through
+  shape-only or elementwise ops (not through a residual Add or a normalisation) stays in float.
 
 Tensors missing from the calibration table are left unquantized, together with the node that
-needs them; the export logs one warning naming them and lists them in `QdqReport`.
+needs them; the export logs one warning naming them and lists them in `QdqReport`. Weighted
+layers inside If/Loop/Scan bodies stay float, one report line per input tensor. Every model
+written passes `onnx.checker.check_model(full_check=True)`.
 
 Same model, same table, same options: same bytes (`serialize_model`).
 """
@@ -37,6 +42,22 @@ import numpy as np
 from trtcal.core import per_channel_scales, read_trt_cache, weight_axis
 from trtcal.core.weights import SAFE_SCALE
 from trtcal.errors import ConfigError, InternalError, ModelError
+from trtcal.export.graph_rules import (
+    DEFAULT_DOMAINS as _DEFAULT_DOMAINS,
+)
+from trtcal.export.graph_rules import (
+    WEIGHTED_OP_TYPES,
+    last_smoothing_nodes,
+    mask_tensors,
+    normalization_nodes,
+    residual_input,
+    subgraph_reads,
+    subgraph_weighted_inputs,
+)
+from trtcal.export.graph_rules import constant_values as _constant_values
+from trtcal.export.graph_rules import consumers as _consumers
+from trtcal.export.graph_rules import producers as _producers
+from trtcal.export.ranges import amax_for_method, read_ranges
 
 if TYPE_CHECKING:
     import onnx
@@ -62,13 +83,13 @@ __all__ = [
     "write_bytes_atomic",
     "read_ranges",
     "amax_for_method",
+    "last_smoothing_nodes",
+    "require_quantized",
 ]
 
 log = logging.getLogger(__name__)
 
-WEIGHTED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # also TensorRT's "smoothing" layers
 MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear gained `axis` (per-channel) in opset 13
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 _QDQ_OP_TYPES = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 ModelLike = Any  # onnx.ModelProto | str | os.PathLike | bytes
@@ -154,11 +175,37 @@ class QdqReport:
     excluded_nodes: tuple[str, ...] = ()  # by exclude_nodes / exclude_op_types / float_nodes
     skipped_nodes: tuple[str, ...] = ()  # left float because an input had no amax or is not float32
     missing_tensors: tuple[str, ...] = ()  # activations absent from the calibration table
+    mask_adds: tuple[str, ...] = ()  # Adds of an attention mask: never quantized
+    float_in_subgraphs: tuple[str, ...] = ()  # one line per weighted-layer input inside If/Loop/Scan bodies
     opset: int = MIN_OPSET
     upgraded_from_opset: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing was quantized: no weighted layer and no residual Add."""
+        return not self.quantized_nodes and not self.residual_adds
+
+    def empty_reason(self) -> str:
+        """Why nothing was quantized, from what the export saw."""
+        reasons = []
+        if self.float_in_subgraphs:
+            reasons.append(f"{len(self.float_in_subgraphs)} weighted-layer input(s) lie inside If/Loop/Scan bodies, "
+                           f"which stay float (first: {self.float_in_subgraphs[0]})")
+        if self.missing_tensors:
+            reasons.append(f"{len(self.missing_tensors)} tensor(s) have no calibrated range "
+                           f"(first: {self.missing_tensors[0]!r})")
+        if self.kept_float_nodes:
+            reasons.append(f"the noise-reduction rule kept {list(self.kept_float_nodes)} float")
+        if self.excluded_nodes:
+            reasons.append(f"{len(self.excluded_nodes)} layer(s) excluded by the options")
+        if self.skipped_nodes:
+            reasons.append(f"{len(self.skipped_nodes)} layer(s) have non-float32 inputs")
+        if not reasons:
+            reasons.append("the top-level graph has no Conv, ConvTranspose, MatMul or Gemm")
+        return "; ".join(reasons)
 
 
 @dataclass(frozen=True)
@@ -312,61 +359,6 @@ def _float32_tensors(model: onnx.ModelProto) -> frozenset[str] | None:
     return frozenset(names)
 
 
-def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Constant tensors by name: initializers and Constant nodes with a `value` tensor."""
-    from onnx import numpy_helper
-
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and len(node.output) == 1:
-            for attr in node.attribute:
-                if attr.name == "value" and attr.HasField("t"):
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
-
-
-def _producers(graph: onnx.GraphProto) -> dict[str, int]:
-    return {out: i for i, node in enumerate(graph.node) for out in node.output if out}
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for i, node in enumerate(graph.node):
-        for name in node.input:
-            if name:
-                out.setdefault(name, []).append(i)
-    return out
-
-
-def last_smoothing_nodes(graph: onnx.GraphProto, float32: frozenset[str] | None = None) -> set[int]:
-    """Indices of the last smoothing layer on each path to an FP32 network output (docs/algorithms.md, "Noise reduction").
-
-    Walks back from every FP32 output; a path ends at its first smoothing layer (which is kept
-    float), at a graph input, or at a node of a custom domain (a plugin: the rule does not apply).
-    """
-    producers = _producers(graph)
-    kept: set[int] = set()
-    seen: set[int] = set()
-    stack = [
-        producers[out.name]
-        for out in graph.output
-        if out.name in producers and (float32 is None or out.name in float32)
-    ]
-    while stack:
-        index = stack.pop()
-        if index in seen:
-            continue
-        seen.add(index)
-        node = graph.node[index]
-        if node.domain not in _DEFAULT_DOMAINS:
-            continue
-        if node.op_type in WEIGHTED_OP_TYPES:
-            kept.add(index)
-            continue
-        stack.extend(producers[name] for name in node.input if name in producers)
-    return kept
-
-
 def _weight_input_axis(node: onnx.NodeProto, input_index: int, weight: np.ndarray) -> int | None:
     """Per-channel axis of a constant input, or None for per-tensor (vectors, MatMul/Gemm A)."""
     op = node.op_type
@@ -417,6 +409,9 @@ def plan_qdq(model: onnx.ModelProto, scale_by_tensor: Mapping[str, float], confi
 
     labels = [node_label(node, i) for i, node in enumerate(graph.node)]
     smoothing_kept = last_smoothing_nodes(graph, float32) if config.keep_last_smoothing_float else set()
+    masks = mask_tensors(graph, constants, float32)
+    norms = normalization_nodes(graph)
+    mask_adds: list[int] = []
 
     quantized: list[QuantizedInput] = []
     unit_labels: dict[int, str] = {}
@@ -464,18 +459,20 @@ def plan_qdq(model: onnx.ModelProto, scale_by_tensor: Mapping[str, float], confi
     residual_adds: list[int] = []
     if config.quantize_residual_add:
         for i, node in enumerate(graph.node):
-            if node.op_type != "Add" or node.domain not in _DEFAULT_DOMAINS or len(node.input) != 2:
+            if node.op_type != "Add" or node.domain not in _DEFAULT_DOMAINS or len(node.input) != 2 or i in norms:
+                continue
+            if not all(is_float(name) for name in node.input):
+                continue  # an integer path (position ids, shapes): never quantized
+            if any(name in masks for name in node.input):
+                mask_adds.append(i)
                 continue
             if _excluded(node, labels[i], config):
                 excluded.append(i)
                 continue
-            residual = _residual_input(node, producers, consumers, constants, graph_outputs, quantized_set)
+            residual = residual_input(node, producers, consumers, constants, graph_outputs, quantized_set)
             if residual is None:
                 continue
             name = node.input[residual]
-            if not is_float(name):
-                skipped.append(i)
-                continue
             if name not in scale_by_tensor:
                 missing[name] = None
                 skipped.append(i)
@@ -515,43 +512,11 @@ def plan_qdq(model: onnx.ModelProto, scale_by_tensor: Mapping[str, float], confi
         excluded_nodes=tuple(labels[i] for i in sorted(excluded)),
         skipped_nodes=tuple(labels[i] for i in sorted(set(skipped))),
         missing_tensors=tuple(missing),
+        mask_adds=tuple(labels[i] for i in mask_adds),
+        float_in_subgraphs=tuple(subgraph_weighted_inputs(graph)),
         opset=_default_opset(model),
     )
     return QdqPlan(inputs=tuple(quantized), unit_labels=dict(sorted(unit_labels.items())), report=report)
-
-
-def _residual_input(
-    node: onnx.NodeProto,
-    producers: Mapping[str, int],
-    consumers: Mapping[str, Sequence[int]],
-    constants: Mapping[str, np.ndarray],
-    graph_outputs: set[str],
-    quantized_nodes: set[int],
-) -> int | None:
-    """Which input of an Add to quantize so TensorRT fuses the Add into a quantized weighted layer.
-
-    The fusible input comes from a quantized Conv/ConvTranspose/Gemm/MatMul whose output has no
-    other use; the other input is the residual. When both inputs are fusible, the one produced
-    later fuses and the earlier one (the longer skip path) is quantized.
-    """
-    a, b = node.input
-    if not a or not b or a in constants or b in constants:
-        return None  # a bias or constant add, not a skip connection
-
-    def fusible(name: str) -> int | None:
-        p = producers.get(name)
-        if p is None or p not in quantized_nodes:
-            return None
-        if name in graph_outputs or len(consumers.get(name, ())) != 1:
-            return None
-        return p
-
-    fa, fb = fusible(a), fusible(b)
-    if fa is None and fb is None:
-        return None
-    if fa is not None and fb is not None:
-        return 0 if fa < fb else 1
-    return 1 if fa is not None else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,12 +527,16 @@ class _Names:
     """Fresh, deterministic names that collide with nothing in the graph."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
-        used: set[str] = {t.name for t in graph.initializer}
-        used.update(v.name for v in [*graph.input, *graph.output, *graph.value_info])
-        for node in graph.node:
-            used.add(node.name)
-            used.update(node.input)
-            used.update(node.output)
+        from trtcal.export.graph_rules import iter_subgraphs
+
+        used: set[str] = set()
+        for g in [graph, *(body for _, body in iter_subgraphs(graph))]:  # no shadowing inside bodies either
+            used.update(t.name for t in g.initializer)
+            used.update(v.name for v in [*g.input, *g.output, *g.value_info])
+            for node in g.node:
+                used.add(node.name)
+                used.update(node.input)
+                used.update(node.output)
         self.used = used
 
     def fresh(self, base: str) -> str:
@@ -676,8 +645,9 @@ def apply_plan(model: onnx.ModelProto, plan: QdqPlan, scale_by_tensor: Mapping[s
             replaced_uses[q.tensor] = replaced_uses.get(q.tensor, 0) + 1
         new_nodes.append(node)
 
-    # Float weights that no node reads any more are dropped (the int8 copy replaced them).
-    still_used = {name for n in new_nodes for name in n.input}
+    # Float weights that no node reads any more are dropped (the int8 copy replaced them); what a
+    # node inside an If/Loop/Scan body reads from the outer scope stays.
+    still_used = {name for n in new_nodes for name in n.input} | subgraph_reads(graph)
     still_used.update(o.name for o in graph.output)
     still_used.update(i.name for i in graph.input)
     kept_initializers = [t for t in graph.initializer if t.name in still_used]
@@ -692,11 +662,44 @@ def apply_plan(model: onnx.ModelProto, plan: QdqPlan, scale_by_tensor: Mapping[s
     graph.node.extend(final_nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept_initializers + new_initializers)
-    try:
-        onnx.checker.check_model(out)
-    except onnx.checker.ValidationError as exc:
-        raise InternalError(f"the Q/DQ model fails onnx.checker: {exc}") from exc
+    check_full(out, model)
     return out
+
+
+def check_full(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> None:
+    """`onnx.checker.check_model(full_check=True)` on the Q/DQ model (types and shapes included).
+
+    Raises:
+        ModelError: the FP32 model fails the same check (the export cannot repair it).
+        InternalError: only the Q/DQ model fails it (a bug in the export).
+    """
+    import onnx
+
+    if qdq.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF:
+        log.info("the Q/DQ model is over 2 GiB; onnx.checker cannot check it in memory")
+        return
+    try:
+        onnx.checker.check_model(qdq, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        try:
+            onnx.checker.check_model(fp32, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as fp32_exc:
+            raise ModelError(
+                f"the FP32 model fails onnx.checker.check_model(full_check=True) ({fp32_exc}); no valid Q/DQ "
+                "model can be written from it. Fix the model (e.g. re-export it) first"
+            ) from None
+        raise InternalError(f"the Q/DQ model fails onnx.checker (full check): {exc}") from exc
+
+
+def require_quantized(report: QdqReport, *, allow_empty: bool, what: str = "the Q/DQ export") -> None:
+    """ModelError when `report` quantized nothing, naming why, unless `allow_empty`."""
+    if not report.is_empty:
+        return
+    message = f"{what} quantized nothing: {report.empty_reason()}"
+    if allow_empty:
+        log.warning("%s (allowed by allow_empty)", message)
+        return
+    raise ModelError(f"{message}. Nothing would run in INT8; pass --allow-empty (allow_empty=True) to accept it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -785,84 +788,3 @@ def qdq_from_cache(
     cache = read_trt_cache(cache_bytes)
     config = _config(exclude_nodes, exclude_op_types, keep_last_smoothing_float, quantize_outputs)
     return build_qdq(model, cache.scale, config).model
-
-
-# ---------------------------------------------------------------------------------------------
-# Range tables (ranges.json)
-
-
-def read_ranges(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
-    """method -> tensor -> amax from a `ranges.json` written by `trtcal.calibrate`.
-
-    Accepted layouts: ``{"tensors": {name: {"amax": {method: amax}}}}`` (also a list of objects
-    with a "name"), ``{"methods" | "amax": {method: {name: amax}}}``, and a plain ``{name: amax}``
-    (one unnamed method, labelled "ranges").
-
-    Raises:
-        ConfigError: the file is missing, not JSON, or in none of these layouts.
-    """
-    import json
-
-    source = Path(path)
-    try:
-        data = json.loads(source.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"ranges file {str(source)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"ranges file {str(source)!r} is not readable JSON ({exc})") from None
-    table: dict[str, dict[str, float]] = {}
-
-    def put(method: str, tensor: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: amax of tensor {tensor!r} for method {method!r} is not a number: {value!r}")
-        table.setdefault(str(method), {})[str(tensor)] = float(value)
-
-    if isinstance(data, dict) and "tensors" in data:
-        tensors = data["tensors"]
-        items: list[tuple[str, Any]] = (
-            [(str(k), v) for k, v in tensors.items()]
-            if isinstance(tensors, dict)
-            else [(str(t.get("name")), t) for t in tensors if isinstance(t, dict) and t.get("name")]
-        )
-        order = data.get("tensor_order")
-        if isinstance(order, list):  # trtcal.calibrate writes sorted keys and the graph order apart
-            rank = {name: k for k, name in enumerate(order)}
-            items.sort(key=lambda item: rank.get(item[0], len(rank)))
-        for name, entry in items:
-            amax = entry.get("amax") if isinstance(entry, dict) else None
-            if isinstance(amax, dict):
-                for method, value in amax.items():
-                    put(method, name, value)
-            elif amax is not None:
-                put(str(entry.get("method", data.get("method", "ranges"))), name, amax)
-    elif isinstance(data, dict) and isinstance(data.get("methods", data.get("amax")), dict):
-        by_method: dict[str, Any] = data["methods"] if isinstance(data.get("methods"), dict) else data["amax"]
-        for method, by_tensor in by_method.items():
-            if not isinstance(by_tensor, dict):
-                raise ConfigError(f"{source}: method {method!r} must map tensor names to amax values")
-            for name, value in by_tensor.items():
-                put(method, name, value)
-    elif isinstance(data, dict) and data and all(isinstance(v, (int, float)) for v in data.values()):
-        for name, value in data.items():
-            put("ranges", name, value)
-    algorithms = data.get("algorithms") if isinstance(data, dict) else None
-    if isinstance(algorithms, list):  # the order the methods were asked for
-        rank = {str(m): k for k, m in enumerate(algorithms)}
-        table = dict(sorted(table.items(), key=lambda item: rank.get(item[0], len(rank))))
-    if not table:
-        raise ConfigError(
-            f"{source}: no ranges found; expected a trtcal ranges.json "
-            '({"tensors": {name: {"amax": {method: value}}}}) or a plain {tensor: amax} object'
-        )
-    return table
-
-
-def amax_for_method(ranges: Mapping[str, Mapping[str, float]], method: str | None, *, source: str = "ranges") -> dict[str, float]:
-    """One method's table; `method` may be omitted when the file holds exactly one."""
-    if method is None:
-        if len(ranges) != 1:
-            raise ConfigError(f"{source} holds the methods {sorted(ranges)}; choose one with --method")
-        return dict(next(iter(ranges.values())))
-    if method not in ranges:
-        raise ConfigError(f"{source} has no method {method!r}; it holds {sorted(ranges)}")
-    return dict(ranges[method])
