@@ -42,29 +42,119 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 WEIGHTED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # also TensorRT's "smoothing" layers
 
 # Ops that only move or reshape data (the data input passes through unchanged in value).
-_SHAPE_ONLY = frozenset({
-    "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Expand", "Concat", "Split",
-    "Slice", "Gather", "Tile", "Cast", "Dropout", "DepthToSpace", "SpaceToDepth", "Pad",
-})
+_SHAPE_ONLY = frozenset(
+    {
+        "Reshape",
+        "Flatten",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Identity",
+        "Expand",
+        "Concat",
+        "Split",
+        "Slice",
+        "Gather",
+        "Tile",
+        "Cast",
+        "Dropout",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "Pad",
+    }
+)
 # Elementwise activations and per-channel affine ops TensorRT fuses into the producing layer.
-_ELEMENTWISE_UNARY = frozenset({
-    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Erf", "Gelu", "Elu",
-    "Selu", "Celu", "Softplus", "Softsign", "Mish", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Floor",
-    "Ceil", "Round", "Sign", "Softmax", "LogSoftmax", "BatchNormalization",
-    "AveragePool", "GlobalAveragePool", "MaxPool", "GlobalMaxPool",
-})
+_ELEMENTWISE_UNARY = frozenset(
+    {
+        "Relu",
+        "LeakyRelu",
+        "PRelu",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Clip",
+        "Erf",
+        "Gelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Softplus",
+        "Softsign",
+        "Mish",
+        "Exp",
+        "Log",
+        "Abs",
+        "Neg",
+        "Sqrt",
+        "Reciprocal",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sign",
+        "Softmax",
+        "LogSoftmax",
+        "BatchNormalization",
+        "AveragePool",
+        "GlobalAveragePool",
+        "MaxPool",
+        "GlobalMaxPool",
+    }
+)
 _ELEMENTWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum"})
-_NORMALIZATION_OPS = frozenset({
-    "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization",
-    "GroupNormalization", "InstanceNormalization", "LpNormalization", "MeanVarianceNormalization",
-})
+_NORMALIZATION_OPS = frozenset(
+    {
+        "LayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+        "RMSNormalization",
+        "GroupNormalization",
+        "InstanceNormalization",
+        "LpNormalization",
+        "MeanVarianceNormalization",
+    }
+)
 # Ops through which an attention mask is computed from integer inputs (or from shapes).
-_MASK_OPS = frozenset({
-    "Cast", "Sub", "Mul", "Div", "Add", "Neg", "Not", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand",
-    "Where", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Slice", "Gather", "Concat",
-    "ConstantOfShape", "Tile", "Transpose", "And", "Or", "Xor", "Min", "Max", "Range", "Trilu", "Identity",
-    "CumSum", "Clip", "Shape", "Size",
-})
+_MASK_OPS = frozenset(
+    {
+        "Cast",
+        "Sub",
+        "Mul",
+        "Div",
+        "Add",
+        "Neg",
+        "Not",
+        "Unsqueeze",
+        "Squeeze",
+        "Reshape",
+        "Flatten",
+        "Expand",
+        "Where",
+        "Equal",
+        "Less",
+        "LessOrEqual",
+        "Greater",
+        "GreaterOrEqual",
+        "Slice",
+        "Gather",
+        "Concat",
+        "ConstantOfShape",
+        "Tile",
+        "Transpose",
+        "And",
+        "Or",
+        "Xor",
+        "Min",
+        "Max",
+        "Range",
+        "Trilu",
+        "Identity",
+        "CumSum",
+        "Clip",
+        "Shape",
+        "Size",
+    }
+)
 _LARGE_NEGATIVE = -1.0e4  # additive masks use -inf, finfo.min, -1e9 or -1e4
 _NORM_DIVISOR_PATH = frozenset({"Sqrt", "Reciprocal", "Add", "Cast", "Identity"})
 _NORM_REDUCTIONS = frozenset({"ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceSum"})
@@ -114,9 +204,9 @@ def mask_tensors(
     graph: onnx.GraphProto, constants: Mapping[str, np.ndarray], float32: frozenset[str] | None
 ) -> set[str]:
     """Tensors that are attention masks: computed from graph inputs and constants only, through
-    `_MASK_OPS`, and either derived from a non-float input (token mask, shapes) or holding a large
-    negative constant (-inf, finfo.min, -1e4). An embedding lookup (Gather from a constant table)
-    is not a mask.
+    `_MASK_OPS`, and either derived from non-float inputs only (token mask, shapes) or scaled by a
+    large negative constant (-inf, finfo.min, -1e4). An embedding lookup (Gather from a constant
+    table) is not a mask, nor is a float input mixed with a mask (scores + mask).
     """
     derived: dict[str, bool] = {}  # tensor -> flagged (int-derived or large negative)
     for vi in graph.input:
@@ -134,7 +224,9 @@ def mask_tensors(
         variable = [n for n in data_inputs if n and n not in constants]
         if not variable or not all(n in derived for n in variable):
             continue
-        flagged = any(derived[n] for n in variable) or any(
+        # Mixing a flagged tensor with an unflagged float one (scores + mask) is not a mask, unless
+        # this very node brings in the large negative value.
+        flagged = all(derived[n] for n in variable) or any(
             _large_negative(constants[n]) for n in node.input if n in constants
         )
         for out in node.output:
@@ -143,7 +235,9 @@ def mask_tensors(
     return {name for name, flagged in derived.items() if flagged and (float32 is None or name in float32)}
 
 
-def _norm_divisor(name: str, graph: onnx.GraphProto, producer_of: Mapping[str, int], depth: int = 0) -> set[int]:
+def _norm_divisor(
+    name: str, graph: onnx.GraphProto, producer_of: Mapping[str, int], depth: int = 0
+) -> set[int]:
     """The nodes computing `name` when it is a normaliser (Sqrt/Reciprocal/+eps of a mean or of a
     sum of squares), else an empty set."""
     index = producer_of.get(name)
@@ -265,7 +359,9 @@ def iter_subgraphs(graph: onnx.GraphProto, path: str = "") -> Iterator[tuple[str
     """(label, subgraph) for every subgraph at any depth; label like ``If 'cond'.then_branch``."""
     for i, node in enumerate(graph.node):
         for attr in node.attribute:
-            bodies: list[Any] = [attr.g] if attr.type == attr.GRAPH else list(attr.graphs) if attr.type == attr.GRAPHS else []
+            bodies: list[Any] = (
+                [attr.g] if attr.type == attr.GRAPH else list(attr.graphs) if attr.type == attr.GRAPHS else []
+            )
             for body in bodies:
                 label = f"{path}{node.op_type} '{node.name or f'{node.op_type}_{i}'}'.{attr.name}"
                 yield label, body
