@@ -214,14 +214,20 @@ def mask_tensors(
             continue
         elem = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
         derived[vi.name] = elem not in (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+    folded = set(constants)  # constants and what is computed from constants only (ConstantOfShape(const), ...)
     for node in graph.node:
-        if not _default(node) or node.op_type not in _MASK_OPS or _has_subgraph(node):
+        if not _default(node) or _has_subgraph(node) or node.op_type.startswith("Random"):
+            continue
+        if all(n in folded for n in node.input if n):
+            folded.update(o for o in node.output if o)
+            continue
+        if node.op_type not in _MASK_OPS:
             continue
         if node.op_type in ("Shape", "Size"):
             derived.update({o: True for o in node.output if o})
             continue
         data_inputs = [node.input[0]] if node.op_type == "Gather" and node.input else list(node.input)
-        variable = [n for n in data_inputs if n and n not in constants]
+        variable = [n for n in data_inputs if n and n not in folded]
         if not variable or not all(n in derived for n in variable):
             continue
         # Mixing a flagged tensor with an unflagged float one (scores + mask) is not a mask, unless
