@@ -126,6 +126,9 @@ class CalibrationConfig:
             batch, merged exactly (the artifacts are the bytes of one worker; tested). 1: in this
             process. 0: one per 2 cores, at most 8. Needs a local .arrow/.npy batch file (other
             batches are collected in this process). Not part of any cache key.
+        allow_empty: accept a result that quantizes nothing (no tensor to calibrate, or a Q/DQ
+            export without any quantized layer); by default that is a ModelError naming why.
+            Not part of any cache key (it changes no artifact).
     """
 
     algorithms: tuple[str, ...] = ("entropy2",)
@@ -138,6 +141,7 @@ class CalibrationConfig:
     manual_ranges: Mapping[str, float] = field(default_factory=dict)
     device: str = "cpu"
     processes: int = 1
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
         algorithms = (self.algorithms,) if isinstance(self.algorithms, str) else tuple(self.algorithms)
@@ -183,6 +187,7 @@ class CalibrationConfig:
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if isinstance(self.processes, bool) or not isinstance(self.processes, int) or not 0 <= self.processes <= 256:
             raise ConfigError(f"processes must be an int from 0 (auto) to 256, got {self.processes!r}")
+        _check_bool("allow_empty", self.allow_empty)
 
     def _checked_method_params(self, algorithms: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         params = {str(k): dict(v) for k, v in dict(self.method_params).items()}

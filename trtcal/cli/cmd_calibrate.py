@@ -63,6 +63,10 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
         help="NaN/Inf activations: fail naming the tensor, or skip those values",
     )
     group.add_argument(
+        "--allow-empty", action="store_true", default=None,
+        help="accept a calibration or Q/DQ export that quantizes nothing (otherwise an error naming why)",
+    )
+    group.add_argument(
         "--manual-ranges", default=None, metavar="FILE.json",
         help="JSON object tensor -> amax overriding (or adding to) the calibrated ranges",
     )
@@ -75,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     values: dict[str, Any] = {}
     if args.algorithms:
         values["algorithms"] = tuple(args.algorithms)
-    for option in ("trt_version", "micro_batch", "num_bins", "nonfinite", "processes"):
+    for option in ("trt_version", "micro_batch", "num_bins", "nonfinite", "processes", "allow_empty"):
         value = getattr(args, option, None)
         if value is not None:
             values[option] = value

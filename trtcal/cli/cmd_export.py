@@ -64,6 +64,10 @@ def register(subparsers: Any) -> None:
         "--quantize-outputs", action="store_true", default=None, help="also quantize the outputs of quantized layers"
     )
     qdq.add_argument("--report-json", metavar="FILE", help="write what was quantized, kept float and missing as JSON")
+    qdq.add_argument(
+        "--allow-empty", action="store_true", default=False,
+        help="write the model even when nothing gets quantized (otherwise an error naming why)",
+    )
     qdq.set_defaults(func=run_qdq)
 
 
@@ -92,6 +96,7 @@ def run_qdq(args: argparse.Namespace) -> int:
         amax_for_method,
         build_qdq,
         read_ranges,
+        require_quantized,
         save_model,
         write_bytes_atomic,
     )
@@ -109,15 +114,19 @@ def run_qdq(args: argparse.Namespace) -> int:
     else:
         scales = activation_scales(amax_for_method(read_ranges(args.ranges), args.method, source=args.ranges))
     export = build_qdq(args.model, scales, config)
-    save_model(export.model, args.output)
     report = export.report
+    require_quantized(report, allow_empty=args.allow_empty, what=f"exporting {args.model}")
+    save_model(export.model, args.output)
+    for line in report.float_in_subgraphs:
+        print(f"kept float: {line}", file=sys.stderr)
     if args.report_json:
         text = json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"
         write_bytes_atomic(args.report_json, text.encode("utf-8"))
     print(
         f"wrote {args.output}: {len(report.quantized_nodes)} layers and {len(report.residual_adds)} residual Adds "
         f"quantized; kept float: {len(report.kept_float_nodes)} (noise reduction), {len(report.excluded_nodes)} "
-        f"(excluded), {len(report.skipped_nodes)} (no range: {len(report.missing_tensors)} tensors)",
+        f"(excluded), {len(report.skipped_nodes)} (no range: {len(report.missing_tensors)} tensors), "
+        f"{len(report.float_in_subgraphs)} input(s) inside If/Loop/Scan bodies; {len(report.mask_adds)} mask Adds float",
         file=sys.stderr,
     )
     return 0

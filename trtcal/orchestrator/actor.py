@@ -63,6 +63,7 @@ class ActorResult:
     num_samples: int
     timings: dict[str, float]
     runner: dict[str, Any]  # at least "kind" and "version"
+    warnings: tuple[str, ...] = ()  # for the user: what stayed float and why (subgraphs, empty export)
 
     @property
     def runner_id(self) -> tuple[str, str]:
@@ -163,22 +164,46 @@ def run_calibration(
         files = dict(result.files)
         files[RUN_RECORD] = files.pop(MANIFEST)  # the store's own manifest.json commits an entry
         timings = dict(result.timings)
+        warnings: list[str] = []
         if request.export_qdq:
             t0 = time.perf_counter()
             progress.start("export", None, "")
-            files[QDQ_ARTIFACT] = _qdq_bytes(model_path, result.amax[config.algorithms[0]])
+            files[QDQ_ARTIFACT], warnings = _qdq_bytes(model_path, result.amax[config.algorithms[0]], config.allow_empty)
             progress.finish("export")
             timings["export_qdq"] = time.perf_counter() - t0
+        else:
+            warnings = _subgraph_warning(request.model_bytes, len(result.tensor_names))
         return ActorResult(
             files=files, amax=result.amax, num_tensors=len(result.tensor_names), num_samples=batch.num_rows,
-            timings=timings, runner=dict(result.manifest.get("runner", {})),
+            timings=timings, runner=dict(result.manifest.get("runner", {})), warnings=tuple(warnings),
         )
 
 
-def _qdq_bytes(model_path: Path, amax: Mapping[str, float]) -> bytes:
-    from trtcal.export.qdq import export_qdq
+def _qdq_bytes(model_path: Path, amax: Mapping[str, float], allow_empty: bool = False) -> tuple[bytes, list[str]]:
+    """The Q/DQ model's bytes and one warning per tensor it had to leave float inside a subgraph."""
+    from trtcal.export.qdq import activation_scales, build_qdq, require_quantized, serialize_model
 
-    return bytes(export_qdq(str(model_path), amax).SerializeToString(deterministic=True))
+    export = build_qdq(str(model_path), activation_scales(amax))
+    require_quantized(export.report, allow_empty=allow_empty, what="the Q/DQ export of the calibrated model")
+    warnings = [f"kept float: {line}" for line in export.report.float_in_subgraphs]
+    if export.report.is_empty:
+        warnings.append(f"the Q/DQ model quantizes nothing (allowed): {export.report.empty_reason()}")
+    return serialize_model(export.model), warnings
+
+
+def _subgraph_warning(model_bytes: bytes, num_tensors: int) -> list[str]:
+    """--no-qdq on a model with If/Loop/Scan bodies: only the top-level tensors were calibrated."""
+    import onnx
+
+    from trtcal.export.graph_rules import iter_subgraphs
+
+    bodies = [label for label, _ in iter_subgraphs(onnx.load_from_string(model_bytes).graph)]
+    if not bodies:
+        return []
+    return [
+        f"the model has {len(bodies)} If/Loop/Scan bodies ({', '.join(bodies[:4])}{', ...' if len(bodies) > 4 else ''}); "
+        f"only the {num_tensors} top-level tensors were calibrated, tensors inside the bodies have no range"
+    ]
 
 
 def _run_tensorrt(model_path: Path, batch: Any, request: ActorRequest, progress: ProgressCallback) -> ActorResult:
@@ -199,7 +224,7 @@ def _run_tensorrt(model_path: Path, batch: Any, request: ActorRequest, progress:
     amax = {method: read_trt_cache(cache).amax}
     files = {"calibration.cache": cache, f"calibration.{method}.cache": cache}
     if request.export_qdq:
-        files[QDQ_ARTIFACT] = _qdq_bytes(model_path, amax[method])
+        files[QDQ_ARTIFACT], _ = _qdq_bytes(model_path, amax[method], config.allow_empty)
     import tensorrt
 
     return ActorResult(

@@ -186,6 +186,21 @@ def _collect_in_workers(
     return stats, counts
 
 
+def _nothing_to_calibrate(loaded: LoadedModel, cfg: CalibrationConfig) -> None:
+    """ModelError naming why no tensor is calibrated, unless `allow_empty`."""
+    from trtcal.export.graph_rules import iter_subgraphs
+
+    bodies = [label for label, _ in iter_subgraphs(loaded.proto.graph)]
+    why = f"tensors={cfg.tensors!r} selects no floating-point activation of the top-level graph"
+    if bodies:
+        why += f" (tensors inside the If/Loop/Scan bodies {bodies[:4]} cannot be calibrated)"
+    message = f"{loaded.source}: nothing to calibrate: {why}"
+    if cfg.allow_empty:
+        logger.warning("%s (allowed by allow_empty)", message)
+        return
+    raise ModelError(f"{message}; choose other tensors, or pass --allow-empty (allow_empty=True) to accept it")
+
+
 # ---------------------------------------------------------------------------------------------
 # The pipeline
 
@@ -235,6 +250,8 @@ def calibrate(
     loaded = load_model(model)
     runner = _runner_for(cfg, loaded)
     timings["load_model"] = time.perf_counter() - t0
+    if not runner.tensor_names:
+        _nothing_to_calibrate(loaded, cfg)
 
     t0 = time.perf_counter()
     cal_batch = open_any(batch, sorted(runner.inputs))

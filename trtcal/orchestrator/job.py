@@ -291,6 +291,7 @@ class Job:
         key = compute_cache_key(key_inputs)
         for stage, seconds in result.timings.items():
             self.timings[f"calibrate.{stage}"] = seconds
+        self.warnings.extend(result.warnings)
         extra = {
             "trtcal_version": __version__, "runner": result.runner, "num_samples": result.num_samples,
             "num_tensors": result.num_tensors, "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
