@@ -126,9 +126,9 @@ class CalibrationConfig:
             batch, merged exactly (the artifacts are the bytes of one worker; tested). 1: in this
             process. 0: one per 2 cores, at most 8. Needs a local .arrow/.npy batch file (other
             batches are collected in this process). Not part of any cache key.
-        allow_empty: accept a result that quantizes nothing (no tensor to calibrate, or a Q/DQ
-            export without any quantized layer); by default that is a ModelError naming why.
-            Not part of any cache key (it changes no artifact).
+        allow_empty: accept a Q/DQ export that quantizes nothing (e.g. every weighted layer inside
+            If/Loop/Scan bodies); by default that is a ModelError naming why. Not part of any cache
+            key. (A calibration that selects no tensor is always an error: it has nothing to write.)
     """
 
     algorithms: tuple[str, ...] = ("entropy2",)

@@ -64,7 +64,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--allow-empty", action="store_true", default=None,
-        help="accept a calibration or Q/DQ export that quantizes nothing (otherwise an error naming why)",
+        help="accept a Q/DQ export that quantizes nothing (otherwise an error naming why)",
     )
     group.add_argument(
         "--manual-ranges", default=None, metavar="FILE.json",

@@ -186,19 +186,18 @@ def _collect_in_workers(
     return stats, counts
 
 
-def _nothing_to_calibrate(loaded: LoadedModel, cfg: CalibrationConfig) -> None:
-    """ModelError naming why no tensor is calibrated, unless `allow_empty`."""
+def _explain_empty_selection(loaded: LoadedModel, cfg: CalibrationConfig) -> None:
+    """ModelError naming why no tensor is selected (and the If/Loop/Scan bodies), when that is so."""
     from trtcal.export.graph_rules import iter_subgraphs
+    from trtcal.model import select_tensors
 
+    if select_tensors(loaded.proto, cfg.tensors):
+        return
     bodies = [label for label, _ in iter_subgraphs(loaded.proto.graph)]
     why = f"tensors={cfg.tensors!r} selects no floating-point activation of the top-level graph"
     if bodies:
-        why += f" (tensors inside the If/Loop/Scan bodies {bodies[:4]} cannot be calibrated)"
-    message = f"{loaded.source}: nothing to calibrate: {why}"
-    if cfg.allow_empty:
-        logger.warning("%s (allowed by allow_empty)", message)
-        return
-    raise ModelError(f"{message}; choose other tensors, or pass --allow-empty (allow_empty=True) to accept it")
+        why += f"; tensors inside the If/Loop/Scan bodies {bodies[:4]} cannot be calibrated"
+    raise ModelError(f"{loaded.source}: nothing to calibrate: {why}. Choose other tensors (--tensors all)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,10 +247,12 @@ def calibrate(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     loaded = load_model(model)
-    runner = _runner_for(cfg, loaded)
+    try:
+        runner = _runner_for(cfg, loaded)
+    except ModelError:
+        _explain_empty_selection(loaded, cfg)
+        raise
     timings["load_model"] = time.perf_counter() - t0
-    if not runner.tensor_names:
-        _nothing_to_calibrate(loaded, cfg)
 
     t0 = time.perf_counter()
     cal_batch = open_any(batch, sorted(runner.inputs))
