@@ -214,7 +214,8 @@ def mask_tensors(
             continue
         elem = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
         derived[vi.name] = elem not in (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
-    folded = set(constants)  # constants and what is computed from constants only (ConstantOfShape(const), ...)
+    # Constants and what is computed from constants only (ConstantOfShape(const), ...).
+    folded = set(constants)
     for node in graph.node:
         if not _default(node) or _has_subgraph(node) or node.op_type.startswith("Random"):
             continue

@@ -29,12 +29,9 @@ Same model, same table, same options: same bytes (`serialize_model`).
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -42,9 +39,7 @@ import numpy as np
 from trtcal.core import per_channel_scales, read_trt_cache, weight_axis
 from trtcal.core.weights import SAFE_SCALE
 from trtcal.errors import ConfigError, InternalError, ModelError
-from trtcal.export.graph_rules import (
-    DEFAULT_DOMAINS as _DEFAULT_DOMAINS,
-)
+from trtcal.export.graph_rules import DEFAULT_DOMAINS as _DEFAULT_DOMAINS
 from trtcal.export.graph_rules import (
     WEIGHTED_OP_TYPES,
     last_smoothing_nodes,
@@ -57,6 +52,15 @@ from trtcal.export.graph_rules import (
 from trtcal.export.graph_rules import constant_values as _constant_values
 from trtcal.export.graph_rules import consumers as _consumers
 from trtcal.export.graph_rules import producers as _producers
+from trtcal.export.model_io import (
+    ModelLike,
+    activation_scales,
+    checked_scales,
+    load_model,
+    save_model,
+    serialize_model,
+    write_bytes_atomic,
+)
 from trtcal.export.ranges import amax_for_method, read_ranges
 
 if TYPE_CHECKING:
@@ -92,7 +96,6 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear gained `axis` (per-channel) in opset 13
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 _QDQ_OP_TYPES = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
-ModelLike = Any  # onnx.ModelProto | str | os.PathLike | bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,100 +215,6 @@ class QdqReport:
 class QdqExport:
     model: onnx.ModelProto
     report: QdqReport = field(default_factory=QdqReport)
-
-
-# ---------------------------------------------------------------------------------------------
-# Scales
-
-
-def activation_scales(amax_by_tensor: Mapping[str, float]) -> dict[str, float]:
-    """Per-tensor Q/DQ scales float32(float32(amax) / 127), as TensorRT's cache stores them.
-
-    An amax of 0 (a tensor that is always zero) gets scale 1.0: any positive scale quantizes zeros
-    exactly, and TensorRT refuses a zero scale. Negative or non-finite amax raise ConfigError.
-    """
-    scales: dict[str, float] = {}
-    tiny = np.finfo(np.float32).tiny
-    for name, amax in amax_by_tensor.items():
-        try:
-            value = float(amax)
-        except (TypeError, ValueError):
-            raise ConfigError(f"amax of tensor {name!r} must be a number, got {amax!r}") from None
-        if not (np.isfinite(value) and value >= 0.0):
-            raise ConfigError(f"amax of tensor {name!r} must be finite and >= 0, got {amax!r}")
-        scale = np.float32(np.float32(value) / np.float32(127.0))
-        scales[name] = float(scale) if scale >= tiny else float(SAFE_SCALE)
-    return scales
-
-
-def _checked_scales(scale_by_tensor: Mapping[str, float]) -> dict[str, float]:
-    tiny = np.finfo(np.float32).tiny
-    out: dict[str, float] = {}
-    for name, scale in scale_by_tensor.items():
-        value = float(np.float32(scale))
-        if not (np.isfinite(value) and value >= 0.0):
-            raise ConfigError(f"scale of tensor {name!r} must be finite and > 0, got {scale!r}")
-        out[name] = value if value >= tiny else float(SAFE_SCALE)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading and saving
-
-
-def load_model(model: ModelLike) -> onnx.ModelProto:
-    """A private copy of `model` (a ModelProto, a path or serialized bytes)."""
-    import onnx
-
-    if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
-    if isinstance(model, (bytes, bytearray, memoryview)):
-        try:
-            return onnx.load_from_string(bytes(model))
-        except Exception as exc:  # protobuf raises DecodeError and others
-            raise ModelError(f"cannot parse the ONNX model bytes: {exc}") from None
-    if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if not path.is_file():
-            raise ModelError(f"ONNX model {str(path)!r} does not exist")
-        try:
-            return onnx.load(str(path))
-        except Exception as exc:
-            raise ModelError(f"cannot load ONNX model {str(path)!r}: {exc}") from None
-    raise ModelError(f"model must be an onnx.ModelProto, a path or bytes, got {type(model).__name__}")
-
-
-def serialize_model(model: onnx.ModelProto) -> bytes:
-    """Deterministic bytes of a model (same model, same bytes)."""
-    data: bytes = model.SerializeToString(deterministic=True)
-    return data
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write a file so that readers see the old file or the whole new one, never a part of it.
-
-    A temporary file in the target directory, fsync, then rename over the target.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Write a model's deterministic bytes atomically."""
-    return write_bytes_atomic(path, serialize_model(model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,7 +629,7 @@ def build_qdq(model: ModelLike, scale_by_tensor: Mapping[str, float], config: Qd
         ConfigError: a scale is negative or not finite.
     """
     config = config or QdqConfig()
-    scales = _checked_scales(scale_by_tensor)
+    scales = checked_scales(scale_by_tensor)
     fp32, upgraded_from = _upgrade_opset(load_model(model))
     plan = plan_qdq(fp32, scales, config)
     report = replace(plan.report, upgraded_from_opset=upgraded_from)

@@ -43,12 +43,12 @@ from trtcal.export.evaluate import (
     run_model,
     simulation_session,
 )
+from trtcal.export.model_io import checked_scales as _checked_scales
 from trtcal.export.qdq import (
     WEIGHTED_OP_TYPES,
     ModelLike,
     QdqConfig,
     QdqPlan,
-    _checked_scales,
     _upgrade_opset,
     apply_plan,
     build_qdq,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 from tests.unit.export.graphs import make_model, rng_weights, vi
 from trtcal.config import CalibrationConfig
