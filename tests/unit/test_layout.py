@@ -28,7 +28,6 @@ MAX_FUNCTION_LINES = 80  # def line to last line, docstring included; nested fun
 # path (relative to the repository) -> why it may be longer for now
 LONG_MODULES: dict[str, str] = {
     "trtcal/storage/store.py": "being split by issue 14 move 8 (storage/layout.py)",
-    "trtcal/export/qdq.py": "no move of issue 14 splits it yet (868 lines: placement plan + graph rewrite)",
     "trtcal/workers/sources.py": "no move of issue 14 splits it yet (866 lines: one class per source kind)",
 }
 
