@@ -4,6 +4,11 @@ Values are the big-endian bit pattern of the float32 scale = float32(amax) / 127
 (docs/algorithms.md, "TensorRT calibration cache format"). The reader is lenient where real caches
 vary (legacy `1` header, names with spaces, colons, `*`, brackets; 1-8 hex digits; CRLF; trailing
 blank lines) and strict everywhere else: malformed input raises CacheFormatError with the line number.
+
+TensorRT's legacy calibrator writes no `TRT-` header: TensorRT 8.5.3 wrote
+`0 3ff0000000000000 3fefff2e48e8a71e`, that is "0" and the regression cutoff (1.0) and the
+quantile (0.9999) as the hex bit patterns of IEEE doubles (docs/tensorrt.md). trtcal writes and
+reads that form for `legacy` (TrtCache.legacy_params holds the two numbers).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ __all__ = [
     "write_trt_cache",
     "read_trt_cache",
     "retarget_trt_cache",
+    "legacy_header",
 ]
 
 # trtcal method -> the calibrator whose header a cache must carry for TensorRT to accept it.
@@ -35,14 +41,17 @@ __all__ = [
 ALGORITHM_HEADERS: Mapping[str, str] = {
     "entropy2": "EntropyCalibration2",
     "minmax": "MinMaxCalibration",
-    "entropy": "EntropyCalibration",  # suffix not seen in public files (docs/algorithms.md)
-    "legacy": "LegacyCalibration",  # idem
+    "entropy": "EntropyCalibration",  # suffix seen in TensorRT 8.5.3's own caches (docs/tensorrt.md)
+    "legacy": "LegacyCalibration",  # written as TensorRT's `0 <cutoff> <quantile>` line, not TRT-…
     "percentile": "EntropyCalibration2",
     "mse": "EntropyCalibration2",
 }
 _KNOWN_HEADER_NAMES = frozenset(ALGORITHM_HEADERS.values())
 
 _HEX = re.compile(r"[0-9a-fA-F]{1,8}")
+_LEGACY_HEADER = re.compile(r"0 ([0-9a-fA-F]{16}) ([0-9a-fA-F]{16})")
+LEGACY_ALGORITHM = "LegacyCalibration"
+DEFAULT_LEGACY_PARAMS = (0.9999, 1.0)  # (quantile, regression_cutoff): scales.amax_legacy's defaults
 _VERSION = re.compile(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:\.(\d+))?")
 MAX_CACHE_BYTES = 256 << 20  # a cache is a few KB; refuse absurd inputs before decoding them
 
@@ -51,12 +60,15 @@ MAX_CACHE_BYTES = 256 << 20  # a cache is a few KB; refuse absurd inputs before 
 class TrtCache:
     """A decoded calibration cache. `scale` and `amax` keep the file's tensor order."""
 
-    version: int | None  # the header's integer (None for the legacy `1` header)
-    algorithm: str | None  # e.g. "EntropyCalibration2" (None for the legacy header)
+    version: int | None  # the header's integer (None for the `1` and the legacy calibrator's header)
+    algorithm: str | None  # e.g. "EntropyCalibration2" (None for the old `1` header)
     scale: dict[str, float] = field(default_factory=dict)
+    legacy_params: tuple[float, float] | None = None  # (quantile, regression_cutoff) of a legacy header
 
     @property
     def header(self) -> str:
+        if self.legacy_params is not None:
+            return legacy_header(*self.legacy_params)
         return "1" if self.version is None else f"TRT-{self.version}-{self.algorithm}"
 
     @property
@@ -99,6 +111,11 @@ def header_algorithm(algorithm: str) -> str:
     )
 
 
+def legacy_header(quantile: float, regression_cutoff: float) -> str:
+    """TensorRT's legacy-calibrator first line: `0 <cutoff> <quantile>`, IEEE doubles in hex."""
+    return f"0 {struct.pack('>d', float(regression_cutoff)).hex()} {struct.pack('>d', float(quantile)).hex()}"
+
+
 def scale_to_hex(scale: float) -> str:
     return format(struct.unpack(">I", struct.pack(">f", scale))[0], "08x")
 
@@ -108,14 +125,25 @@ def hex_to_scale(text: str) -> float:
 
 
 def write_trt_cache(
-    amax_by_tensor: Mapping[str, float], *, trt_version: str | int | tuple[int, ...], algorithm: str
+    amax_by_tensor: Mapping[str, float],
+    *,
+    trt_version: str | int | tuple[int, ...],
+    algorithm: str,
+    legacy_params: tuple[float, float] = DEFAULT_LEGACY_PARAMS,
 ) -> bytes:
     """Encode a TensorRT calibration cache, tensors in the mapping's order.
 
+    `legacy` gets TensorRT's legacy header built from `legacy_params` (quantile, regression
+    cutoff); every other algorithm `TRT-<version>-<Algorithm>`.
     Raises ConfigError for names TensorRT's text format cannot carry (empty, newline, NUL,
     surrounding spaces) and for amax values that are not finite and positive.
     """
-    lines = [f"TRT-{trt_version_int(trt_version)}-{header_algorithm(algorithm)}"]
+    algo = header_algorithm(algorithm)
+    if algo == LEGACY_ALGORITHM:
+        trt_version_int(trt_version)  # still validated: the caller's version must make sense
+        lines = [legacy_header(*legacy_params)]
+    else:
+        lines = [f"TRT-{trt_version_int(trt_version)}-{algo}"]
     for name, amax in amax_by_tensor.items():
         if not isinstance(name, str) or not name or name != name.strip() or any(c in name for c in "\r\n\x00"):
             raise ConfigError(f"tensor name {name!r} cannot be written to a calibration cache")
@@ -132,6 +160,8 @@ def write_trt_cache(
 def _parse_header(line: str) -> tuple[int | None, str | None]:
     if line == "1":
         return None, None
+    if _LEGACY_HEADER.fullmatch(line):
+        return None, LEGACY_ALGORITHM
     if not line.startswith("TRT-"):
         raise CacheFormatError(f"header {line[:80]!r} is not 'TRT-<version>-<Algorithm>' (nor the legacy '1')", line=1)
     version_text, sep, algo = line[4:].partition("-")
@@ -161,6 +191,11 @@ def read_trt_cache(data: bytes) -> TrtCache:
     if not lines:
         raise CacheFormatError("empty cache (no header line)", line=1)
     version, algorithm = _parse_header(lines[0])
+    legacy = _LEGACY_HEADER.fullmatch(lines[0])
+    legacy_params = None
+    if legacy:
+        cutoff, quantile = (struct.unpack(">d", bytes.fromhex(g))[0] for g in legacy.groups())
+        legacy_params = (quantile, cutoff)
     scales: dict[str, float] = {}
     for line_no, line in enumerate(lines[1:], start=2):
         if line == "":
@@ -179,7 +214,7 @@ def read_trt_cache(data: bytes) -> TrtCache:
         if not (np.isfinite(scale) and scale > 0.0):
             raise CacheFormatError(f"scale {value} of tensor {name[:80]!r} is not finite and positive ({scale!r})", line=line_no)
         scales[name] = scale
-    return TrtCache(version=version, algorithm=algorithm, scale=scales)
+    return TrtCache(version=version, algorithm=algorithm, scale=scales, legacy_params=legacy_params)
 
 
 def retarget_trt_cache(
@@ -205,6 +240,9 @@ def retarget_trt_cache(
             raise CacheFormatError(f"the stored cache names an unknown calibrator {cache.algorithm!r} in its header") from None
     else:
         header = header_algorithm(algorithm)
-    lines = [f"TRT-{trt_version_int(trt_version)}-{header}"]
+    if header == LEGACY_ALGORITHM:  # TensorRT's legacy calibrator reads its own `0 <cutoff> <quantile>` line
+        lines = [legacy_header(*(cache.legacy_params or DEFAULT_LEGACY_PARAMS))]
+    else:
+        lines = [f"TRT-{trt_version_int(trt_version)}-{header}"]
     lines.extend(f"{name}: {scale_to_hex(scale)}" for name, scale in cache.scale.items())
     return ("\n".join(lines) + "\n").encode("utf-8")

@@ -66,6 +66,22 @@ def test_legacy_header():
     assert cache.version is None and cache.algorithm is None and cache.header == "1"
 
 
+def test_tensorrt_legacy_calibrator_header_is_read():
+    # The first line TensorRT 8.5.3's IInt8LegacyCalibrator wrote (quantile 0.9999, cutoff 1.0).
+    cache = read_trt_cache(b"0 3ff0000000000000 3fefff2e48e8a71e\ninput: 3c010a14\n")
+    assert cache.version is None and cache.algorithm == "LegacyCalibration"
+    assert cache.legacy_params == (0.9999, 1.0)
+    assert cache.header == "0 3ff0000000000000 3fefff2e48e8a71e"
+
+
+def test_legacy_cache_is_written_as_tensorrt_writes_it():
+    data = write_trt_cache({"input": 1.0}, trt_version="8.5.3", algorithm="legacy")
+    assert data == b"0 3ff0000000000000 3fefff2e48e8a71e\ninput: 3c010204\n"
+    other = write_trt_cache({"input": 1.0}, trt_version="10.16.1", algorithm="legacy", legacy_params=(0.5, 0.5))
+    assert other.split(b"\n")[0] == b"0 3fe0000000000000 3fe0000000000000"
+    assert read_trt_cache(other).legacy_params == (0.5, 0.5)
+
+
 def test_round_trip_is_bit_exact():
     rng = np.random.default_rng(0)
     amax = {f"t{i} [x]": float(v) for i, v in enumerate(rng.uniform(1e-6, 1e4, 200))}
