@@ -27,7 +27,9 @@ def hex_to_float(h: str) -> float:
     return struct.unpack(">f", struct.pack(">I", int(h, 16)))[0]
 
 
-def histogram(values: np.ndarray, counts: np.ndarray, rule: str = "mul32") -> tuple[np.ndarray, float]:
+def histogram(values: np.ndarray, counts: np.ndarray, rule: str = "mul32", top: str = "clamp") -> tuple[np.ndarray, float]:
+    """|x| counts in 2048 bins of [0, R] (R = max |x|). top="clamp": R itself in bin 2047;
+    top="own": R in a bin 2048 of its own (2049 bins)."""
     a = np.abs(values.astype(np.float32))
     r = np.float32(a.max())
     if r == 0:
@@ -38,8 +40,12 @@ def histogram(values: np.ndarray, counts: np.ndarray, rule: str = "mul32") -> tu
         idx = np.floor(a / (r / np.float32(NUM_BINS)))
     else:
         idx = np.floor(a.astype(np.float64) * NUM_BINS / float(r))
-    idx = np.minimum(idx.astype(np.int64), NUM_BINS - 1)
-    return np.bincount(idx, weights=counts, minlength=NUM_BINS).astype(np.int64), float(r)
+    idx = idx.astype(np.int64)
+    if top == "clamp":
+        idx = np.minimum(idx, NUM_BINS - 1)
+        return np.bincount(idx, weights=counts, minlength=NUM_BINS).astype(np.int64), float(r)
+    idx = np.minimum(idx, NUM_BINS)
+    return np.bincount(idx, weights=counts, minlength=NUM_BINS + 1).astype(np.int64), float(r)
 
 
 def tensors(z, result, algo):
@@ -61,12 +67,15 @@ def main() -> None:
     ap.add_argument("result")
     ap.add_argument("--algo", default="entropy2")
     ap.add_argument("--show", type=int, default=15)
-    ap.add_argument("--grid", default="zero,group,mask,qsrc,expand,stop,tie")
+    ap.add_argument("--grid", default="zero,group,levels")
+    ap.add_argument("--set", default="", help="fixed parameters, e.g. qsrc=p,mask=p")
+    ap.add_argument("--top", default="clamp,own")
     a = ap.parse_args()
     z = np.load(a.probes)
     result = json.load(open(a.result))
     rows = []
-    for name, kind, v, c, s in tensors(z, result, a.algo):
+    data = list(tensors(z, result, a.algo))
+    for name, kind, v, c, s in data:
         h, r = histogram(v, c)
         amax = float(np.float32(s) * np.float32(127))
         i_real = amax / (r / NUM_BINS) - 0.5 if r > 0 else float("nan")
@@ -84,21 +93,40 @@ def main() -> None:
         "stop": [2048, 2047],
         "tie": ["first", "last"],
         "pq0": ["inf", "skip"],
-        "start": [128, 1],
+        "start": [128, 127, 1],
+        "levels": [128, 127],
+        "group": ["floor", "centre", "stride"],
     }
+    grid["group"] = ["floor", "centre", "stride", "ceil"]
     keys = a.grid.split(",")
-    on = [(n, k, h, int(round(i))) for n, k, h, r, _, _, i in rows if r > 0 and abs(i - round(i)) < 1e-3]
+    fixed = {}
+    for item in filter(None, a.set.split(",")):
+        k, val = item.split("=")
+        fixed[k] = int(val) if val.isdigit() else val
+    ok_rows = {(n, k): int(round(i)) for n, k, h, r, _, _, i in rows if r > 0 and abs(i - round(i)) < 1e-3}
     scores = []
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        kw = dict(zip(keys, combo))
-        miss = [(n, k, i, variants.choose(h, **kw)) for n, k, h, i in on]
-        miss = [m for m in miss if m[2] != m[3]]
-        scores.append((len(miss), kw, miss))
+    for top in a.top.split(","):
+        hists = {}
+        for name, kind, v, c, _ in data:
+            if (name, kind) in ok_rows:
+                hists[(name, kind)] = histogram(v, c, top=top)[0]
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            kw = {**fixed, **dict(zip(keys, combo))}
+            if top == "own":
+                kw.setdefault("stop", 2049)
+            shift = 1 if top == "own" else 0  # own: i kept bins end at bin B = i - 1
+            miss = []
+            for key, b_trt in ok_rows.items():
+                b = variants.choose(hists[key], **kw) - shift
+                if b != b_trt:
+                    miss.append((key[0], key[1], b_trt, b))
+            scores.append((len(miss), {"top": top, **kw}, miss))
+            print(f"  {len(ok_rows) - len(miss)}/{len(ok_rows)} {top} {kw}", flush=True)
     scores.sort(key=lambda s: s[0])
     for nmiss, kw, miss in scores[:8]:
-        print(f"{len(on) - nmiss}/{len(on)} same i: {kw}")
+        print(f"{len(ok_rows) - nmiss}/{len(ok_rows)} same B: {kw}")
     best = scores[0]
-    print("misses of the best variant (probe/kind: TensorRT i vs variant i):")
+    print("misses of the best variant (probe/kind: TensorRT B vs variant B):")
     for n, k, i, j in best[2][: a.show]:
         print(f"  {n}/{k}: {i} vs {j}")
 

@@ -154,6 +154,17 @@ def build(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray, dict]]:
         vals[0] = np.float32(r)
         u, cnt = np.unique(vals, return_counts=True)
         add(f"gauss_r{r:g}", (u, cnt.astype(np.int64)), family="gauss", r=r)
+    # 13. Spikes in the first bins: what happens to bin 0 (exact zeros vs small non-zero values)?
+    spike_body = density_counts(np.exp(-x / 0.1), 100_000, rng)
+    for where in (0, 1, 2, 3):
+        for size in (5_000, 50_000, 500_000):
+            c = spike_body.copy()
+            c[where] += size
+            add(f"spike_b{where}_n{size}", from_counts(c, R), family="spike", where=where, size=size)
+    for size in (5_000, 50_000):
+        c = spike_body.copy()
+        c[0] += size
+        add(f"spike_b0z_n{size}", from_counts(c, R, zeros=size), family="spike0z", size=size)
     return probes
 
 

@@ -105,11 +105,13 @@ def cmd_probes(a):
         bufs = {}
         builder = trt.Builder(LOG)
         net = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
-        for j, name in enumerate(group):
+        inputs = []
+        for j, name in enumerate(group):  # every input first: TensorRT's calibrator wants inputs bound first
             v, c = z[f"v:{name}"], z[f"c:{name}"]
             x = np.repeat(v, c).astype(np.float32)
             k = g0 + j
-            inp = net.add_input(f"p{k}", trt.float32, (1, x.size))
+            inputs.append((j, name, x, k, net.add_input(f"p{k}", trt.float32, (1, x.size))))
+        for j, name, x, k, inp in inputs:
             relu = net.add_activation(inp, trt.ActivationType.RELU)
             relu.get_output(0).name = f"r{k}"
             net.mark_output(relu.get_output(0))

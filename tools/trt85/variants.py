@@ -22,12 +22,45 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT = dict(zero="suppress", start=128, stop=2048, group="floor", mask="h", qsrc="h", expand="nz", pq0="inf", tie="first")
+DEFAULT = dict(
+    zero="suppress", start=128, stop=2048, group="floor", mask="h", qsrc="h", expand="nz", pq0="inf", tie="first", levels=128, qnorm="q", div="kl"
+)
+
+
+_LEVEL_FUNCS = {
+    "ceil1": lambda k, i, L: (L * (k + 1)) // i,
+    "ceil_m1": lambda k, i, L: (L * k) // np.maximum(i - 1, 1),
+    "centre128": lambda k, i, L: ((2 * k + 1) * L) // (2 * i),
+    "round": lambda k, i, L: (2 * L * k + i) // (2 * i),
+}
+_CACHE: dict = {}
+
+
+def _bounds_from_levels(cand: np.ndarray, group: str, levels: int) -> np.ndarray:
+    key = (group, levels, int(cand[0]), int(cand[-1]))
+    if key not in _CACHE:
+        out = np.empty((cand.size, levels + 1), dtype=np.int64)
+        for r, i in enumerate(cand):
+            k = np.arange(i, dtype=np.int64)
+            lv = np.clip(_LEVEL_FUNCS[group](k, i, levels), 0, levels - 1)
+            out[r] = np.searchsorted(lv, np.arange(levels + 1), side="left")
+            out[r, -1] = i
+        _CACHE[key] = out
+    return _CACHE[key]
 
 
 def bounds_for(cand: np.ndarray, group: str, levels: int = 128) -> np.ndarray:
+    if group in _LEVEL_FUNCS:
+        return _bounds_from_levels(cand, group, levels)
     j = np.arange(levels + 1, dtype=np.int64)[None, :]
     c = cand[:, None]
+    if group == "centre":
+        # bin k -> level floor((k + 0.5) * levels / (i - 0.5)), the last bin clamped into the last level
+        b = -((-(j * (2 * c - 1) - levels)) // (2 * levels))
+        b = np.clip(b, 0, c)
+        b[:, 0] = 0
+        b[:, -1] = cand
+        return b
     if group == "floor":
         return (c * j) // levels
     if group == "ceil":
@@ -43,33 +76,39 @@ def bounds_for(cand: np.ndarray, group: str, levels: int = 128) -> np.ndarray:
 def kl_curve(counts: np.ndarray, **kw) -> tuple[np.ndarray, np.ndarray]:
     v = {**DEFAULT, **kw}
     h = np.asarray(counts, dtype=np.int64).copy()
+    h_orig = h.copy()
     if v["zero"] == "suppress":
         h[0] = h[1]
-    elif v["zero"] == "drop":
+    elif v["zero"] in ("drop", "drop_p", "drop_mask"):
         h[0] = 0
     n_bins = h.size
     cand = np.arange(v["start"], min(v["stop"], n_bins) + 1, dtype=np.int64)
     hf = h.astype(np.float64)
     total = hf.sum()
     cum = np.concatenate([[0.0], np.cumsum(hf)])
-    nz = np.concatenate([[0], np.cumsum(h > 0)])
+    # drop_p: P loses bin 0 but Q keeps its count and its place; drop_mask: Q keeps its place only
+    hq = h_orig.astype(np.float64) if v["zero"] == "drop_p" else hf
+    cum_q = np.concatenate([[0.0], np.cumsum(hq)])
+    mask_src = h_orig if v["zero"] in ("drop_p", "drop_mask") else h
+    nz = np.concatenate([[0], np.cumsum(mask_src > 0)])
     hlogh = np.where(hf > 0, hf * np.log(np.where(hf > 0, hf, 1)), 0.0)
     hlc = np.concatenate([[0.0], np.cumsum(hlogh)])
     c_i = cum[cand]
     tail = total - c_i
     last = hf[cand - 1]
     p_last = last + tail
-    b = bounds_for(cand, v["group"])
+    levels = v["levels"]
+    b = bounds_for(cand, v["group"], levels)
     g_h = cum[b[:, 1:]] - cum[b[:, :-1]]  # H totals per group
     g_n = (nz[b[:, 1:]] - nz[b[:, :-1]]).astype(np.float64)  # H>0 bins per group
     size = (b[:, 1:] - b[:, :-1]).astype(np.float64)
     # The last bin (i-1) belongs to the last non-empty group (bounds are non-decreasing).
-    gl = 127 - np.argmax((size[:, ::-1] > 0), axis=1)
+    gl = levels - 1 - np.argmax((size[:, ::-1] > 0), axis=1)
     rows = np.arange(cand.size)
     last_masked_h = last > 0
     add_mask = (v["mask"] == "p") & (~last_masked_h) & (tail > 0)
     g_n[rows, gl] += add_mask
-    g_q = g_h.copy()
+    g_q = cum_q[b[:, 1:]] - cum_q[b[:, :-1]]
     if v["qsrc"] == "p":
         g_q[rows, gl] += tail
     g_p = g_h.copy()
@@ -83,7 +122,8 @@ def kl_curve(counts: np.ndarray, **kw) -> tuple[np.ndarray, np.ndarray]:
         bad = ((qv <= 0) & (g_p > 0)).any(axis=1)
         bad |= (tail > 0) & ~(last_masked_h | add_mask)  # outliers folded onto a bin Q never fills
         plogp = hlc[cand - 1] + np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1)), 0.0)
-        kl = (plogp - plogq) / total - np.log(total) + np.log(np.where(sq > 0, sq, 1))
+        norm = sq if v["qnorm"] == "q" else np.full_like(sq, total)
+        kl = (plogp - plogq) / total - np.log(total) + np.log(np.where(norm > 0, norm, 1))
     if v["pq0"] == "inf":
         kl = np.where(bad | (sq <= 0), np.inf, kl)
     else:

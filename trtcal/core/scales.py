@@ -5,14 +5,14 @@ Every function takes `counts` (integer counts of |x| in `len(counts)` equal bins
 
 Methods (see docs/algorithms.md for the full derivations and what is and is not TensorRT's):
 
-* ``entropy2``: TensorRT EntropyCalibration2 as publicly described (Migacz, GTC 2017):
-  candidates i = start_bin … num_bins, outliers folded into the last kept bin, the first i bins
-  merged into `num_levels` groups, expanded over the non-empty bins, KL(P || Q);
-  threshold (i + 0.5) · bin_width. Ties go to the smallest i. Bin 0's zero spike (ReLU outputs)
-  is suppressed first (`suppress_zero_spike`).
-* ``entropy``: the same search restricted to i < num_bins, as the slide's ``range(128, 2048)``
-  reads. TensorRT's v1 algorithm is not public; the documented TensorRT difference (v1
-  calibrates after layer fusion) is a graph matter only the TensorRT backend reproduces.
+* ``entropy2``: TensorRT 8.5's IInt8EntropyCalibrator2 rule, found by black-box experiments on
+  TensorRT 8.5.3 (docs/algorithms.md): bin 0 is discarded; candidates i = 128 … num_bins; the
+  outliers are folded into the last kept bin of P; Q merges the first i bins into 128 levels,
+  bin k going to level floor(128·k / i), each level's total spread over its non-empty bins;
+  KL(P || Q); the LARGEST i among equal minima; threshold (i + 0.5) · bin_width.
+* ``entropy``: TensorRT's IInt8EntropyCalibrator runs the same search (identical scales on every
+  probe tensor in TensorRT 8.5.3); it differs only in calibrating after layer fusion, a graph
+  matter that only the TensorRT backend reproduces.
 * ``minmax``: hist_amax (in trtcal's exact two-pass mode this is the exact max |x|).
 * ``percentile``: the smallest bin edge below which at least `percentile` % of |x| lies
   (right edge; ONNX Runtime and ModelOpt report the left edge, one bin lower).
@@ -44,6 +44,7 @@ __all__ = [
     "amax_mse",
     "amax_legacy",
     "entropy_divergences",
+    "discard_first_bin",
 ]
 
 NUM_LEVELS = 128  # int8 magnitudes: TensorRT quantizes |x| into 128 levels
@@ -75,13 +76,14 @@ def entropy_divergences(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """KL(P || Q) for every candidate i in [start_bin, stop_bin] (inclusive), vectorised.
 
+    `counts` are used as given (amax_entropy2 discards bin 0 first). Bin k < i belongs to level
+    floor(num_levels·k / i), so level g holds bins [ceil(g·i/L), ceil((g+1)·i/L)).
     Closed form: with N the total count, C_i = sum(H[:i]) and tail_i = N - C_i,
     KL_i = (1/N)·[Σ_{k<i-1} H_k ln H_k + P_{i-1} ln P_{i-1} − Σ_g G_g ln(G_g / n_g) − tail_i ln Q_{i-1}]
            + ln(C_i / N),
-    where g runs over the `num_levels` groups of the first i bins, G_g is a group's total, n_g its
-    number of non-empty bins, P_{i-1} = H_{i-1} + tail_i, Q_{i-1} = G / n of the last bin's group.
-    KL is +inf when the folded outliers land on an empty last bin (P > 0 where Q = 0).
-    Group j of candidate i holds bins [floor(j·i/L), floor((j+1)·i/L)).
+    where G_g is level g's total, n_g its number of non-empty bins, P_{i-1} = H_{i-1} + tail_i and
+    Q_{i-1} = G / n of the last bin's level. KL is +inf when the folded outliers land on an empty
+    last bin (P > 0 where Q = 0).
     """
     h = _as_counts(counts)
     num_bins = h.size
@@ -107,16 +109,16 @@ def entropy_divergences(
         p_last_log = np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0)), 0.0)
     plogp = hlogh_cum[cand - 1] + p_last_log
 
-    # Group boundaries per candidate: shape (num_candidates, num_levels + 1).
+    # Level boundaries per candidate, ceil(g·i/L): shape (num_candidates, num_levels + 1).
     levels = np.arange(num_levels + 1, dtype=np.int64)
-    bounds = (cand[:, None] * levels[None, :]) // num_levels
+    bounds = -((-cand[:, None] * levels[None, :]) // num_levels)
     g_tot = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]
     g_nz = (nz_cum[bounds[:, 1:]] - nz_cum[bounds[:, :-1]]).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         g_term = np.where(g_tot > 0, g_tot * np.log(np.where(g_tot > 0, g_tot, 1.0) / np.where(g_nz > 0, g_nz, 1.0)), 0.0)
     plogq = g_term.sum(axis=1)
 
-    # The last kept bin's Q value (its group is the last one, j = L-1).
+    # The last kept bin (i - 1) is always in the last level (L - 1).
     q_last = np.where(last > 0, g_tot[:, -1] / np.where(g_nz[:, -1] > 0, g_nz[:, -1], 1.0), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         tail_term = np.where(tail > 0, tail * np.log(np.where(q_last > 0, q_last, 1.0)), 0.0)
@@ -129,53 +131,59 @@ def entropy_divergences(
     return cand, kl
 
 
+# Divergences this close count as equal (float64 rounding of the closed form, ~1e-15): TensorRT
+# then takes the larger candidate (sparse histograms often tie exactly at KL = 0).
+TIE_TOLERANCE = 1e-12
+
+
 def _argmin_first(values: npt.NDArray[np.float64]) -> int:
-    # np.argmin returns the first minimum: ties go to the smallest candidate.
+    # np.argmin returns the first minimum: ties go to the smallest candidate (mse).
     return int(np.argmin(values))
 
 
-def suppress_zero_spike(counts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """A copy with bin 0 set to bin 1's count.
+def _argmin_last(values: npt.NDArray[np.float64]) -> int:
+    """Index of the last value within TIE_TOLERANCE of the minimum: ties go to the largest i."""
+    best = float(np.min(values))
+    near = np.nonzero(values <= best + TIE_TOLERANCE * max(1.0, abs(best)))[0]
+    return int(near[-1])
 
-    After ReLU/ReLU6 a large share of |x| is exactly 0; left in bin 0, that spike dominates the KL
-    of every wide candidate (the 128 levels merge bin 0 with its neighbours) and the search clips
-    ReLU6 outputs to ~0.7 of 6. NVIDIA's PyTorch calibrators (pytorch-quantization, ModelOpt) do
-    the same; zeros quantize exactly whatever the scale, so they carry no information for it.
+
+def discard_first_bin(counts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """A copy with bin 0 emptied, as TensorRT does before its entropy search.
+
+    Bin 0 holds the zeros of ReLU outputs and the near-zero noise of everything else; TensorRT 8.5
+    gave the same scale with or without a 10x spike of exact zeros or of tiny values there
+    (docs/algorithms.md). Zeros quantize exactly whatever the scale.
     """
     out: npt.NDArray[np.int64] = counts.copy()
-    if out.size > 1:
-        out[0] = out[1]
+    out[0] = 0
     return out
 
 
 def amax_entropy2(
     counts: npt.ArrayLike, hist_amax: float, *, start_bin: int = START_BIN, num_levels: int = NUM_LEVELS
 ) -> float:
-    """TensorRT EntropyCalibration2 threshold: (i* + 0.5) · bin_width (bin 0's zero spike suppressed)."""
-    h = suppress_zero_spike(_as_counts(counts))
+    """TensorRT EntropyCalibration2: (i* + 0.5) · bin_width, the rule of the module docstring."""
+    h = _as_counts(counts)
     amax = _check_amax(hist_amax)
     if amax == 0.0 or not h.any():
+        return amax
+    if h.size > 1:
+        h = discard_first_bin(h)
+    if not h.any():
         return amax
     cand, kl = entropy_divergences(h, start_bin=start_bin, num_levels=num_levels)
     if not np.isfinite(kl).any():
         return amax  # every candidate clips mass onto an empty bin: keep the full range
-    i = int(cand[_argmin_first(kl)])
+    i = int(cand[_argmin_last(kl)])
     return float((i + 0.5) * (amax / h.size))
 
 
 def amax_entropy(
     counts: npt.ArrayLike, hist_amax: float, *, start_bin: int = START_BIN, num_levels: int = NUM_LEVELS
 ) -> float:
-    """Entropy (v1 as trtcal defines it): the entropy2 search over i in [start_bin, num_bins)."""
-    h = suppress_zero_spike(_as_counts(counts))
-    amax = _check_amax(hist_amax)
-    if amax == 0.0 or not h.any():
-        return amax
-    cand, kl = entropy_divergences(h, start_bin=start_bin, stop_bin=h.size - 1, num_levels=num_levels)
-    if not np.isfinite(kl).any():
-        return amax
-    i = int(cand[_argmin_first(kl)])
-    return float((i + 0.5) * (amax / h.size))
+    """TensorRT Entropy (v1): the entropy2 search (v1 differs only in calibrating after fusion)."""
+    return amax_entropy2(counts, hist_amax, start_bin=start_bin, num_levels=num_levels)
 
 
 def amax_minmax(counts: npt.ArrayLike, hist_amax: float) -> float:
