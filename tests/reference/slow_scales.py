@@ -13,21 +13,18 @@ from scipy.stats import entropy as kl_divergence
 
 
 def slow_entropy_kl(counts, i, num_levels=128):
-    """KL(P || Q) of candidate i, literally as the slide describes it."""
+    """KL(P || Q) of candidate i, literally: bin k < i goes to level floor(num_levels * k / i)."""
     counts = [int(c) for c in counts]
     p = [float(c) for c in counts[:i]]
     p[i - 1] += float(sum(counts[i:]))
     source = counts[:i]
-    q = [0.0] * i
-    for j in range(num_levels):
-        lo = (j * i) // num_levels
-        hi = ((j + 1) * i) // num_levels
-        group = source[lo:hi]
-        total = float(sum(group))
-        nonempty = sum(1 for c in group if c > 0)
-        for k in range(lo, hi):
-            if source[k] > 0:
-                q[k] = total / nonempty
+    level = [(num_levels * k) // i for k in range(i)]
+    total = [0.0] * num_levels
+    nonempty = [0] * num_levels
+    for k in range(i):
+        total[level[k]] += source[k]
+        nonempty[level[k]] += 1 if source[k] > 0 else 0
+    q = [total[level[k]] / nonempty[level[k]] if source[k] > 0 else 0.0 for k in range(i)]
     if sum(q) == 0:
         return math.inf
     for pk, qk in zip(p, q):
@@ -36,19 +33,19 @@ def slow_entropy_kl(counts, i, num_levels=128):
     return float(kl_divergence(p, q))
 
 
-def slow_entropy2(counts, hist_amax, start_bin=128, stop_bin=None):
+def slow_entropy2(counts, hist_amax, start_bin=128, stop_bin=None, tie_tolerance=1e-12):
+    """TensorRT 8.5's rule (docs/algorithms.md): bin 0 discarded, the largest i among equal minima."""
     counts = [int(c) for c in counts]
     if len(counts) > 1:
-        counts[0] = counts[1]  # the zero spike is suppressed, as documented
+        counts[0] = 0
     n = len(counts)
     stop = n if stop_bin is None else stop_bin
-    best_i, best_kl = None, math.inf
-    for i in range(start_bin, stop + 1):
-        kl = slow_entropy_kl(counts, i)
-        if kl < best_kl:  # strict: ties keep the smallest i
-            best_i, best_kl = i, kl
-    if best_i is None:
+    divergences = [(i, slow_entropy_kl(counts, i)) for i in range(start_bin, stop + 1)]
+    finite = [kl for _, kl in divergences if not math.isinf(kl)]
+    if not finite:
         return float(hist_amax), None, math.inf
+    best_kl = min(finite)
+    best_i = max(i for i, kl in divergences if kl <= best_kl + tie_tolerance * max(1.0, abs(best_kl)))
     return (best_i + 0.5) * hist_amax / n, best_i, best_kl
 
 
