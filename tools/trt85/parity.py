@@ -44,15 +44,13 @@ def ort_histograms(model: str, x: np.ndarray) -> dict[str, tuple[np.ndarray, flo
     import onnx
     import onnxruntime as ort
 
-    m = onnx.load(model)
+    m = onnx.shape_inference.infer_shapes(onnx.load(model))
     g = m.graph
-    inits = {i.name for i in g.initializer}
     have = {o.name for o in g.output}
-    for node in g.node:
-        for out in node.output:
-            if out and out not in inits and out not in have:
-                g.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.UNDEFINED, None))
-                have.add(out)
+    for vi in g.value_info:  # every float activation becomes an output
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and vi.name not in have:
+            g.output.append(onnx.helper.make_tensor_value_info(vi.name, onnx.TensorProto.FLOAT, None))
+            have.add(vi.name)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
