@@ -477,9 +477,16 @@ def test_tensorrt_11_and_later_explain_removed_calibration(version):
     assert version in message and "removed in 11.0" in message and "trtcal export qdq" in message
 
 
-def test_tensorrt_older_than_10_is_refused():
-    with pytest.raises(BackendUnavailableError, match="needs TensorRT 10.x"):
-        adapter.check_tensorrt_version("8.6.1")
+@pytest.mark.parametrize("version", ["8.5.3.1", "8.6.1.6"])
+def test_tensorrt_85_and_86_are_accepted(version):
+    # TensorRT 8.5.3 ran tests/tensorrt for real (docs/tensorrt.md)
+    assert adapter.check_tensorrt_version(version)[:2] == tuple(int(p) for p in version.split(".")[:2])
+
+
+@pytest.mark.parametrize("version", ["8.4.3.1", "7.2.3", "9.3.0.1"])
+def test_tensorrt_older_than_85_is_refused(version):
+    with pytest.raises(BackendUnavailableError, match="needs TensorRT 8.5, 8.6 or 10.x"):
+        adapter.check_tensorrt_version(version)
     with pytest.raises(BackendUnavailableError, match="cannot read the TensorRT version"):
         adapter.check_tensorrt_version("unknown")
 

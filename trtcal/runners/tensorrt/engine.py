@@ -21,7 +21,7 @@ from trtcal.errors import (
 )
 from trtcal.runners.tensorrt.calibrators import ArrowBatchCalibrator, make_replay_calibrator
 from trtcal.runners.tensorrt.config import EngineBuildConfig, ShapeSpec, _config_from
-from trtcal.runners.tensorrt.version import load_tensorrt
+from trtcal.runners.tensorrt.version import load_tensorrt, tensorrt_major
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,9 @@ def _parse_network(trt: ModuleType, path: Path) -> tuple[Any, Any, Any]:
             f"TensorRT could not create a builder ({exc}{'; TensorRT said: ' + said if said else ''}); "
             "TensorRT needs an NVIDIA GPU with a working driver"
         ) from exc
-    network = builder.create_network(0)
+    # TensorRT 8.x parses ONNX only into explicit-batch networks; in 10.x that is the only kind (flag 0).
+    flags = 0 if tensorrt_major(trt) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
     _parse_onnx(trt, network, logger, path)
     return logger, builder, network
 
@@ -315,7 +317,15 @@ def _builder_config(trt: ModuleType, builder: Any, build: EngineBuildConfig) -> 
     if build.workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, build.workspace_bytes)
     if build.builder_optimization_level is not None:
+        if not hasattr(config, "builder_optimization_level"):
+            raise ConfigError(
+                f"TensorRT {trt.__version__} has no builder optimization level (it came in 8.6); "
+                "leave builder_optimization_level unset"
+            )
         config.builder_optimization_level = build.builder_optimization_level
+    sources = os.environ.get(TACTIC_SOURCES_ENV, "").strip()
+    if sources:
+        config.set_tactic_sources(_tactic_source_mask(trt, sources))
     if not builder.platform_has_fast_int8:
         log.warning("this GPU has no fast INT8; TensorRT may fall back to higher precision")
     config.set_flag(trt.BuilderFlag.INT8)
@@ -324,6 +334,23 @@ def _builder_config(trt: ModuleType, builder: Any, build: EngineBuildConfig) -> 
     if build.calibrate_before_fusion:
         config.set_quantization_flag(trt.QuantizationFlag.CALIBRATE_BEFORE_FUSION)
     return config
+
+
+# Machines without cuBLAS/cuDNN (TensorRT 8.x enables both by default and dlopens them): e.g.
+# TRTCAL_TRT_TACTIC_SOURCES=EDGE_MASK_CONVOLUTIONS,JIT_CONVOLUTIONS. A deployment knob, like
+# CUDA_VISIBLE_DEVICES, not a calibration setting, so it lives outside EngineBuildConfig.
+TACTIC_SOURCES_ENV = "TRTCAL_TRT_TACTIC_SOURCES"
+
+
+def _tactic_source_mask(trt: ModuleType, names: str) -> int:
+    mask = 0
+    for name in filter(None, (n.strip().upper() for n in names.split(","))):
+        source = getattr(trt.TacticSource, name, None)
+        if source is None:
+            known = sorted(n for n in dir(trt.TacticSource) if n.isupper())
+            raise ConfigError(f"{TACTIC_SOURCES_ENV}: unknown tactic source {name!r}; TensorRT {trt.__version__} has {known}")
+        mask |= 1 << int(source)
+    return mask
 
 
 def _served_shapes(calibrator: ArrowBatchCalibrator) -> dict[str, tuple[int, ...]]:

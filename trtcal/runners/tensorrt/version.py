@@ -1,4 +1,9 @@
-"""Which TensorRT is installed: `load_tensorrt` (10.x only, with a clear error otherwise) and `check_tensorrt_version`."""
+"""Which TensorRT is installed: `load_tensorrt` (8.5, 8.6 or 10.x, with a clear error otherwise) and `check_tensorrt_version`.
+
+TensorRT 8.5/8.6 and 10.x share the calibrator API this adapter uses; the differences are handled
+where they arise (explicit-batch network flag before 10, no builder optimization level before 8.6).
+TensorRT 8.5.3 ran tests/tensorrt for real (docs/tensorrt.md).
+"""
 
 from __future__ import annotations
 
@@ -30,8 +35,8 @@ def check_tensorrt_version(version: str) -> tuple[int, int, int]:
     """(major, minor, patch) of a TensorRT version string, if this adapter supports it.
 
     Raises:
-        BackendUnavailableError: TensorRT 11+ (implicit calibration removed), older than 10,
-            or an unreadable version string.
+        BackendUnavailableError: TensorRT 11+ (implicit calibration removed), older than 8.5
+            (or a 9.x build), or an unreadable version string.
     """
     m = _VERSION_RE.match(str(version))
     if not m:
@@ -47,9 +52,9 @@ def check_tensorrt_version(version: str) -> tuple[int, int, int]:
             "`trtcal export qdq` and build that with TensorRT 11, or install TensorRT 10.x (10.16 is the last "
             "release with calibrators) to use this backend."
         )
-    if major < 10:
+    if (major, minor) < (8, 5) or major == 9:
         raise BackendUnavailableError(
-            f"TensorRT {version} is installed; trtcal's TensorRT backend needs TensorRT 10.x. "
+            f"TensorRT {version} is installed; trtcal's TensorRT backend needs TensorRT 8.5, 8.6 or 10.x. "
             "trtcal can still write a calibration cache for it (set the cache's target TensorRT version), "
             "which trtexec --calib or your own calibrator can load."
         )
@@ -57,10 +62,10 @@ def check_tensorrt_version(version: str) -> tuple[int, int, int]:
 
 
 def load_tensorrt() -> ModuleType:
-    """Import TensorRT and check that it is a 10.x release.
+    """Import TensorRT and check that it is a supported release (8.5, 8.6 or 10.x).
 
     Raises:
-        BackendUnavailableError: TensorRT missing (with the install hint), broken, or not 10.x.
+        BackendUnavailableError: TensorRT missing (with the install hint), broken, or unsupported.
     """
     try:
         import tensorrt as trt
@@ -80,6 +85,11 @@ def load_tensorrt() -> ModuleType:
     check_tensorrt_version(version)
     module: ModuleType = trt
     return module
+
+
+def tensorrt_major(trt: ModuleType) -> int:
+    """The major version of an imported TensorRT module."""
+    return check_tensorrt_version(str(trt.__version__))[0]
 
 
 def _trt_version_int(trt: ModuleType) -> int:
