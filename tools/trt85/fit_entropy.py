@@ -86,7 +86,7 @@ def main() -> None:
         print(f"  {n}/{k}: R={r!r} amax={amax!r} i={i:.4f}")
     grid = {
         "zero": ["keep", "suppress", "drop"],
-        "group": ["floor", "ceil", "stride"],
+        "group": ["floor", "ceil", "stride", "centre"],
         "mask": ["h", "p"],
         "qsrc": ["h", "p"],
         "expand": ["nz", "all"],
@@ -95,9 +95,7 @@ def main() -> None:
         "pq0": ["inf", "skip"],
         "start": [128, 127, 1],
         "levels": [128, 127],
-        "group": ["floor", "centre", "stride"],
     }
-    grid["group"] = ["floor", "centre", "stride", "ceil"]
     keys = a.grid.split(",")
     fixed = {}
     for item in filter(None, a.set.split(",")):
@@ -123,7 +121,7 @@ def main() -> None:
             scores.append((len(miss), {"top": top, **kw}, miss))
             print(f"  {len(ok_rows) - len(miss)}/{len(ok_rows)} {top} {kw}", flush=True)
     scores.sort(key=lambda s: s[0])
-    for nmiss, kw, miss in scores[:8]:
+    for nmiss, kw, _miss in scores[:8]:
         print(f"{len(ok_rows) - nmiss}/{len(ok_rows)} same B: {kw}")
     best = scores[0]
     print("misses of the best variant (probe/kind: TensorRT B vs variant B):")

@@ -41,12 +41,16 @@ def from_counts(counts: np.ndarray, r: float, zeros: int = 0, signed: bool = Tru
         n = int(counts[k])
         neg = n // 2 if signed else 0
         if n - neg:
-            vals.append(c[k]); cnts.append(n - neg)
+            vals.append(c[k])
+            cnts.append(n - neg)
         if neg:
-            vals.append(-c[k]); cnts.append(neg)
-    vals.append(np.float32(r)); cnts.append(1)
+            vals.append(-c[k])
+            cnts.append(neg)
+    vals.append(np.float32(r))
+    cnts.append(1)
     if zeros:
-        vals.append(np.float32(0.0)); cnts.append(zeros)
+        vals.append(np.float32(0.0))
+        cnts.append(zeros)
     return np.asarray(vals, dtype=np.float32), np.asarray(cnts, dtype=np.int64)
 
 
@@ -81,7 +85,8 @@ def build(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray, dict]]:
     flat = density_counts(np.ones(NUM_BINS), 100_000, rng)
     for z in (0.0, 0.3, 0.7, 0.95):
         zeros = int(round(100_000 * z / (1 - z)))
-        c = flat.copy(); c[-1] += 5_000
+        c = flat.copy()
+        c[-1] += 5_000
         add(f"relu6_z{z}", from_counts(c, R, zeros=zeros), family="relu6", z=z)
     # 3. Uniform bodies of several widths (a = fraction of the range) plus the max.
     for a in (0.05, 0.3, 0.6, 0.95, 1.0):

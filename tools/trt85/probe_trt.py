@@ -111,7 +111,7 @@ def cmd_probes(a):
             x = np.repeat(v, c).astype(np.float32)
             k = g0 + j
             inputs.append((j, name, x, k, net.add_input(f"p{k}", trt.float32, (1, x.size))))
-        for j, name, x, k, inp in inputs:
+        for _j, name, x, k, inp in inputs:
             relu = net.add_activation(inp, trt.ActivationType.RELU)
             relu.get_output(0).name = f"r{k}"
             net.mark_output(relu.get_output(0))
