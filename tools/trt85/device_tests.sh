@@ -23,4 +23,4 @@ export TRTCAL_TEST_MODEL=/tmp/trt/effnet.onnx TRTCAL_TEST_PHOTOS=/tmp/trt/views3
 export TRTCAL_TRT_TACTIC_SOURCES=EDGE_MASK_CONVOLUTIONS,JIT_CONVOLUTIONS
 cd /tmp/src || exit 1
 python3 -c 'import tensorrt, pyarrow, cuda.bindings; print("tensorrt", tensorrt.__version__, "pyarrow", pyarrow.__version__)'
-python3 -m pytest -p no:cacheprovider -m "tensorrt or gpu" tests/tensorrt -v -s -rs 2>&1 | tee ${OUT:-/tmp}/tests.log
+python3 -m pytest -p no:cacheprovider -m "tensorrt or gpu" ${PYTEST_K:+-k "$PYTEST_K"} tests/tensorrt -v -s -rs 2>&1 | tee ${OUT:-/tmp}/tests.log
