@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from trtcal.core import read_trt_cache, write_trt_cache
+from trtcal.errors import BackendUnavailableError
 from trtcal.runners import tensorrt as adapter
 
 MICRO_BATCH = 8
@@ -47,7 +48,7 @@ def trt():
     module = pytest.importorskip("tensorrt", reason="TensorRT is not installed (NVIDIA's index)")
     try:
         adapter.check_tensorrt_version(str(module.__version__))
-    except adapter.BackendUnavailableError as exc:
+    except BackendUnavailableError as exc:
         pytest.skip(str(exc))
     _cuda_runtime()
     return module
@@ -148,7 +149,7 @@ def test_device_buffers_round_trip_through_real_cuda():
     finally:
         pointers = dict(buffers.pointers)
         buffers.close()
-    with pytest.raises(adapter.BackendUnavailableError, match="cudaFree"):
+    with pytest.raises(BackendUnavailableError, match="cudaFree"):
         memory.free(pointers["a"])  # already freed: the real runtime reports it
 
 
@@ -156,7 +157,7 @@ def test_device_buffers_round_trip_through_real_cuda():
 def test_impossible_allocation_is_a_clear_error():
     _cuda_runtime()
     memory = adapter.load_device_memory()
-    with pytest.raises(adapter.BackendUnavailableError, match="cudaMalloc"):
+    with pytest.raises(BackendUnavailableError, match="cudaMalloc"):
         memory.malloc(1 << 60)
 
 
