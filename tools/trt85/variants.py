@@ -32,6 +32,8 @@ _LEVEL_FUNCS = {
     "ceil_m1": lambda k, i, L: (L * k) // np.maximum(i - 1, 1),
     "centre128": lambda k, i, L: ((2 * k + 1) * L) // (2 * i),
     "round": lambda k, i, L: (2 * L * k + i) // (2 * i),
+    "ceil_p1": lambda k, i, L: (L * k) // (i + 1),
+    "ceil_f32": lambda k, i, L: np.floor(k.astype(np.float32) / np.float32(i / L)).astype(np.int64),
 }
 _CACHE: dict = {}
 
