@@ -452,8 +452,11 @@ def test_export_sets_the_header_for_any_tensorrt_version_and_keeps_scale_bits(ba
         assert data.split(b"\n", 1)[0].decode() == header
         assert read_trt_cache(data).scale == stored.scale  # exact floats, same order
         assert data.split(b"\n", 1)[1] == make_artifacts()["calibration.cache"].split(b"\n", 1)[1]
-    minmax = backend.store().export_trt_cache(key, trt_version="10.3.0", algorithm="minmax")
-    assert minmax.startswith(b"TRT-100300-MinMaxCalibration\n")
+    with pytest.raises(ConfigError, match="no minmax scales.*entropy2"):  # never entropy2's scales under a MinMax header
+        backend.store().export_trt_cache(key, trt_version="10.3.0", algorithm="minmax")
+    assert backend.store().export_trt_cache(key, trt_version="10.3.0", algorithm="EntropyCalibration2").startswith(
+        b"TRT-100300-EntropyCalibration2\n"
+    )
     with pytest.raises(StorageError, match="no cache entry"):
         backend.store().export_trt_cache(compute_cache_key(make_inputs(42)), trt_version="10.16.1")
     with pytest.raises(ConfigError):

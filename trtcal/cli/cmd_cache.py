@@ -122,8 +122,13 @@ def register(subparsers: Any) -> None:
     _add_store_arguments(p, read_from=True)
     p.add_argument("--key", required=True, help="entry key (or a unique prefix)")
     p.add_argument("--trt-version", required=True, help="TensorRT version that will read the cache, e.g. 10.16.1")
-    p.add_argument("--method", default=None, help="calibrator named in the header (entropy2, minmax, ... or a header name)")
-    p.add_argument("--artifact", default=None, help="artifact holding the cache (default calibration.cache)")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="export this method's scales (entropy2, minmax, ... or a TensorRT header name); an entry without them is an "
+        "error listing the methods it has (default: calibration.cache as stored)",
+    )
+    p.add_argument("--artifact", default=None, help="artifact holding the cache (default: the method's, else calibration.cache)")
     p.add_argument("-o", "--output", required=True, help="output file, or - for stdout")
     p.set_defaults(func=cmd_export)
 

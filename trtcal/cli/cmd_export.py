@@ -3,7 +3,10 @@
     trtcal export qdq MODEL --ranges ranges.json --method entropy2 -o model.qdq.onnx
     trtcal export qdq MODEL --from-cache calibration.cache -o model.qdq.onnx      # TensorRT 10 -> 11
         [--exclude REGEX]... [--exclude-op-type REGEX]... [--no-noise-reduction] [--quantize-outputs]
-        [--report-json FILE]
+        [--allow-missing-ranges] [--report-json FILE]
+
+Ranges that name none of the model's tensors, or cover under half of the activations that need
+Q/DQ, are taken for another model's calibration: an error (exit 2), not a model without Q/DQ.
 """
 
 from __future__ import annotations
@@ -63,6 +66,13 @@ def register(subparsers: Any) -> None:
     qdq.add_argument(
         "--quantize-outputs", action="store_true", default=None, help="also quantize the outputs of quantized layers"
     )
+    qdq.add_argument(
+        "--allow-missing-ranges",
+        action="store_true",
+        default=None,
+        help="export even when the ranges cover under half of the activations that need Q/DQ (taken for another "
+        "model's calibration otherwise; the layers without a range stay float)",
+    )
     qdq.add_argument("--report-json", metavar="FILE", help="write what was quantized, kept float and missing as JSON")
     qdq.add_argument(
         "--allow-empty", action="store_true", default=False,
@@ -84,6 +94,8 @@ def qdq_config_from_args(args: argparse.Namespace) -> Any:
         kwargs["exclude_op_types"] = tuple(kwargs.get("exclude_op_types", ())) + tuple(args.exclude_op_type)
     if getattr(args, "noise_reduction", None) is not None:
         kwargs["keep_last_smoothing_float"] = bool(args.noise_reduction)
+    if getattr(args, "allow_missing_ranges", None):
+        kwargs["min_range_coverage"] = 0.0
     if getattr(args, "quantize_outputs", None) is not None:
         kwargs["quantize_outputs"] = bool(args.quantize_outputs)
     return QdqConfig(**kwargs)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,14 +12,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from trtcal.core.weights import SAFE_SCALE
-from trtcal.errors import ConfigError, ModelError
+from trtcal.errors import ConfigError, InternalError, ModelError
 
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["ModelLike", "activation_scales", "checked_scales", "load_model", "serialize_model", "write_bytes_atomic", "save_model"]
+__all__ = [
+    "ModelLike", "activation_scales", "check_full", "check_range_coverage", "checked_scales", "load_model", "model_tensor_names",
+    "serialize_model", "write_bytes_atomic", "save_model",
+]
 
 ModelLike = Any  # onnx.ModelProto | str | os.PathLike | bytes
+
+log = logging.getLogger("trtcal.export.qdq")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,15 +51,61 @@ def activation_scales(amax_by_tensor: Mapping[str, float]) -> dict[str, float]:
     return scales
 
 
-def checked_scales(scale_by_tensor: Mapping[str, float]) -> dict[str, float]:
+def checked_scales(scale_by_tensor: Mapping[str, float], model_tensors: frozenset[str] | None = None) -> dict[str, float]:
+    """The scales as float32 values; a zero, denormal, negative or non-finite scale of a tensor the
+    model has (every tensor when `model_tensors` is None) is a ConfigError: it used to become 1.0
+    without a word. `activation_scales` already maps an amax of 0 to SAFE_SCALE, so only foreign
+    tables (a TensorRT cache) get here with one."""
     tiny = np.finfo(np.float32).tiny
     out: dict[str, float] = {}
+    bad: list[str] = []
     for name, scale in scale_by_tensor.items():
-        value = float(np.float32(scale))
-        if not (np.isfinite(value) and value >= 0.0):
-            raise ConfigError(f"scale of tensor {name!r} must be finite and > 0, got {scale!r}")
-        out[name] = value if value >= tiny else float(SAFE_SCALE)
+        try:
+            value = float(np.float32(scale))
+        except (TypeError, ValueError):
+            raise ConfigError(f"scale of tensor {name!r} must be a number, got {scale!r}") from None
+        if not (np.isfinite(value) and value >= tiny):
+            if model_tensors is None or name in model_tensors:
+                bad.append(f"{name!r}: {scale!r}")
+            continue  # a tensor the model lacks is never used (and counted in the coverage check)
+        out[name] = value
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ConfigError(
+            f"{len(bad)} tensor(s) have a scale that is zero, denormal (< {tiny:.3g}), negative or not finite: {shown}. "
+            "No usable INT8 range follows from it; recalibrate, or keep the layers reading them float with --exclude"
+        )
     return out
+
+
+def model_tensor_names(model: onnx.ModelProto) -> frozenset[str]:
+    graph = model.graph
+    names = {i.name for i in graph.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+    names.discard("")
+    return frozenset(names)
+
+
+def check_range_coverage(
+    covered: int, needed: int, scale_by_tensor: Mapping[str, Any], model_tensors: frozenset[str], min_coverage: float
+) -> None:
+    """ConfigError when the ranges do not belong to this model: none of their tensors is in it, or
+    they cover fewer than `min_coverage` of the `needed` activations the Q/DQ placement wants."""
+    given = len(scale_by_tensor)
+    in_model = sum(1 for name in scale_by_tensor if name in model_tensors)
+    counts = (
+        f"the ranges name {given} tensor(s), {in_model} of them in this model; they cover {covered} of the "
+        f"{needed} activation tensor(s) the Q/DQ placement needs"
+    )
+    if given and not in_model:
+        raise ConfigError(f"{counts}. Is this the calibration of another model?")
+    if needed and covered < min_coverage * needed:
+        raise ConfigError(
+            f"{counts} (at least {min_coverage:.0%} required). Is this the calibration of another model? "
+            "Pass --allow-missing-ranges to export anyway (the layers without a range stay float)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +149,10 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # The mode any new file gets (0666 less the umask: 0644 usually), not mkstemp's private 0600:
+    # a report or model written for others to read must be readable by them.
+    tmp = str(target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -113,3 +168,28 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     """Write a model's deterministic bytes atomically."""
     return write_bytes_atomic(path, serialize_model(model))
+
+
+def check_full(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> None:
+    """`onnx.checker.check_model(full_check=True)` on the Q/DQ model (types and shapes included).
+
+    Raises:
+        ModelError: the FP32 model fails the same check (the export cannot repair it).
+        InternalError: only the Q/DQ model fails it (a bug in the export).
+    """
+    import onnx
+
+    if qdq.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF:
+        log.info("the Q/DQ model is over 2 GiB; onnx.checker cannot check it in memory")
+        return
+    try:
+        onnx.checker.check_model(qdq, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        try:
+            onnx.checker.check_model(fp32, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as fp32_exc:
+            raise ModelError(
+                f"the FP32 model fails onnx.checker.check_model(full_check=True) ({fp32_exc}); no valid Q/DQ "
+                "model can be written from it. Fix the model (e.g. re-export it) first"
+            ) from None
+        raise InternalError(f"the Q/DQ model fails onnx.checker (full check): {exc}") from exc

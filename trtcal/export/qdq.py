@@ -55,8 +55,11 @@ from trtcal.export.graph_rules import producers as _producers
 from trtcal.export.model_io import (
     ModelLike,
     activation_scales,
+    check_full,
+    check_range_coverage,
     checked_scales,
     load_model,
+    model_tensor_names,
     save_model,
     serialize_model,
     write_bytes_atomic,
@@ -111,6 +114,8 @@ class QdqConfig:
         quantize_outputs: also quantize the outputs of the quantized weighted layers (for their
             consumers; the network's own outputs always stay FP32).
         quantize_residual_add: quantize the residual input of skip-connection Adds (TensorRT fusion).
+        min_range_coverage: the least share of the activations needing Q/DQ the ranges must cover;
+            below it they are taken for another model's (ConfigError). 0 allows any.
     """
 
     exclude_nodes: tuple[str, ...] = ()
@@ -119,8 +124,11 @@ class QdqConfig:
     keep_last_smoothing_float: bool = True
     quantize_outputs: bool = False
     quantize_residual_add: bool = True
+    min_range_coverage: float = 0.5
 
     def __post_init__(self) -> None:
+        if not 0.0 <= float(self.min_range_coverage) <= 1.0 or isinstance(self.min_range_coverage, bool):
+            raise ConfigError(f"min_range_coverage must be a number in [0, 1], got {self.min_range_coverage!r}")
         for name in ("exclude_nodes", "exclude_op_types", "float_nodes"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
@@ -575,31 +583,6 @@ def apply_plan(model: onnx.ModelProto, plan: QdqPlan, scale_by_tensor: Mapping[s
     return out
 
 
-def check_full(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> None:
-    """`onnx.checker.check_model(full_check=True)` on the Q/DQ model (types and shapes included).
-
-    Raises:
-        ModelError: the FP32 model fails the same check (the export cannot repair it).
-        InternalError: only the Q/DQ model fails it (a bug in the export).
-    """
-    import onnx
-
-    if qdq.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF:
-        log.info("the Q/DQ model is over 2 GiB; onnx.checker cannot check it in memory")
-        return
-    try:
-        onnx.checker.check_model(qdq, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        try:
-            onnx.checker.check_model(fp32, full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as fp32_exc:
-            raise ModelError(
-                f"the FP32 model fails onnx.checker.check_model(full_check=True) ({fp32_exc}); no valid Q/DQ "
-                "model can be written from it. Fix the model (e.g. re-export it) first"
-            ) from None
-        raise InternalError(f"the Q/DQ model fails onnx.checker (full check): {exc}") from exc
-
-
 def require_quantized(report: QdqReport, *, allow_empty: bool, what: str = "the Q/DQ export") -> None:
     """ModelError when `report` quantized nothing, naming why, unless `allow_empty`."""
     if not report.is_empty:
@@ -626,13 +609,17 @@ def build_qdq(model: ModelLike, scale_by_tensor: Mapping[str, float], config: Qd
 
     Raises:
         ModelError: the model cannot be loaded, is already quantized or its opset cannot be raised to 13.
-        ConfigError: a scale is negative or not finite.
+        ConfigError: a scale of a model tensor is zero, denormal, negative or not finite; or the
+            ranges cover too little of the model (QdqConfig.min_range_coverage).
     """
     config = config or QdqConfig()
-    scales = checked_scales(scale_by_tensor)
     fp32, upgraded_from = _upgrade_opset(load_model(model))
+    names = model_tensor_names(fp32)
+    scales = checked_scales(scale_by_tensor, names)
     plan = plan_qdq(fp32, scales, config)
     report = replace(plan.report, upgraded_from_opset=upgraded_from)
+    covered = len(report.quantized_activations)
+    check_range_coverage(covered, covered + len(report.missing_tensors), scale_by_tensor, names, config.min_range_coverage)
     if report.missing_tensors:
         log.warning(
             "%d tensor(s) have no calibrated range; their Q/DQ is skipped and the layers reading them stay float: %s",

@@ -67,7 +67,7 @@ from trtcal.storage.records import (
     VerifyResult,
     aware,
 )
-from trtcal.storage.trt_export import retarget_trt_cache
+from trtcal.storage.trt_export import DEFAULT_CACHE_ARTIFACT, method_artifacts, retarget_trt_cache, select_method_artifact
 
 __all__ = ["CacheStore", "DEFAULT_ORPHAN_GRACE", "KEEP_VERIFIED_BYTES", "LAYOUT"]
 
@@ -805,22 +805,42 @@ class CacheStore:
         *,
         trt_version: str | int | tuple[int, ...],
         algorithm: str | None = None,
-        artifact: str = "calibration.cache",
+        artifact: str | None = None,
     ) -> bytes:
         """The entry's TensorRT calibration cache with its header set for `trt_version` (e.g. "10.16.1").
 
-        `algorithm` (a trtcal method or TensorRT header name) sets the calibrator named in the
-        header; None keeps the stored one. Raises StorageError if there is no such entry.
+        `algorithm` (a trtcal method, or a TensorRT header name) picks WHICH method's scales are
+        exported: `calibration.<method>.cache`, or `calibration.cache` when that method came first;
+        the header names its calibrator. An entry without that method's scales is a ConfigError
+        listing the methods it has. None exports `artifact` (default calibration.cache) as stored.
+        Raises StorageError if there is no such entry.
         """
         entry = self.get(key, lazy=True)
         if entry is None:
             where = self.url + (f" (nor in {len(self._other_stores())} read-from store(s))" if self._other_stores() else "")
             raise StorageError(f"no cache entry {key} in namespace {self.namespace} of {where}", url=self.url)
+        if algorithm is not None:
+            available = method_artifacts(entry.names, entry.key_inputs, lambda: _stored_header(entry))
+            method, chosen = select_method_artifact(algorithm, available, entry=key, names=entry.names)
+            if artifact is not None and artifact != chosen:
+                raise ConfigError(f"artifact {artifact!r} of entry {key} does not hold {method} scales ({chosen} does)")
+            artifact = chosen
+        artifact = artifact or DEFAULT_CACHE_ARTIFACT
         data = entry.read(artifact)
         try:
             return retarget_trt_cache(data, trt_version=trt_version, algorithm=algorithm)
         except CacheFormatError as exc:
             raise CacheFormatError(f"artifact {artifact!r} of entry {key} ({entry.artifact_url(artifact)}): {exc}") from None
+
+
+def _stored_header(entry: Entry) -> str | None:
+    """The calibrator named in the header of an entry's calibration.cache (None if unreadable)."""
+    from trtcal.core.cache_format import read_trt_cache
+
+    try:
+        return read_trt_cache(entry.read(DEFAULT_CACHE_ARTIFACT)).algorithm
+    except CacheFormatError:
+        return None
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -67,11 +67,15 @@ def test_put_ls_show_get_export_verify_gc_on_a_local_store(capsys: pytest.Captur
     assert rc == 0 and (tmp_path / "got" / "calibration.cache").read_bytes() == CACHE
 
     target = tmp_path / "model.cache"
-    rc, _, err = run(capsys, "cache", "export", store, "--namespace", "team-a", "--key", KEY, "--method", "minmax",
+    rc, _, err = run(capsys, "cache", "export", store, "--namespace", "team-a", "--key", KEY, "--method", "entropy2",
                      "--trt-version", "10.16.1", "-o", str(target))
-    assert rc == 0 and "TRT-101601-MinMaxCalibration" in err
-    assert target.read_bytes().startswith(b"TRT-101601-MinMaxCalibration\n")
+    assert rc == 0 and "TRT-101601-EntropyCalibration2" in err
+    assert target.read_bytes().startswith(b"TRT-101601-EntropyCalibration2\n")
     assert read_trt_cache(target.read_bytes()).scale == read_trt_cache(CACHE).scale
+    # The entry holds entropy2 scales only: --method minmax must not relabel them (issue 15 item 2).
+    rc, _, err = run(capsys, "cache", "export", store, "--namespace", "team-a", "--key", KEY, "--method", "minmax",
+                     "--trt-version", "10.16.1", "-o", str(tmp_path / "minmax.cache"))
+    assert rc == 2 and "no minmax scales" in err and "entropy2" in err and not (tmp_path / "minmax.cache").exists()
 
     rc, out, _ = run(capsys, "cache", "verify", store, "--json")
     assert rc == 0 and json.loads(out)["corrupt"] == 0
