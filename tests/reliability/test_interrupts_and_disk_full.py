@@ -59,26 +59,37 @@ def _store_files(store_root: Path) -> list[str]:
     return sorted(str(p.relative_to(store_root)) for p in store_root.rglob("*") if p.is_file())
 
 
-# --- `trtcal cache put` signalled while it streams an artifact -----------------------------------
+# --- a publish signalled while it streams an artifact ---------------------------------------------
+
+# `trtcal cache put` takes regular files only (a FIFO could hang it), so the child publishes through
+# the API, which streams a FIFO the caller feeds: the signal lands at a known point of the upload.
+_PUBLISH_CHILD = """
+import json, sys
+from pathlib import Path
+from trtcal.storage import CacheStore, compute_cache_key
+url, options, inputs, cache, pipe = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]
+try:
+    CacheStore(url, **options).publish(compute_cache_key(inputs), {"calibration.cache": Path(cache), "batch.arrow": Path(pipe)},
+                                       key_inputs=inputs)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+"""
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("kind", ["local", "s3"])
-def test_cache_put_signalled_mid_upload_leaves_no_entry(kind: str, signum: int, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_publish_signalled_mid_upload_leaves_no_entry(kind: str, signum: int, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     if kind == "local":
         url, options = str(tmp_path / "store"), {}
-        cli_options: list[str] = []
     else:
         server = request.getfixturevalue("s3_server")
         url, options = f"s3://{server.create_bucket()}/calib", server.storage_options()
-        cli_options = ["--storage-option", f"endpoint_url={server.endpoint_url}", "--storage-option", f"key={server.key}",
-                       "--storage-option", f"secret={server.secret}"]
-    (tmp_path / "inputs.json").write_text(json.dumps(INPUTS))
     (tmp_path / "calibration.cache").write_bytes(CACHE)
     pipe = tmp_path / "batch.arrow"
     os.mkfifo(pipe)
-    argv = [sys.executable, "-m", "trtcal", "cache", "put", url, *cli_options, "--key-inputs", str(tmp_path / "inputs.json"),
-            str(tmp_path / "calibration.cache"), str(pipe)]
+    argv = [sys.executable, "-c", _PUBLISH_CHILD, url, json.dumps(options), json.dumps(INPUTS), str(tmp_path / "calibration.cache"),
+            str(pipe)]
     child = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, cwd=tmp_path)
     with open(pipe, "wb") as feed:  # blocks until the child opens the pipe: it is publishing now
         feed.write(os.urandom(6 << 20))  # one 5 MiB part is uploaded on S3
@@ -102,8 +113,13 @@ def test_cache_put_signalled_mid_upload_leaves_no_entry(kind: str, signum: int, 
     # locally the half-written file stays as an orphan for gc; on S3 the unfinished multipart upload
     # is invisible to listings (a bucket lifecycle rule aborts it, see docs/storage.md).
     assert len(report.removed_orphans) == (1 if signum == signal.SIGTERM and kind == "local" else 0)
-    again = subprocess.run(argv[:-1],  # the same put without the stream: room for a clean publish
-                           env=_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    (tmp_path / "inputs.json").write_text(json.dumps(INPUTS))
+    cli_options = [] if kind == "local" else [
+        "--storage-option", f"endpoint_url={server.endpoint_url}", "--storage-option", f"key={server.key}",
+        "--storage-option", f"secret={server.secret}"]
+    again = subprocess.run(  # `trtcal cache put` without the stream: room for a clean publish
+        [sys.executable, "-m", "trtcal", "cache", "put", url, *cli_options, "--key-inputs", str(tmp_path / "inputs.json"),
+         str(tmp_path / "calibration.cache")], env=_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     hit = store.get(KEY)
     assert hit is not None and hit.read("calibration.cache") == CACHE

@@ -3,6 +3,12 @@
 STORE is a local path, `s3://bucket/prefix` (endpoint from AWS_ENDPOINT_URL or
 `--storage-option endpoint_url=…`) or any fsspec URL (read-only). Human-readable tables by
 default, `--json` for scripts. Credentials never appear in the output or the logs.
+
+`ls`, `verify` and `gc` on a path that holds no store (missing, a file, a folder of other things,
+an empty bucket prefix) fail with exit 2; an existing empty local folder is an empty store.
+
+Exit status: 0 done; 1 `verify` found a corrupt entry, or `put` found the key already taken
+(nothing was stored; the message says whether the stored artifacts equal yours); 2 an error.
 """
 
 from __future__ import annotations
@@ -98,7 +104,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--name", dest="names", action="append", default=None, help="only this artifact (repeatable)")
     p.set_defaults(func=cmd_get)
 
-    p = actions.add_parser("put", help="publish files as an entry")
+    p = actions.add_parser("put", help="publish files as an entry (exit 1 and nothing stored if the key exists)")
     _add_store_arguments(p, read_from=False)
     p.add_argument("--key-inputs", required=True, metavar="JSON", help="JSON file with the inputs the key is computed from")
     p.add_argument("--key", default=None, help="expected key (checked against --key-inputs)")
@@ -238,6 +244,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     store = _open_store(args, read_only=True, namespace_filter=True)
+    store.require_store()
     infos = store.ls(_filter_from(args))
     if args.json:
         _print_json([i.to_dict() for i in infos])
@@ -343,18 +350,67 @@ def cmd_put(args: argparse.Namespace) -> int:
             name, path = os.path.basename(spec), spec
         if name in artifacts:
             raise ConfigError(f"artifact {name!r} given twice")
-        artifacts[name] = Path(path)
-    entry = store.publish(key, artifacts, key_inputs=inputs, extra=extra)
+        artifacts[name] = _regular_file(name, Path(path))
+    # Taken already: say so before uploading anything (publish would discard our copy).
+    entry = store.get(key, lazy=True)
+    if entry is None:
+        entry = store.publish(key, artifacts, key_inputs=inputs, extra=extra)
+    if not entry.created:
+        return _report_existing(args, entry, artifacts)
     if args.json:
-        _print_json({"key": entry.key, "namespace": entry.namespace, "url": entry.url, "artifacts": entry.names})
+        _print_json({"key": entry.key, "namespace": entry.namespace, "url": entry.url, "artifacts": entry.names, "created": True})
     else:
         print(entry.key)
         print(f"published to {entry.url}", file=sys.stderr)
     return 0
 
 
+def _regular_file(name: str, path: Path) -> Path:
+    """A FIFO with no writer blocks `open` forever and /dev/zero never ends: `put` takes regular files only."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"artifact {name!r}: cannot use {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise ConfigError(f"artifact {name!r}: {path} is {kind}, not a regular file; give a regular file (write it to disk first)")
+    return path
+
+
+def _report_existing(args: argparse.Namespace, entry: Any, artifacts: dict[str, Path]) -> int:
+    """`cache put` onto a taken key: nothing was stored; say whether the stored entry equals the given files."""
+    import hashlib
+
+    stored = entry.manifest["artifacts"]
+    differ = sorted(set(stored) ^ set(artifacts))
+    for name, path in sorted(artifacts.items()):
+        if name in stored:
+            digest = hashlib.sha256()
+            try:
+                with open(path, "rb") as f:
+                    while chunk := f.read(8 << 20):
+                        digest.update(chunk)
+            except OSError as exc:
+                raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+            if digest.hexdigest() != stored[name]["sha256"]:
+                differ.append(name)
+    same = not differ
+    if args.json:
+        _print_json({"key": entry.key, "namespace": entry.namespace, "url": entry.url, "created": False, "identical": same,
+                     "differing_artifacts": sorted(differ)})
+    else:
+        print(entry.key)
+        what = "the same artifacts as yours" if same else f"different artifacts (differ: {', '.join(sorted(differ))})"
+        print(f"entry {entry.key} already exists at {entry.url} (created {_when(entry.created_at)} UTC) with {what}; "
+              "nothing was stored (entries never change: different --key-inputs give a different key)", file=sys.stderr)
+    return 1
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     store = _open_store(args, read_only=True, namespace_filter=True)
+    store.require_store()
     results = store.verify(_filter_from(args))
     bad = [r for r in results if not r.ok]
     if args.json:
@@ -368,6 +424,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     store = _open_store(args, read_only=False, namespace_filter=True)
+    store.require_store()
     kwargs: dict[str, Any] = {"namespace": args.namespace, "dry_run": bool(args.dry_run)}
     if args.older_than is not None:
         kwargs["older_than"] = parse_moment(args.older_than)

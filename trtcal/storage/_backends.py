@@ -45,6 +45,7 @@ class FileInfo:
     path: str
     size: int
     mtime: datetime | None
+    regular: bool = True  # False: a symbolic link, FIFO, socket or device (listed so it is reported, never read)
 
 
 class Backend(ABC):
@@ -256,12 +257,15 @@ class LocalBackend(Backend):
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     walk(entry.path)
-                elif entry.is_file(follow_symlinks=False):
+                else:
                     try:
                         st = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    out.append(FileInfo(entry.path, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc)))
+                    mtime = datetime.fromtimestamp(st.st_mtime, timezone.utc)
+                    # A link or FIFO where a manifest or artifact belongs is listed, not skipped: skipping
+                    # it hid the entry from `verify`, which then passed.
+                    out.append(FileInfo(entry.path, st.st_size, mtime, regular=stat.S_ISREG(st.st_mode)))
 
         walk(prefix)
         return out

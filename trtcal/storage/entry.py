@@ -9,26 +9,14 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from trtcal.errors import ConfigError, CorruptEntryError, StorageError
 from trtcal.storage._backends import NotRegularFile
+from trtcal.storage.layout import Problem, StoreLayout, check_bytes
 from trtcal.storage.manifest import ArtifactRecord, Manifest
 
-if TYPE_CHECKING:
-    from trtcal.storage.store import CacheStore
-
 __all__ = ["Entry", "Problem", "check_bytes"]
-
-
-class Problem(Exception):
-    """An entry failed verification (`missing`: an artifact is absent). Internal; users see CorruptEntryError."""
-
-    def __init__(self, reason: str, url: str, *, missing: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.url = url
-        self.missing = missing
 
 
 class Entry:
@@ -39,16 +27,27 @@ class Entry:
         manifest: the parsed manifest as a dict (see trtcal.storage.manifest).
         url: URL of its manifest (no credentials).
         store_url: URL of the store that holds it (a read-from store on a read-through hit).
+        created: True when the `publish` that returned it committed it; False when the key was
+            already taken (by an earlier or a concurrent writer) and this is that entry.
     """
 
-    def __init__(self, store: CacheStore, manifest: Manifest, *, verified: Mapping[str, bytes] | None = None) -> None:
-        self._store = store
+    def __init__(
+        self,
+        layout: StoreLayout,
+        manifest: Manifest,
+        *,
+        store_url: str,
+        verified: Mapping[str, bytes] | None = None,
+        created: bool = False,
+    ) -> None:
+        self._layout = layout
         self._manifest = manifest
         self._verified = dict(verified or {})
         self.key = manifest.key
         self.namespace = manifest.namespace
-        self.url = store._display(store._manifest_path(manifest.namespace, manifest.key))
-        self.store_url = store.url
+        self.url = layout.display(layout.manifest_path(manifest.namespace, manifest.key))
+        self.store_url = store_url
+        self.created = created
 
     def __repr__(self) -> str:
         return f"Entry(key={self.key!r}, namespace={self.namespace!r}, artifacts={self.names!r}, url={self.url!r})"
@@ -78,7 +77,7 @@ class Entry:
         return self._manifest.total_size
 
     def artifact_url(self, name: str) -> str:
-        return self._store._display(self._path(name))
+        return self._layout.display(self._path(name))
 
     def _record(self, name: str) -> ArtifactRecord:
         record = self._manifest.artifacts.get(name)
@@ -88,7 +87,7 @@ class Entry:
 
     def _path(self, name: str) -> str:
         m = self._manifest
-        return self._store._artifact_path(m.namespace, m.key, m.stage, name)
+        return self._layout.artifact_path(m.namespace, m.key, m.stage, name)
 
     def _corrupt_error(self, problem: Problem) -> CorruptEntryError:
         return CorruptEntryError(
@@ -105,14 +104,14 @@ class Entry:
             return self._verified[name]
         path = self._path(name)
         try:
-            with self._store._io("read", path):
-                data = self._store._backend.read_bytes(path)
+            with self._layout.io("read", path):
+                data = self._layout.backend.read_bytes(path)
         except FileNotFoundError:
-            raise self._corrupt_error(Problem("artifact is missing", self._store._display(path), missing=True)) from None
+            raise self._corrupt_error(Problem("artifact is missing", self._layout.display(path), missing=True)) from None
         except NotRegularFile as exc:
-            raise self._corrupt_error(Problem(f"artifact {exc.strerror}", self._store._display(path))) from None
+            raise self._corrupt_error(Problem(f"artifact {exc.strerror}", self._layout.display(path))) from None
         try:
-            check_bytes(data, record, self._store._display(path))
+            check_bytes(data, record, self._layout.display(path))
         except Problem as problem:
             raise self._corrupt_error(problem) from None
         return data
@@ -128,7 +127,7 @@ class Entry:
         if target.is_dir():
             target = target / name
         path = self._path(name)
-        url = self._store._display(path)
+        url = self._layout.display(path)
         temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,10 +137,10 @@ class Entry:
         digest, size = hashlib.sha256(), 0
         try:
             with out:
-                source = iter([self._verified[name]]) if name in self._verified else self._store._backend.iter_chunks(path)
+                source = iter([self._verified[name]]) if name in self._verified else self._layout.backend.iter_chunks(path)
                 while True:
                     try:
-                        with self._store._io("read", path):
+                        with self._layout.io("read", path):
                             chunk = next(source, None)
                     except FileNotFoundError:
                         raise self._corrupt_error(Problem("artifact is missing", url, missing=True)) from None
@@ -170,14 +169,7 @@ class Entry:
     def verify(self) -> None:
         """Re-read every artifact and check it. Raises CorruptEntryError naming the first bad one."""
         try:
-            self._store._verify_artifacts(self._manifest, full=True, keep=False)
+            self._layout.verify_artifacts(self._manifest, full=True, keep=False)
         except Problem as problem:
             raise self._corrupt_error(problem) from None
 
-
-def check_bytes(data: bytes, record: ArtifactRecord, url: str) -> None:
-    if len(data) != record.size:
-        raise Problem(f"{len(data)} bytes, manifest says {record.size} (truncated or replaced)", url)
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != record.sha256:
-        raise Problem(f"sha256 {digest} does not match the manifest's {record.sha256}", url)

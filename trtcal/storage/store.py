@@ -17,11 +17,12 @@ manifest references (crashed or losing writers) once they are older than a grace
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Generator, Iterator, Mapping, Sequence
+import stat
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,6 @@ from trtcal.errors import (
     CorruptEntryError,
     ReadOnlyStoreError,
     StorageError,
-    TrtcalError,
 )
 from trtcal.storage._backends import (
     CHUNK_BYTES,
@@ -43,9 +43,10 @@ from trtcal.storage._backends import (
     NotRegularFile,
 )
 from trtcal.storage._redact import Scrubber, redact_url, secret_values
-from trtcal.storage.entry import Entry, Problem, check_bytes
+from trtcal.storage.entry import Entry
 from trtcal.storage.index import IndexRecord, index_name, parse_index_name
 from trtcal.storage.keys import canonical_json, compute_cache_key, key_inputs_dict
+from trtcal.storage.layout import KEEP_VERIFIED_BYTES, LAYOUT, Problem, StoreLayout
 from trtcal.storage.manifest import ArtifactRecord, Manifest, parse_manifest
 from trtcal.storage.names import (
     DEFAULT_NAMESPACE,
@@ -67,15 +68,17 @@ from trtcal.storage.records import (
     VerifyResult,
     aware,
 )
-from trtcal.storage.trt_export import DEFAULT_CACHE_ARTIFACT, method_artifacts, retarget_trt_cache, select_method_artifact
+from trtcal.storage.trt_export import (
+    DEFAULT_CACHE_ARTIFACT,
+    method_artifacts,
+    retarget_trt_cache,
+    select_method_artifact,
+)
 
 __all__ = ["CacheStore", "DEFAULT_ORPHAN_GRACE", "KEEP_VERIFIED_BYTES", "LAYOUT"]
 
 log = logging.getLogger(__name__)
 
-LAYOUT = "v1"
-# get() keeps artifacts up to this size in memory after verifying them, so Entry.read does not fetch twice.
-KEEP_VERIFIED_BYTES = 64 << 20
 DEFAULT_ORPHAN_GRACE = timedelta(hours=24)
 _COMMIT_ATTEMPTS = 3
 
@@ -172,6 +175,7 @@ class CacheStore:
         )
         self._scrub = Scrubber(secret_values(storage_options))
         self._backend = _open_backend(url, storage_options, self._scrub)
+        self._layout = StoreLayout(self._backend, self._scrub)
         self._read_from_stores: list[CacheStore] | None = None
 
     @classmethod
@@ -205,62 +209,10 @@ class CacheStore:
     def __repr__(self) -> str:
         return f"CacheStore({self.url!r}, namespace={self.namespace!r}, read_only={self.read_only})"
 
-    # paths
+    # paths (see trtcal.storage.layout)
 
     def _display(self, path: str) -> str:
-        return self._scrub(redact_url(self._backend.url(path)))
-
-    def _layout_dir(self) -> str:
-        return self._backend.join(LAYOUT)
-
-    def _entries_dir(self, namespace: str) -> str:
-        return self._backend.join(LAYOUT, namespace, "entries")
-
-    def _index_dir(self, namespace: str) -> str:
-        return self._backend.join(LAYOUT, namespace, "index")
-
-    def _artifacts_dir(self, namespace: str) -> str:
-        return self._backend.join(LAYOUT, namespace, "artifacts")
-
-    def _manifest_path(self, namespace: str, key: str) -> str:
-        return self._backend.join(LAYOUT, namespace, "entries", key[:2], f"{key}.json")
-
-    def _stage_dir(self, namespace: str, key: str, stage: str) -> str:
-        return self._backend.join(LAYOUT, namespace, "artifacts", key[:2], key, stage)
-
-    def _artifact_path(self, namespace: str, key: str, stage: str, name: str) -> str:
-        return self._backend.join(LAYOUT, namespace, "artifacts", key[:2], key, stage, name)
-
-    # error handling
-
-    @contextlib.contextmanager
-    def _io(self, action: str, path: str, *, missing_ok: bool = True) -> Iterator[None]:
-        """Turn backend exceptions into StorageError with scrubbed text; FileNotFoundError passes if missing_ok."""
-        try:
-            yield
-        except (TrtcalError, Problem, NotRegularFile):
-            raise
-        except FileNotFoundError as exc:
-            if missing_ok:
-                raise
-            raise StorageError(
-                f"cannot {action} {self._display(path)}: not found ({self._scrub.describe(exc)}); does the bucket/directory exist?",
-                url=self._display(path),
-            ) from None
-        except PermissionError as exc:
-            raise StorageError(
-                f"cannot {action} {self._display(path)}: permission denied ({self._scrub.describe(exc)}); "
-                "check the credentials and permissions, or open the store read-only",
-                url=self._display(path),
-            ) from None
-        except NotADirectoryError as exc:
-            raise StorageError(
-                f"cannot {action} {self._display(path)}: a file is in the way of a directory ({self._scrub.describe(exc)}); "
-                "is the store URL right?",
-                url=self._display(path),
-            ) from None
-        except Exception as exc:
-            raise StorageError(f"cannot {action} {self._display(path)}: {self._scrub.describe(exc)}", url=self._display(path)) from None
+        return self._layout.display(path)
 
     def _check_writable(self, action: str) -> None:
         if self.config.read_only:
@@ -284,73 +236,17 @@ class CacheStore:
 
     # reading
 
-    def _verify_artifacts(self, manifest: Manifest, *, full: bool, keep: bool) -> dict[str, bytes]:
-        """Check the artifacts of `manifest`; return the verified bytes kept in memory. Raises Problem."""
-        ns, key, stage = manifest.namespace, manifest.key, manifest.stage
-        paths = {name: self._artifact_path(ns, key, stage, name) for name in manifest.artifacts}
-        if not full:
-            stage_dir = self._stage_dir(ns, key, stage)
-            with self._io("list", stage_dir):
-                listed = {self._relative(info.path, stage_dir): info for info in self._backend.list_files(stage_dir)}
-            for name, record in manifest.artifacts.items():
-                info = listed.get(name)
-                if info is None:
-                    raise Problem("artifact is missing", self._display(paths[name]), missing=True)
-                if info.size != record.size:
-                    raise Problem(f"{info.size} bytes, manifest says {record.size} (truncated or replaced)", self._display(paths[name]))
-            return {}
-        kept: dict[str, bytes] = {}
-        small = [n for n, r in sorted(manifest.artifacts.items()) if r.size <= KEEP_VERIFIED_BYTES]
-        with self._io("read", paths[small[0]] if small else self._stage_dir(ns, key, stage)):
-            fetched = self._backend.read_many([paths[n] for n in small])
-        for name in small:
-            value = fetched[paths[name]]
-            if isinstance(value, FileNotFoundError):
-                raise Problem("artifact is missing", self._display(paths[name]), missing=True)
-            if isinstance(value, NotRegularFile):
-                raise Problem(f"artifact {value.strerror}", self._display(paths[name]))
-            if isinstance(value, BaseException):
-                with self._io("read", paths[name]):
-                    raise value
-            assert isinstance(value, bytes)
-            check_bytes(value, manifest.artifacts[name], self._display(paths[name]))
-            if keep:
-                kept[name] = value
-        for name, record in sorted(manifest.artifacts.items()):
-            if record.size <= KEEP_VERIFIED_BYTES:
-                continue
-            digest, size = hashlib.sha256(), 0
-            try:
-                with self._io("read", paths[name]):
-                    for chunk in self._backend.iter_chunks(paths[name], CHUNK_BYTES):
-                        digest.update(chunk)
-                        size += len(chunk)
-            except FileNotFoundError:
-                raise Problem("artifact is missing", self._display(paths[name]), missing=True) from None
-            except NotRegularFile as exc:
-                raise Problem(f"artifact {exc.strerror}", self._display(paths[name])) from None
-            if size != record.size:
-                raise Problem(f"{size} bytes, manifest says {record.size} (truncated or replaced)", self._display(paths[name]))
-            if digest.hexdigest() != record.sha256:
-                raise Problem(f"sha256 {digest.hexdigest()} does not match the manifest's {record.sha256}", self._display(paths[name]))
-        return kept
-
-    def _relative(self, path: str, directory: str) -> str:
-        prefix = directory.rstrip("/").rstrip(os.sep)
-        rest = path[len(prefix) :] if path.startswith(prefix) else path
-        return rest.lstrip("/").lstrip(os.sep)
-
     def _read_manifest_bytes(self, namespace: str, key: str) -> bytes | None:
-        path = self._manifest_path(namespace, key)
+        path = self._layout.manifest_path(namespace, key)
         try:
-            with self._io("read", path):
+            with self._layout.io("read", path):
                 return self._backend.read_bytes(path)
         except FileNotFoundError:
             return None
 
     def _load(self, namespace: str, key: str, *, full: bool, keep: bool) -> tuple[Entry | None, Problem | None]:
         """(entry, None) when verified, (None, None) when absent, (None, problem) when corrupt."""
-        url = self._display(self._manifest_path(namespace, key))
+        url = self._display(self._layout.manifest_path(namespace, key))
         try:
             data = self._read_manifest_bytes(namespace, key)
         except NotRegularFile as exc:
@@ -362,7 +258,7 @@ class CacheStore:
         except CacheFormatError as exc:
             return None, Problem(f"bad manifest: {exc}", url)
         try:
-            verified = self._verify_artifacts(manifest, full=full, keep=keep)
+            verified = self._layout.verify_artifacts(manifest, full=full, keep=keep)
         except Problem as problem:
             # An artifact vanished because the entry was removed (gc, replace) while we read: a miss.
             try:
@@ -372,7 +268,7 @@ class CacheStore:
             if gone:
                 return None, None
             return None, problem
-        return Entry(self, manifest, verified=verified), None
+        return Entry(self._layout, manifest, store_url=self.url, verified=verified), None
 
     def get(self, key: str, *, lazy: bool = False) -> Entry | None:
         """The verified entry for `key`, from this store or (on a miss) a read-from store; None if absent.
@@ -431,7 +327,9 @@ class CacheStore:
         Args:
             key: compute_cache_key(key_inputs); checked.
             artifacts: name -> bytes, or name -> local file path (pathlib.Path), streamed without
-                loading it into memory. Names: letters, digits, '.', '_', '-'.
+                loading it into memory: a regular file (which must not change size meanwhile) or a
+                FIFO the caller feeds; devices and directories are refused. Names: letters,
+                digits, '.', '_', '-'.
             key_inputs: what the key was computed from (a KeyInputs or a mapping); recorded in the
                 manifest so readers can re-check the key, and `ls` can filter on it.
             extra: JSON data recorded in the manifest (versions, timings).
@@ -453,13 +351,13 @@ class CacheStore:
         sources = self._check_artifacts(artifacts)
         namespace = self.namespace
         stage = new_stage_id()
-        stage_dir = self._stage_dir(namespace, key, stage)
+        stage_dir = self._layout.stage_dir(namespace, key, stage)
         committed = False
         try:
             records: dict[str, ArtifactRecord] = {}
             verified: dict[str, bytes] = {}
             for name, source in sources:
-                records[name] = self._write_artifact(self._artifact_path(namespace, key, stage, name), source)
+                records[name] = self._write_artifact(self._layout.artifact_path(namespace, key, stage, name), source)
                 if isinstance(source, bytes) and len(source) <= KEEP_VERIFIED_BYTES:
                     verified[name] = source
             manifest = Manifest(
@@ -472,14 +370,14 @@ class CacheStore:
                 extra=extra_dict,
             )
             data = manifest.to_bytes()
-            path = self._manifest_path(namespace, key)
+            path = self._layout.manifest_path(namespace, key)
             for _attempt in range(_COMMIT_ATTEMPTS):
-                with self._io("commit", path, missing_ok=False):
+                with self._layout.io("commit", path, missing_ok=False):
                     committed = self._backend.create_only(path, data)
                 if committed:
                     log.info("published %s (namespace %s) to %s", key, namespace, self.url)
                     self._write_index(manifest)
-                    return Entry(self, manifest, verified=verified)
+                    return Entry(self._layout, manifest, store_url=self.url, verified=verified, created=True)
                 existing, problem = self._load(namespace, key, full=True, keep=True)
                 if existing is not None:
                     log.info("another writer published %s first; using its entry", key)
@@ -488,7 +386,7 @@ class CacheStore:
                     continue  # removed between our attempt and our read: try again
                 self._report_corrupt(key, namespace, problem)  # raises under on_corrupt="fail"
                 log.warning("replacing corrupt entry %s (namespace %s)", key, namespace)
-                with self._io("remove", path):
+                with self._layout.io("remove", path):
                     self._backend.delete_file(path)
                 self._delete_index(namespace, key)
             raise StorageError(
@@ -499,10 +397,10 @@ class CacheStore:
             if not committed:
                 self._discard_stage(stage_dir)
 
-    def _check_artifacts(self, artifacts: Mapping[str, ArtifactSource]) -> list[tuple[str, bytes | Path]]:
+    def _check_artifacts(self, artifacts: Mapping[str, ArtifactSource]) -> list[tuple[str, bytes | _LocalFile]]:
         if not isinstance(artifacts, Mapping) or not artifacts:
             raise ConfigError("artifacts must be a non-empty mapping of name -> bytes or local file path")
-        out: list[tuple[str, bytes | Path]] = []
+        out: list[tuple[str, bytes | _LocalFile]] = []
         seen: dict[str, str] = {}
         for name, source in sorted(artifacts.items()):
             check_artifact_name(name)
@@ -513,14 +411,22 @@ class CacheStore:
                 out.append((name, bytes(source)))
             elif isinstance(source, os.PathLike):
                 path = Path(os.fspath(source))
-                if not path.exists() or path.is_dir():  # a regular file or a pipe: streamed either way
-                    raise ConfigError(f"artifact {name!r}: local file {path} does not exist or is a directory")
-                out.append((name, path))
+                try:
+                    st = path.stat()  # follows a symlink to its file; never opens (a FIFO would block)
+                except OSError as exc:
+                    raise ConfigError(f"artifact {name!r}: cannot use local file {path}: {exc.strerror or exc}") from None
+                if stat.S_ISFIFO(st.st_mode):  # a producer the caller runs: streamed until it closes
+                    out.append((name, _LocalFile(path, None)))
+                elif stat.S_ISREG(st.st_mode):
+                    out.append((name, _LocalFile(path, st.st_size)))
+                else:  # /dev/zero streamed forever: a hang and a multi-GB orphan upload
+                    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device or socket)"
+                    raise ConfigError(f"artifact {name!r}: {path} is {kind}; give a regular file")
             else:
                 raise ConfigError(f"artifact {name!r} must be bytes or a pathlib.Path, got {type(source).__name__}")
         return out
 
-    def _write_artifact(self, path: str, source: bytes | Path) -> ArtifactRecord:
+    def _write_artifact(self, path: str, source: bytes | _LocalFile) -> ArtifactRecord:
         digest = hashlib.sha256()
         size = 0
 
@@ -531,15 +437,21 @@ class CacheStore:
                 size = len(source)
                 yield source
                 return
-            with open(source, "rb") as f:
+            with open(source.path, "rb") as f:
                 while chunk := f.read(CHUNK_BYTES):
                     digest.update(chunk)
                     size += len(chunk)
+                    if source.size is not None and size > source.size:
+                        break  # growing while we read: stop at once, never stream without bound
                     yield chunk
+            if source.size is not None and size != source.size:
+                raise ConfigError(
+                    f"local file {source.path} changed size while it was published ({source.size} bytes, then {size}+); nothing was stored"
+                )
 
         stream = chunks()
         try:
-            with self._io("write", path, missing_ok=False):
+            with self._layout.io("write", path, missing_ok=False):
                 self._backend.write_stream(path, stream)
         finally:
             stream.close()  # closes the source file now, even when the upload failed half-way
@@ -549,26 +461,57 @@ class CacheStore:
         try:
             self._backend.delete_tree(stage_dir)
             if isinstance(self._backend, LocalBackend):
-                self._backend.remove_empty_dirs(os.path.dirname(stage_dir), self._layout_dir())
+                self._backend.remove_empty_dirs(os.path.dirname(stage_dir), self._layout.layout_dir())
         except Exception as exc:  # best effort: gc removes what is left
             log.warning("could not remove staging directory %s (gc will): %s", self._display(stage_dir), self._scrub.describe(exc))
 
     # listing, verification, gc
 
+    def require_store(self) -> None:
+        """StorageError unless the root holds a store, so a mistyped path is not "0 entries".
+
+        A local path must be an existing directory holding `v1/` (or nothing: an empty store).
+        Elsewhere there are no empty directories: the bucket must exist and the prefix must hold
+        `v1/` (a store appears with its first publish).
+        """
+        root = self._backend.root
+        if isinstance(self._backend, LocalBackend):
+            if not os.path.lexists(root):
+                raise StorageError(f"no store at {self.url}: the directory does not exist; is the path right?", url=self.url)
+            if not os.path.isdir(root):
+                raise StorageError(f"{self.url} is not a store: it is a file, not a directory; is the path right?", url=self.url)
+        with self._layout.io("list", root, missing_ok=False):
+            names = self._backend.list_names(root)
+        if not names:
+            if isinstance(self._backend, LocalBackend):
+                return  # an empty directory: an empty store
+            raise StorageError(
+                f"nothing is stored under {self.url}: no store there (a store appears with its first publish); "
+                "is the bucket and prefix right?",
+                url=self.url,
+            )
+        layout = self._layout.layout_dir()
+        if LAYOUT not in names or (isinstance(self._backend, LocalBackend) and not os.path.isdir(layout)):
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise StorageError(
+                f"{self.url} is not a trtcal store: it holds {shown} but no {LAYOUT}/ directory; is the path right?",
+                url=self.url,
+            )
+
     def _namespaces(self, namespace: str | None) -> list[str]:
         if namespace is not None:
             return [check_namespace(namespace)]
-        with self._io("list", self._layout_dir()):
-            return [n for n in self._backend.list_names(self._layout_dir()) if is_namespace(n)]
+        with self._layout.io("list", self._layout.layout_dir()):
+            return [n for n in self._backend.list_names(self._layout.layout_dir()) if is_namespace(n)]
 
     def _manifest_files(self, namespace: str) -> dict[str, FileInfo]:
         """key -> file info of every committed manifest in a namespace (temp files skipped)."""
-        entries_dir = self._entries_dir(namespace)
-        with self._io("list", entries_dir):
+        entries_dir = self._layout.entries_dir(namespace)
+        with self._layout.io("list", entries_dir):
             files = self._backend.list_files(entries_dir)
         out: dict[str, FileInfo] = {}
         for info in files:
-            parts = self._relative(info.path, entries_dir).replace(os.sep, "/").split("/")
+            parts = self._layout.relative(info.path, entries_dir).replace(os.sep, "/").split("/")
             if len(parts) == 2 and parts[1].endswith(".json"):
                 key = parts[1][:-5]
                 if is_key(key) and parts[0] == key[:2]:
@@ -577,8 +520,8 @@ class CacheStore:
 
     def _scan(self, namespace: str, keys: list[str]) -> list[tuple[EntryInfo, Manifest | None]]:
         """Read and parse the manifests of `keys` (concurrently where the backend can)."""
-        paths = {key: self._manifest_path(namespace, key) for key in keys}
-        with self._io("read", self._entries_dir(namespace)):
+        paths = {key: self._layout.manifest_path(namespace, key) for key in keys}
+        with self._layout.io("read", self._layout.entries_dir(namespace)):
             fetched = self._backend.read_many(list(paths.values()))
         out: list[tuple[EntryInfo, Manifest | None]] = []
         for key in keys:
@@ -610,10 +553,10 @@ class CacheStore:
 
     def _index_files(self, namespace: str, key_prefix: str | None = None) -> dict[str, list[tuple[IndexRecord, FileInfo]]]:
         """key -> its listing-index markers (normally exactly one)."""
-        index_dir = self._index_dir(namespace)
+        index_dir = self._layout.index_dir(namespace)
         if key_prefix is not None and len(key_prefix) >= 2:
-            index_dir = self._backend.join(LAYOUT, namespace, "index", key_prefix[:2])
-        with self._io("list", index_dir):
+            index_dir = self._layout.index_dir(namespace, key_prefix[:2])
+        with self._layout.io("list", index_dir):
             files = self._backend.list_files(index_dir)
         out: dict[str, list[tuple[IndexRecord, FileInfo]]] = {}
         for file in files:
@@ -623,16 +566,16 @@ class CacheStore:
         return out
 
     def _write_index(self, manifest: Manifest) -> None:
-        path = self._backend.join(LAYOUT, manifest.namespace, "index", manifest.key[:2], index_name(manifest))
+        path = self._layout.index_marker_path(manifest.namespace, manifest.key, index_name(manifest))
         try:
-            with self._io("write", path, missing_ok=False):
+            with self._layout.io("write", path, missing_ok=False):
                 self._backend.write_stream(path, [b""])
         except (StorageError, FileExistsError) as exc:  # the entry is fine; `ls` reads its manifest instead
             log.warning("could not write the listing index of %s: %s", manifest.key, exc)
 
     def _delete_index(self, namespace: str, key: str) -> None:
         for _record, file in self._index_files(namespace, key).get(key, []):
-            with self._io("remove", file.path):
+            with self._layout.io("remove", file.path):
                 self._backend.delete_file(file.path)
 
     def ls(self, flt: EntryFilter | None = None) -> list[EntryInfo]:
@@ -649,7 +592,7 @@ class CacheStore:
         for namespace in self._namespaces(flt.namespace):
             keys = sorted(k for k in self._manifest_files(namespace) if flt.key_prefix is None or k.startswith(flt.key_prefix))
             index = self._index_files(namespace, flt.key_prefix) if keys else {}
-            entries_url = self._display(self._entries_dir(namespace))  # once: redacting per entry is slow
+            entries_url = self._display(self._layout.entries_dir(namespace))  # once: redacting per entry is slow
             infos: list[EntryInfo] = []
             unindexed: list[str] = []
             for key in keys:
@@ -744,12 +687,12 @@ class CacheStore:
                 continue
             referenced[info.key] = m.stage
         # Staging directories no manifest references.
-        artifacts_dir = self._artifacts_dir(namespace)
-        with self._io("list", artifacts_dir):
+        artifacts_dir = self._layout.artifacts_dir(namespace)
+        with self._layout.io("list", artifacts_dir):
             files = self._backend.list_files(artifacts_dir)
         stages: dict[tuple[str, str], list[FileInfo]] = {}
         for file in files:
-            parts = self._relative(file.path, artifacts_dir).replace(os.sep, "/").split("/")
+            parts = self._layout.relative(file.path, artifacts_dir).replace(os.sep, "/").split("/")
             if len(parts) >= 4 and is_key(parts[1]) and parts[0] == parts[1][:2] and is_stage_id(parts[2]):
                 stages.setdefault((parts[1], parts[2]), []).append(file)
         for (key, stage), stage_files in sorted(stages.items()):
@@ -760,7 +703,7 @@ class CacheStore:
             if newest > orphan_cutoff:
                 report.kept_recent_orphans += 1
                 continue
-            stage_dir = self._stage_dir(namespace, key, stage)
+            stage_dir = self._layout.stage_dir(namespace, key, stage)
             report.removed_orphans.append(self._display(stage_dir))
             report.bytes_freed += sum(f.size for f in stage_files)
             if not report.dry_run:
@@ -774,28 +717,28 @@ class CacheStore:
                     continue  # maybe written right after a commit this scan did not see
                 report.removed_orphans.append(self._display(file.path))
                 if not report.dry_run:
-                    with self._io("remove", file.path):
+                    with self._layout.io("remove", file.path):
                         self._backend.delete_file(file.path)
         # Temp files of interrupted local commits.
-        entries_dir = self._entries_dir(namespace)
-        with self._io("list", entries_dir):
+        entries_dir = self._layout.entries_dir(namespace)
+        with self._layout.io("list", entries_dir):
             entry_files = self._backend.list_files(entries_dir)
         for file in entry_files:
             if os.path.basename(file.path).startswith(".tmp-") and file.mtime is not None and file.mtime <= orphan_cutoff:
                 report.removed_orphans.append(self._display(file.path))
                 report.bytes_freed += file.size
                 if not report.dry_run:
-                    with self._io("remove", file.path):
+                    with self._layout.io("remove", file.path):
                         self._backend.delete_file(file.path)
 
     def _remove_entry(self, namespace: str, key: str, stage: str) -> None:
-        path = self._manifest_path(namespace, key)
-        with self._io("remove", path):
+        path = self._layout.manifest_path(namespace, key)
+        with self._layout.io("remove", path):
             self._backend.delete_file(path)  # uncommit first: readers see a miss, never half an entry
         self._delete_index(namespace, key)
-        self._discard_stage(self._stage_dir(namespace, key, stage))
+        self._discard_stage(self._layout.stage_dir(namespace, key, stage))
         if isinstance(self._backend, LocalBackend):
-            self._backend.remove_empty_dirs(os.path.dirname(path), self._layout_dir())
+            self._backend.remove_empty_dirs(os.path.dirname(path), self._layout.layout_dir())
 
     # TensorRT export
 
@@ -841,6 +784,14 @@ def _stored_header(entry: Entry) -> str | None:
         return read_trt_cache(entry.read(DEFAULT_CACHE_ARTIFACT)).algorithm
     except CacheFormatError:
         return None
+
+
+@dataclass(frozen=True)
+class _LocalFile:
+    """A local artifact file and its size when it was checked (streaming stops past it; None: a FIFO)."""
+
+    path: Path
+    size: int | None
 
 
 def _str_or_none(value: Any) -> str | None:

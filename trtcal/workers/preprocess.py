@@ -312,7 +312,41 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
         )
     if width < 1 or height < 1:
         raise InputRejected("corrupt", f"image claims size {width}x{height}")
+    if image.format == "JPEG":
+        _check_jpeg_has_enough_data(data, width, height)
     return image
+
+
+# A Huffman-coded JPEG spends at least 1 bit per 8x8 block (its DC code) on every component: 512
+# pixels per byte for grey, fewer for colour (measured floor of a flat grey 4000x4000 image,
+# optimized: 255). libjpeg fills the blocks of a scan that ends early with grey and only warns, so
+# a header claiming 9000x9000 over 50 KB of data decoded "fine" to a grey sample.
+JPEG_MAX_PIXELS_PER_BYTE = 1024
+_JPEG_HUFFMAN_SOF = frozenset(range(0xC0, 0xC4))  # baseline, extended, progressive, lossless
+
+
+def _jpeg_sof(data: bytes) -> int | None:
+    """The SOFn marker byte of a JPEG (None if not found in its header segments)."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        if marker == 0xDA:  # start of scan before any frame header: malformed
+            return None
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def _check_jpeg_has_enough_data(data: bytes, width: int, height: int) -> None:
+    pixels = width * height
+    if len(data) * JPEG_MAX_PIXELS_PER_BYTE < pixels and _jpeg_sof(data) in _JPEG_HUFFMAN_SOF:
+        raise InputRejected(
+            "truncated",
+            f"the JPEG header claims {width}x{height} = {pixels} pixels but the file holds {len(data)} bytes; "
+            f"a Huffman-coded JPEG needs at least {pixels // JPEG_MAX_PIXELS_PER_BYTE} for that (1 bit per 8x8 block): "
+            "truncated or a forged header, and decoding would fill the missing part with grey",
+        )
 
 
 def _decode_reason(exc: BaseException) -> str:

@@ -69,6 +69,11 @@ NPZ_EXTENSIONS = (".npz",)
 LIST_EXTENSIONS = (".txt", ".lst", ".csv")
 # Below this many prefixes the planner lists one level deeper (at most MAX_PLAN_DEPTH levels).
 TARGET_SHARDS = 64
+# A .npz member is deflate-compressed: reaching a row means inflating everything before it. These
+# bound what one read may inflate and hold (a 2.3 MB zip bomb once inflated to many GB and got the
+# worker OOM-killed). Store big tensor datasets as .npy (random access) or split them.
+MAX_ROW_BYTES = 512 << 20  # one sample of one input (3x8192x8192 float32 is 805 MB: too much for a sample)
+MAX_NPZ_INFLATE_BYTES = 8 << 30  # inflated per read of one .npz file
 MAX_PLAN_DEPTH = 3
 FILES_PER_SHARD = 2048
 _PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "image_path", "filepath")
@@ -670,7 +675,8 @@ def _tensor_file_info(fs: Any, path: str, kind: str) -> tuple[int, dict[str, tup
                     if name == "sample_id":
                         continue
                     with archive.open(member) as stream:
-                        shape, dtype, _ = _npy_header(stream, f"{path}:{member}")
+                        shape, dtype, offset = _npy_header(stream, f"{path}:{member}")
+                    _check_npz_member(archive.getinfo(member), shape, dtype, offset, f"{path}:{member}")
                     inputs[name] = (shape[1:], dtype.name)
                     rows.add(shape[0])
                 if not inputs:
@@ -797,27 +803,55 @@ def read_container_rows(fs: Any, path: str, kind: str, rows: Sequence[int], inpu
                 for row in rows:
                     yield row, {input_name: _read_row(f, shape, dtype, offset, row, path)}
             else:
-                with zipfile.ZipFile(f) as archive:
-                    members = [m for m in sorted(archive.namelist()) if m.endswith(".npy") and m != "sample_id.npy"]
-                    headers = {}
-                    for member in members:
-                        with archive.open(member) as stream:
-                            headers[member] = _npy_header(stream, f"{path}:{member}")
-                    opened = {m: archive.open(m) for m in members}
-                    try:
-                        for row in rows:
-                            yield row, {
-                                m[: -len(".npy")]: _read_row(opened[m], *headers[m], row, f"{path}:{m}") for m in members
-                            }
-                    finally:
-                        for stream in opened.values():
-                            stream.close()
+                yield from _npz_rows_read(f, path, rows)
     except InputRejected:
         raise
     except FileNotFoundError as exc:
         raise InputRejected("unreadable", str(exc)) from None
     except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
         raise InputRejected("corrupt", f"{type(exc).__name__}: {exc}") from None
+
+
+def _check_npz_member(info: zipfile.ZipInfo, shape: tuple[int, ...], dtype: np.dtype[Any], offset: int, where: str) -> None:
+    """The member's header must agree with its declared size, and one row must be of sane size."""
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    if row_bytes > MAX_ROW_BYTES:
+        raise InputRejected(
+            "corrupt", f"{where}: one row of {shape[1:]} {dtype} is {row_bytes} bytes, over the {MAX_ROW_BYTES}-byte limit per sample"
+        )
+    if offset + shape[0] * row_bytes != info.file_size:
+        raise InputRejected(
+            "corrupt",
+            f"{where}: its header describes {shape[0]} rows of {row_bytes} bytes, but the member inflates to {info.file_size} "
+            "bytes (a damaged or forged archive)",
+        )
+
+
+def _npz_rows_read(f: Any, path: str, rows: Sequence[int]) -> Iterator[tuple[int, Any]]:
+    """The requested rows of every array of an .npz, inflating each member once, only up to the
+    last requested row, within MAX_NPZ_INFLATE_BYTES; yielded in the requested order."""
+    with zipfile.ZipFile(f) as archive:
+        members = [m for m in sorted(archive.namelist()) if m.endswith(".npy") and m != "sample_id.npy"]
+        values: dict[int, dict[str, npt.NDArray[Any]]] = {row: {} for row in rows}
+        inflated = 0
+        for member in members:
+            where = f"{path}:{member}"
+            with archive.open(member) as stream:
+                shape, dtype, offset = _npy_header(stream, where)
+                _check_npz_member(archive.getinfo(member), shape, dtype, offset, where)
+                row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+                last = max(rows, default=-1)
+                inflated += offset + (last + 1) * row_bytes
+                if inflated > MAX_NPZ_INFLATE_BYTES:
+                    raise InputRejected(
+                        "corrupt",
+                        f"{path}: reaching row {last} means inflating {inflated} bytes, over the {MAX_NPZ_INFLATE_BYTES}-byte "
+                        "limit per .npz; store it as .npy (random access) or split it into smaller .npz files",
+                    )
+                for row in sorted(set(rows)):  # forward only: a backward seek would inflate from the start again
+                    values[row][member[: -len(".npy")]] = _read_row(stream, shape, dtype, offset, row, where)
+    for row in rows:
+        yield row, values[row]
 
 
 def _read_row(f: Any, shape: tuple[int, ...], dtype: np.dtype[Any], offset: int, row: int, where: str) -> npt.NDArray[Any]:

@@ -63,3 +63,99 @@ def test_cache_export_of_a_method_the_entry_lacks_lists_what_it_has(
                      "--artifact", "calibration.entropy2.cache", "--trt-version", "10.16.1", "-o", str(target))
     assert rc == 2 and "does not hold minmax scales" in err and not target.exists()
     json.dumps(INPUTS)
+
+
+# item 4: `cache put` onto a taken key
+
+
+def test_cache_put_onto_an_existing_key_says_so_and_never_claims_published(
+    capsys: pytest.CaptureFixture[str], two_method_store: str, tmp_path: Path
+) -> None:
+    (tmp_path / "inputs.json").write_text(json.dumps(INPUTS))
+    (tmp_path / "calibration.cache").write_bytes(write_trt_cache(MINMAX, trt_version="10.3.0", algorithm="minmax"))
+    rc, out, err = run(capsys, "cache", "put", two_method_store, "--key-inputs", str(tmp_path / "inputs.json"),
+                       str(tmp_path / "calibration.cache"))
+    assert rc == 1 and out.strip() == KEY
+    assert "already exists" in err and "nothing was stored" in err and "published" not in err
+    assert "differ: calibration.cache, calibration.entropy2.cache, calibration.minmax.cache" in err
+    rc, out, _ = run(capsys, "cache", "put", two_method_store, "--json", "--key-inputs", str(tmp_path / "inputs.json"),
+                     str(tmp_path / "calibration.cache"))
+    assert rc == 1 and json.loads(out)["created"] is False and json.loads(out)["identical"] is False
+    # The store still holds the first entry's bytes.
+    entry = CacheStore(two_method_store).get(KEY)
+    assert entry is not None and read_trt_cache(entry.read("calibration.cache")).scale == read_trt_cache(
+        write_trt_cache(ENTROPY2, trt_version="10.3.0", algorithm="entropy2")).scale
+
+
+def test_publish_reports_whether_it_created_the_entry(tmp_path: Path) -> None:
+    store = CacheStore(str(tmp_path / "s"))
+    first = store.publish(KEY, {"a": b"1"}, key_inputs=INPUTS)
+    second = store.publish(KEY, {"a": b"2"}, key_inputs=INPUTS)  # a writer that lost the race
+    assert first.created and not second.created and second.read("a") == b"1"
+
+
+# item 5: ls / verify on a path that is not a store
+
+
+@pytest.mark.parametrize("command", ["ls", "verify", "gc"])
+def test_ls_verify_gc_on_a_missing_or_foreign_path_fail(capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str) -> None:
+    rc, _, err = run(capsys, "cache", command, str(tmp_path / "typo"))
+    assert rc == 2 and "does not exist" in err
+    (tmp_path / "file").write_text("x")
+    rc, _, err = run(capsys, "cache", command, str(tmp_path / "file"))
+    assert rc == 2 and "not a directory" in err
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"x")
+    rc, _, err = run(capsys, "cache", command, str(foreign))
+    assert rc == 2 and "not a trtcal store" in err and "cat.jpg" in err
+    assert not (foreign / "v1").exists() and not (tmp_path / "typo").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, _, err = run(capsys, "cache", command, str(empty))
+    assert rc == 0
+
+
+def test_ls_on_an_empty_existing_store_says_0_entries(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc, _, err = run(capsys, "cache", "ls", str(tmp_path))
+    assert rc == 0 and "0 entries" in err
+
+
+def test_a_manifest_replaced_by_a_symlink_fails_verify(capsys: pytest.CaptureFixture[str], two_method_store: str, tmp_path: Path) -> None:
+    manifest = next(Path(two_method_store).rglob(f"{KEY}.json"))
+    copy = tmp_path / "elsewhere.json"
+    copy.write_bytes(manifest.read_bytes())
+    manifest.unlink()
+    manifest.symlink_to(copy)  # same bytes, but a store holds only regular files
+    rc, out, err = run(capsys, "cache", "verify", two_method_store)
+    assert rc == 1 and "CORRUPT" in out and "symbolic link" in out and "1 checked, 1 corrupt" in err
+
+
+def test_an_artifact_replaced_by_a_fifo_fails_verify_without_hanging(capsys: pytest.CaptureFixture[str], two_method_store: str) -> None:
+    import os
+
+    artifact = next(Path(two_method_store).rglob("calibration.minmax.cache"))
+    artifact.unlink()
+    os.mkfifo(artifact)
+    rc, out, _ = run(capsys, "cache", "verify", two_method_store)
+    assert rc == 1 and "not a regular file" in out
+
+
+# item 9: `cache put` of a device or a FIFO
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "fifo", "dir"])
+def test_cache_put_refuses_non_regular_files_and_leaves_nothing(capsys: pytest.CaptureFixture[str], tmp_path: Path, source: str) -> None:
+    import os
+
+    (tmp_path / "inputs.json").write_text(json.dumps(INPUTS))
+    if source == "fifo":
+        source = str(tmp_path / "pipe")
+        os.mkfifo(source)
+    elif source == "dir":
+        source = str(tmp_path / "a-dir")
+        os.mkdir(source)
+    store = tmp_path / "store"
+    rc, _, err = run(capsys, "cache", "put", str(store), "--key-inputs", str(tmp_path / "inputs.json"), f"x={source}")
+    assert rc == 2 and "give a regular file" in err and "published" not in err
+    assert not store.exists() or not [p for p in store.rglob("*") if p.is_file()]
