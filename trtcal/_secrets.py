@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["redact_url", "Scrubber", "secret_values", "is_credential_name", "SECRET_ENV", "MASK"]
+__all__ = ["redact_url", "Scrubber", "secret_values", "is_credential_name", "refuse_url_credentials", "SECRET_ENV", "MASK"]
 
 MASK = "***"
 
@@ -37,6 +37,24 @@ SECRET_ENV = (
 _CREDENTIAL_WORDS = ("secret", "password", "token", "session", "credential", "access_key", "key_id", "private")
 _SECRET_QUERY = re.compile(r"signature|credential|token|sig|key|secret|password", re.IGNORECASE)
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+# `user:password@host` without its scheme, as S3 clients echo an s3://AK:SECRET@bucket "bucket name".
+_BARE_USERINFO = re.compile(r"(?<![\w.~%+-])[\w.~%+-]+:[^\s/@\"'<>]+@(?=[\w.-])")
+# Object stores whose URLs never carry credentials (their clients would take `user:pass@bucket`
+# for a bucket name and print it in errors).
+_NO_USERINFO_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss")
+
+
+def refuse_url_credentials(url: str, what: str) -> None:
+    """ConfigError for `s3://KEY:SECRET@bucket/...` (masked in the message): never sent, never printed."""
+    from trtcal.errors import ConfigError
+
+    match = _USERINFO.match(url)
+    if match and match.group("scheme")[:-3].lower() in _NO_USERINFO_PROTOCOLS:
+        raise ConfigError(
+            f"{what} {redact_url(url)} carries credentials in the URL, which its client does not support (it would "
+            "take them for the bucket name and print them in errors). Give them with --storage-option key=... "
+            "--storage-option secret=... or the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables"
+        )
 
 
 def is_credential_name(name: str) -> bool:
@@ -88,7 +106,8 @@ class Scrubber:
         out = str(text)
         for secret in self._secrets:
             out = out.replace(secret, MASK)
-        return _USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", out)
+        out = _USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", out)
+        return _BARE_USERINFO.sub(f"{MASK}@", out)
 
     def contains_secret(self, text: str) -> bool:
         return any(secret in text for secret in self._secrets)

@@ -42,7 +42,7 @@ from trtcal.storage._backends import (
     LocalBackend,
     NotRegularFile,
 )
-from trtcal.storage._redact import Scrubber, redact_url, secret_values
+from trtcal.storage._redact import Scrubber, redact_url, refuse_url_credentials, secret_values
 from trtcal.storage.entry import Entry
 from trtcal.storage.index import IndexRecord, index_name, parse_index_name
 from trtcal.storage.keys import canonical_json, compute_cache_key, key_inputs_dict
@@ -95,6 +95,7 @@ def _split_read_from(spec: str) -> tuple[str, str | None]:
 def _open_backend(url: str, storage_options: Mapping[str, Any], scrub: Scrubber) -> Backend:
     import fsspec
 
+    refuse_url_credentials(url, "store")
     protocol = fsspec.core.split_protocol(url)[0] or "file"
     options = dict(storage_options)
     if protocol in ("s3", "s3a"):

@@ -180,13 +180,17 @@ def open_dataset(url: str | os.PathLike[str], storage_options: Mapping[str, Any]
     text = os.fspath(url)
     if not text:
         raise ConfigError("data: give a dataset URL or path")
+    from trtcal.storage._redact import Scrubber, refuse_url_credentials, secret_values
+
+    refuse_url_credentials(text, "dataset")
     options = storage_options_for(text, storage_options)
+    scrub = Scrubber(secret_values(options))
     try:
         fs, path = fsspec.core.url_to_fs(text, **options)
     except ImportError as exc:
         raise StorageError(f"cannot open {_redact(text)}: {exc} (for s3:// install trtcal[s3])", url=_redact(text)) from None
     except Exception as exc:  # fsspec raises many things for bad URLs
-        raise StorageError(f"cannot open {_redact(text)}: {exc}", url=_redact(text)) from None
+        raise StorageError(f"cannot open {_redact(text)}: {scrub(exc)}", url=_redact(text)) from None
     fs_protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if fs_protocol in _LOCAL_PROTOCOLS:
         fs_protocol = "file"
@@ -197,7 +201,7 @@ def open_dataset(url: str | os.PathLike[str], storage_options: Mapping[str, Any]
             return Dataset(url=text, protocol=fs_protocol, root=path, target=path, layout="folder", storage_options=options)
         exists = fs.isfile(path)
     except OSError as exc:
-        raise StorageError(f"cannot reach dataset {_redact(text)}: {exc}", url=_redact(text)) from None
+        raise StorageError(f"cannot reach dataset {_redact(text)}: {scrub(exc)}", url=_redact(text)) from None
     if not exists:
         raise DataError(f"dataset {_redact(text)} does not exist (no such file, folder or prefix)")
     parent = posixpath.dirname(path) if not fs_protocol == "file" else os.path.dirname(path)

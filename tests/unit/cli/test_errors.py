@@ -36,6 +36,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED_ENV)
+    (tmp_path / "store").mkdir()  # an empty store: `cache ls` refuses a missing one
     return str(tmp_path / "store")
 
 
@@ -145,6 +146,7 @@ def test_a_reader_that_closes_the_pipe_is_not_an_error(tmp_path: Path) -> None:
     import subprocess
     import sys
 
+    (tmp_path / "store").mkdir()
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:

@@ -84,3 +84,21 @@ def test_full_ranges_still_export_as_before() -> None:
     assert build_qdq(residual_cnn(), scales).report.quantized_nodes == ("conv1", "conv2")
     with pytest.raises(ConfigError, match="min_range_coverage"):
         QdqConfig(min_range_coverage=1.5)
+
+
+# item 9: files written for others to read follow the umask (they were 0600)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_exported_files_get_the_umask_mode_not_0600(tmp_path, umask: int, mode: int) -> None:
+    import os
+
+    from trtcal.export.qdq import write_bytes_atomic
+
+    old = os.umask(umask)
+    try:
+        path = write_bytes_atomic(tmp_path / "report.html", b"<html></html>")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]

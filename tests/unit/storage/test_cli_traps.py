@@ -159,3 +159,43 @@ def test_cache_put_refuses_non_regular_files_and_leaves_nothing(capsys: pytest.C
     rc, _, err = run(capsys, "cache", "put", str(store), "--key-inputs", str(tmp_path / "inputs.json"), f"x={source}")
     assert rc == 2 and "give a regular file" in err and "published" not in err
     assert not store.exists() or not [p for p in store.rglob("*") if p.is_file()]
+
+
+# item 9: credentials inside a URL
+
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize("command", [["ls"], ["verify"], ["show", "abcdef"]])
+def test_credentials_inside_a_store_url_are_refused_and_never_printed(capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    url = f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@team-bucket/calib"
+    rc = main(["-vv", "cache", command[0], url, *command[1:]])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "credentials in the URL" in err and "--storage-option" in err
+    assert SECRET not in out + err and "AKIAIOSFODNN7EXAMPLE" not in out + err
+
+
+def test_credentials_inside_a_dataset_url_are_refused_and_never_printed() -> None:
+    from trtcal.errors import ConfigError
+    from trtcal.workers.sources import open_dataset
+
+    with pytest.raises(ConfigError) as info:
+        open_dataset(f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@images/train/")
+    assert SECRET not in str(info.value) and "s3://***@images/train/" in str(info.value)
+
+
+def test_botocore_bucket_name_errors_are_scrubbed() -> None:
+    """botocore's own text for a bucket named `KEY:SECRET@bucket` (raised before any request)."""
+    import botocore.exceptions
+    import botocore.session
+
+    from trtcal.storage._redact import Scrubber
+
+    client = botocore.session.get_session().create_client(
+        "s3", region_name="us-east-1", endpoint_url="http://127.0.0.1:9", aws_access_key_id="x", aws_secret_access_key="y"
+    )
+    with pytest.raises(botocore.exceptions.ParamValidationError) as info:
+        client.list_objects_v2(Bucket=f"AKIAIOSFODNN7EXAMPLE:{SECRET}@bucket")
+    assert SECRET in str(info.value)  # botocore prints it
+    assert SECRET not in Scrubber()(str(info.value)) and "AKIAIOSFODNN7EXAMPLE" not in Scrubber()(str(info.value))
