@@ -17,6 +17,8 @@ Phases (each prints its figures; --json writes them all):
  3. bounds   How long and how many requests a persistent fault takes to become a clear error.
  4. hostile  Fuzzed and hand-written bad input through the real readers: tried / refused with a
              trtcal error / accepted (valid) / crashed (another exception) / hung.
+ 5. redteam  Every trap of issue 15 tried for real (bench/redteam.py): ok / silent-wrong /
+             files-lost / hung / leaked / crashed per case (no S3 or Ray head needed).
 
 Run:  .venv/bin/python bench/stress.py [--jobs 8] [--writers 8] [--entries 6] [--long] [--json out.json]
       (about 3-4 minutes on 2 cores; --long adds the slowest bounds: persistent 503 on publish and a
@@ -572,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entries", type=int, default=6, help="publishes per writer in the storm")
     parser.add_argument("--fault-share", type=float, default=0.2, help="share of S3 requests answered with a fault")
     parser.add_argument("--scale", type=int, default=100, help="fuzz cases per hostile-input category (x1 to x20)")
-    parser.add_argument("--phases", default="jobs,storm,bounds,hostile")
+    parser.add_argument("--phases", default="jobs,storm,bounds,hostile,redteam")
     parser.add_argument("--long", action="store_true", help="also time the slowest persistent faults (~5 min more)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -593,13 +595,20 @@ def main(argv: list[str] | None = None) -> int:
         if "hostile" in phases:
             (work / "hostile").mkdir()
             report["hostile"] = phase_hostile(work / "hostile", args.scale)
+        if "redteam" in phases:
+            from bench.redteam import run_redteam
+
+            (work / "redteam").mkdir()
+            _say("phase redteam: issue 15's traps")
+            report["redteam"] = run_redteam(work / "redteam")
     report["wall_s"] = round(time.perf_counter() - started, 1)
     report["peak_rss_mib_of_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     lost = report.get("jobs", {}).get("entries_lost", 0) + report.get("storm", {}).get("entries_lost", 0)
-    _say(f"entries lost: {lost}; total wall {report['wall_s']}s")
+    redteam_bad = sum(v for k, v in report.get("redteam", {}).get("counts", {}).items() if k != "ok")
+    _say(f"entries lost: {lost}; red-team cases not ok: {redteam_bad}; total wall {report['wall_s']}s")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
-    return 0 if lost == 0 else 1
+    return 0 if lost == 0 and redteam_bad == 0 else 1
 
 
 if __name__ == "__main__":

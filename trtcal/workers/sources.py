@@ -72,8 +72,8 @@ TARGET_SHARDS = 64
 # A .npz member is deflate-compressed: reaching a row means inflating everything before it. These
 # bound what one read may inflate and hold (a 2.3 MB zip bomb once inflated to many GB and got the
 # worker OOM-killed). Store big tensor datasets as .npy (random access) or split them.
-MAX_ROW_BYTES = 512 << 20  # one sample of one input (3x8192x8192 float32 is 805 MB: too much for a sample)
-MAX_NPZ_INFLATE_BYTES = 8 << 30  # inflated per read of one .npz file
+MAX_ROW_BYTES = 256 << 20  # one sample of one input (3x4096x4096 float32 is 192 MiB)
+MAX_NPZ_INFLATE_BYTES = 2 << 30  # inflated (and at most held) per read of one .npz file
 MAX_PLAN_DEPTH = 3
 FILES_PER_SHARD = 2048
 _PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "image_path", "filepath")
