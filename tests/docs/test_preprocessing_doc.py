@@ -26,7 +26,7 @@ def test_the_preset_table_shows_the_real_defaults() -> None:
         rows.setdefault(m.group(1), m.group(2))  # the presets table comes first
     assert rows["resize_shorter"].strip() == str(PRESETS["imagenet"].resize_shorter)
     assert rows["crop_size"].strip() == str(PRESETS["imagenet"].crop_size)
-    assert rows["interpolation"].strip() == f'"{PRESETS["imagenet"].interpolation}"'
+    assert rows["interpolation"].strip() == f'`"{PRESETS["imagenet"].interpolation}"`'
     assert PRESETS["efficientnet-lite"].mean == (127.0, 127.0, 127.0) and "[127, 127, 127]" in text
 
 
