@@ -180,7 +180,7 @@ def open_dataset(url: str | os.PathLike[str], storage_options: Mapping[str, Any]
     text = os.fspath(url)
     if not text:
         raise ConfigError("data: give a dataset URL or path")
-    from trtcal.storage._redact import Scrubber, refuse_url_credentials, secret_values
+    from trtcal._secrets import Scrubber, refuse_url_credentials, secret_values
 
     refuse_url_credentials(text, "dataset")
     options = storage_options_for(text, storage_options)
