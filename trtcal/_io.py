@@ -1,9 +1,10 @@
 """Local files that readers see whole or not at all, and bytes read from any fsspec URL.
 
 * `write_atomic(path, data)`: a temp file beside the target, fsync, one rename over the target.
-* `publish_dir(target, files, owned_by=...)`: a directory of files, built beside the target and
-  renamed into place (commit) or removed (discard) — an earlier trtcal output there is replaced,
-  any other non-empty directory is refused before anything is written.
+* `publish_dir(target, files, owned_by=...)`: trtcal's files written into a directory one by one,
+  each atomically, the manifest last; only trtcal's own names are touched (the user's files and
+  evaluation.json stay); any other non-empty directory is refused before anything is written,
+  unless `force`.
 * `read_url_bytes(url, storage_options)`: a local path, ``file://`` or any fsspec URL, read whole.
 
 (The store's backends keep their own writers: they need link-based no-replace semantics.)
@@ -12,9 +13,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,11 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     return target
 
 
-def check_output_dir(target: Path, owned_by: Iterable[str], what: str = "output directory") -> None:
-    """Refuse early (before any computing) to replace a directory that is not a trtcal output.
+def check_output_dir(target: Path, owned_by: Iterable[str], what: str = "output directory", *, force: bool = False) -> None:
+    """Refuse early (before any computing) to write into a directory that is not a trtcal output.
 
-    A non-empty directory is trtcal's when it holds one of the `owned_by` file names.
+    A non-empty directory is trtcal's when it holds one of the `owned_by` file names; `force`
+    accepts any directory (trtcal still only writes its own file names there).
     """
     if not target.exists():
         return
@@ -65,46 +66,81 @@ def check_output_dir(target: Path, owned_by: Iterable[str], what: str = "output 
         raise ConfigError(f"{what} {str(target)!r} exists and is not a directory")
     entries = {p.name for p in target.iterdir()}
     markers = tuple(owned_by)
-    if entries and not entries & set(markers):
+    if entries and not entries & set(markers) and not force:
         raise ConfigError(
-            f"{what} {str(target)!r} is not empty and holds no trtcal {' or '.join(markers)}; "
-            "choose a new or empty directory (trtcal only replaces its own earlier output)"
+            f"{what} {str(target)!r} is not empty and holds no trtcal {' or '.join(markers)}; choose a new or empty "
+            "directory, or pass --force to write trtcal's files into it (nothing else there is touched)"
         )
 
 
-def publish_dir(target: Path, files: Mapping[str, bytes], *, owned_by: Iterable[str]) -> dict[str, Path]:
-    """Write `files` into a temp dir beside `target`, then rename it into place (one commit).
+def publish_dir(
+    target: Path,
+    files: Mapping[str, bytes],
+    *,
+    owned_by: Iterable[str],
+    is_own_name: Callable[[str], bool] | None = None,
+    force: bool = False,
+) -> dict[str, Path]:
+    """Write `files` into `target` file by file, each replaced atomically; nothing else there is touched.
 
-    An earlier output at `target` (see `check_output_dir`) is moved aside first and put back if the
-    commit fails; on any error the temp dir is discarded, so `target` is never half-written.
-    Returns name -> path.
+    Only trtcal's own names are ever written or removed: the user's files and `trtcal eval`'s
+    evaluation.json stay (the whole folder used to be replaced). Order, so that no reader takes a
+    mixed set for a complete one: every new file is first written and fsynced beside its final
+    name; the old manifest (the first `owned_by` name: it marks a complete set) is removed; the
+    files are renamed into place; stale trtcal files of the previous run that this one does not
+    write (`is_own_name`, e.g. another method's cache) are removed; the manifest comes last. On any
+    error the temp files are removed. Returns name -> path.
     """
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    check_output_dir(target, owned_by)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    old: Path | None = None
+    markers = tuple(owned_by)
+    target.mkdir(parents=True, exist_ok=True)
+    check_output_dir(target, markers, force=force)
+    manifest = markers[0] if markers and markers[0] in files else None
+    temps: dict[str, Path] = {}
     try:
         for name, data in files.items():
-            _write_synced(tmp / name, data)
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            if any(target.iterdir()):
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
-                os.rename(target, old / "previous")
-            else:
-                target.rmdir()
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not target.exists():
-            os.rename(old / "previous", target)  # put the earlier output back
-        raise
+            if "/" in name or os.sep in name or name in ("", ".", ".."):
+                raise ConfigError(f"artifact name {name!r} is not a plain file name")
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target)
+            os.close(fd)
+            temps[name] = Path(tmp)
+            _write_synced(temps[name], data)
+            os.chmod(temps[name], 0o666 & ~_umask())
+        if manifest is not None:
+            (target / manifest).unlink(missing_ok=True)
+        for name in [n for n in files if n != manifest] + ([manifest] if manifest is not None else []):
+            if name == manifest:
+                _remove_stale(target, files, is_own_name)
+            os.replace(temps[name], target / name)
+            del temps[name]
+        if manifest is None:
+            _remove_stale(target, files, is_own_name)
     finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(parent)
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    fsync_dir(target)
     return {name: target / name for name in files}
+
+
+def _remove_stale(target: Path, files: Mapping[str, bytes], is_own_name: Callable[[str], bool] | None) -> None:
+    if is_own_name is None:
+        return
+    for path in target.iterdir():
+        if path.name not in files and is_own_name(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc tells it (os.umask is process-wide)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def read_url_bytes(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> bytes:

@@ -516,7 +516,9 @@ class JobConfig:
 
     Attributes:
         batch, calibration, store, cluster: the parts (see the module docstring).
-        output: directory that receives the artifacts (None: leave them in the store only).
+        output: directory that receives the artifacts (None: leave them in the store only); only
+            trtcal's own file names are written there.
+        force: also write into a non-empty `output` that holds no trtcal output (refused otherwise).
         export_qdq: also write the Q/DQ ONNX model of the first method.
         backend: "onnxruntime" statistics, or TensorRT 10's own calibrator ("tensorrt": one
             algorithm of `TENSORRT_ALGORITHMS`, on a GPU).
@@ -529,6 +531,7 @@ class JobConfig:
     store: StoreSettings = field(default_factory=StoreSettings)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     output: str | None = None
+    force: bool = False
     export_qdq: bool = True
     backend: Backend = "onnxruntime"
     storage_options: Mapping[str, Any] = field(default_factory=dict)
@@ -547,6 +550,7 @@ class JobConfig:
                     f"{TENSORRT_ALGORITHMS}, got {list(algos)}"
                 )
         _check_bool("export_qdq", self.export_qdq)
+        _check_bool("force", self.force)
         if not isinstance(self.storage_options, Mapping):
             raise ConfigError("storage_options must be a mapping")
         object.__setattr__(self, "storage_options", dict(self.storage_options))

@@ -140,7 +140,7 @@ def job_config_from_args(args: argparse.Namespace) -> Any:
         pairs = [(n, n) for n in names] + list(renamed.items())
         return {field: getattr(args, option) for field, option in pairs if getattr(args, option, None) is not None}
 
-    values: dict[str, Any] = given("output", "backend")
+    values: dict[str, Any] = given("output", "backend", "force")
     if args.storage_option:
         values["storage_options"] = parse_storage_options(args.storage_option)
     if args.no_qdq:
@@ -286,7 +286,10 @@ def register(subparsers: Any) -> None:
     )
     add_calibration_arguments(parser)
     add_job_arguments(parser)
-    parser.add_argument("--output", "-o", default=None, metavar="DIR", help="directory that receives the artifacts")
+    parser.add_argument("--output", "-o", default=None, metavar="DIR",
+                        help="directory that receives the artifacts (only trtcal's own files there are replaced)")
+    parser.add_argument("--force", action="store_true", default=None,
+                        help="write into a non-empty --output that holds no earlier trtcal output")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_common_flags(parser)
     parser.set_defaults(func=run)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from trtcal.config import CalibrationConfig
 
 __all__ = [
-    "MANIFEST", "RANGES", "HISTOGRAMS", "DEFAULT_CACHE", "ARTIFACT_NAMES", "OWNED_BY", "cache_name", "artifact_json",
+    "MANIFEST", "RANGES", "HISTOGRAMS", "DEFAULT_CACHE", "ARTIFACT_NAMES", "OWNED_BY", "cache_name", "is_artifact_name", "artifact_json",
     "histogram_summary", "build_ranges", "encode_artifacts", "build_manifest",
 ]
 
@@ -49,6 +49,13 @@ ARTIFACT_NAMES = (MANIFEST, RANGES, HISTOGRAMS, DEFAULT_CACHE)
 # A non-empty directory holding one of these is an earlier trtcal output, which may be replaced
 # (`calibrate(output_dir=…)` writes both; `trtcal calibrate --backend tensorrt -o` only the cache).
 OWNED_BY = (MANIFEST, DEFAULT_CACHE)
+
+
+def is_artifact_name(name: str) -> bool:
+    """Whether `name` is a file trtcal writes into an output folder (the only names it replaces or removes)."""
+    if name in (*ARTIFACT_NAMES, "model.qdq.onnx", "entry.json"):
+        return True
+    return name.startswith("calibration.") and name.endswith(".cache") and name.count(".") == 2 and len(name) > len("calibration..cache")
 
 
 def cache_name(method: str) -> str:

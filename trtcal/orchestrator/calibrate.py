@@ -2,7 +2,8 @@
 
 The artifacts (caches, ranges.json, histograms.npy, manifest.json) are encoded in memory by
 `trtcal.export.artifacts` and carried in `CalibrationResult.files`; with `output_dir` they are
-published as one directory (`trtcal._io.publish_dir`: built beside it, then renamed).
+written into it file by file (`trtcal._io.publish_dir`: each file atomic, the manifest last, nothing
+but trtcal's own names touched).
 
 Tensors whose calibrated amax is zero (all-zero activations) or whose float32 scale would not be a
 positive normal number get `SAFE_AMAX` = 127.0, i.e. scale 1.0, the value trtcal's weight scales
@@ -28,7 +29,7 @@ from trtcal._io import check_output_dir, publish_dir
 from trtcal.batch import open_any
 from trtcal.config import CalibrationConfig
 from trtcal.core.histogram import Histogram, TensorStats
-from trtcal.core.ranges import apply_manual_ranges
+from trtcal.core.ranges import apply_manual_ranges, check_manual_range_names
 from trtcal.core.scales import compute_amax
 from trtcal.core.weights import SAFE_SCALE
 from trtcal.errors import ConfigError, DataError, ModelError
@@ -39,6 +40,7 @@ from trtcal.export.artifacts import (
     artifact_json,
     build_manifest,
     encode_artifacts,
+    is_artifact_name,
 )
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 
@@ -211,6 +213,7 @@ def calibrate(
     config: CalibrationConfig | None = None,
     output_dir: str | os.PathLike[str] | None = None,
     progress: ProgressCallback = NO_PROGRESS,
+    force: bool = False,
     **overrides: Any,
 ) -> CalibrationResult:
     """Calibrate `model` on `batch`: collect FP32 statistics once, compute every requested method.
@@ -220,8 +223,11 @@ def calibrate(
         batch: a `CalibrationBatch`, a path/URL of an `.arrow` batch, a local `.npy`/`.npz`, or a
             mapping input name -> array.
         config: a `CalibrationConfig` (default: its defaults).
-        output_dir: where to publish the artifacts (None: compute only). Created atomically; an
-            earlier trtcal output there is replaced, any other non-empty directory is refused.
+        output_dir: where to publish the artifacts (None: compute only). trtcal's files are written
+            one by one, each atomically, the manifest last; other files there (the user's,
+            `trtcal eval`'s evaluation.json) are kept. A non-empty directory that is not a trtcal
+            output is refused unless `force`.
+        force: write into a non-empty directory that holds no trtcal output.
         progress: receives "statistics" and "histograms" stages in samples.
         overrides: fields of `CalibrationConfig` (``algorithms=("entropy2", "minmax")``, ``processes=4``, …)
             replacing those of `config`; None means "not given". An unknown name is a ConfigError.
@@ -242,11 +248,13 @@ def calibrate(
         if "://" in os.fspath(output_dir):
             raise ConfigError(f"output_dir must be a local directory, got {os.fspath(output_dir)!r}; publish to a store instead")
         out_path = Path(output_dir).absolute()
-        check_output_dir(out_path, OWNED_BY, "output")
+        check_output_dir(out_path, OWNED_BY, "output", force=force)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     loaded = load_model(model)
+    if cfg.manual_ranges:
+        check_manual_range_names(cfg.manual_ranges, _tensor_names(loaded.proto), model=f"model {loaded.source}")
     try:
         runner = _runner_for(cfg, loaded)
     except ModelError:
@@ -261,6 +269,15 @@ def calibrate(
     finally:
         if cal_batch is not batch:
             cal_batch.close()  # opened here: unmap it now rather than at garbage collection
+
+
+def _tensor_names(model: Any) -> set[str]:
+    graph = model.graph
+    names = {i.name for i in graph.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.output)
+    names.discard("")
+    return names
 
 
 def _calibrate_open_batch(
@@ -333,7 +350,8 @@ def _calibrate_open_batch(
     paths: dict[str, Path] = {}
     if out_path is not None:
         t0 = time.perf_counter()
-        paths = publish_dir(out_path, files, owned_by=OWNED_BY)
+        # `force` was checked with the caller's value before computing (check_output_dir in calibrate)
+        paths = publish_dir(out_path, files, owned_by=OWNED_BY, is_own_name=is_artifact_name, force=True)
         timings["write"] = time.perf_counter() - t0
         logger.info("wrote %d artifacts to %s", len(paths), out_path)
     return CalibrationResult(

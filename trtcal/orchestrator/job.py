@@ -8,8 +8,8 @@ Flow (each step skipped when the store already holds its result; keys in `orches
     Ray workers build ONE Arrow batch ──► publish it ──►  calibration actor (GPU if any) ──► publish ──► copy out
 
 `calibrate_dataset` is the named steps of a `Job`; each step but `obtain_batch` and the actor
-runs without Ray. Artifacts are copied to `output` as one directory (`trtcal._io.publish_dir`),
-so `output` never holds a half-written set.
+runs without Ray. Artifacts are copied to `output` file by file (`trtcal._io.publish_dir`: each
+file atomic, the manifest last; the user's files and evaluation.json stay).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 from trtcal._version import __version__
 from trtcal.config import JobConfig
 from trtcal.errors import BackendUnavailableError, ConfigError, ModelError, StorageError
-from trtcal.export.artifacts import DEFAULT_CACHE, MANIFEST, OWNED_BY, cache_name
+from trtcal.export.artifacts import DEFAULT_CACHE, MANIFEST, OWNED_BY, cache_name, is_artifact_name
 from trtcal.orchestrator.actor import (
     RUN_RECORD,
     ActorRequest,
@@ -372,7 +372,7 @@ def _local_or_remote(entry: Any, tmp: Path) -> str:
 
 
 def _copy_out(entry: Any, output: Path, cfg: JobConfig) -> tuple[str, ...]:
-    """The entry's artifacts into `output` as one directory (an earlier trtcal output is replaced).
+    """The entry's artifacts into `output`, file by file (only trtcal's own names are touched).
 
     Caches get the header of the asked TensorRT version; the calibration's manifest (stored as
     run.json) becomes manifest.json again, and the store entry's manifest is entry.json.
@@ -393,7 +393,7 @@ def _copy_out(entry: Any, output: Path, cfg: JobConfig) -> tuple[str, ...]:
         files[MANIFEST if name == RUN_RECORD else name] = data
     files[ENTRY_RECORD] = (json.dumps(entry.manifest, sort_keys=True, indent=2) + "\n").encode("utf-8")
     try:
-        publish_dir(output, files, owned_by=OWNED_BY)
+        publish_dir(output, files, owned_by=OWNED_BY, is_own_name=is_artifact_name, force=cfg.force)
     except OSError as exc:
         raise StorageError(
             f"cannot write the artifacts to --output {str(output)!r} ({exc.strerror or exc}); the store entry is "

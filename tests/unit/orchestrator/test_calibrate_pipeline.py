@@ -95,11 +95,11 @@ def test_zero_tensor_gets_the_safe_amax_and_manual_ranges_override(tmp_path: Pat
     onnx.save(tiny_models.zeros_model(), model)
     x = tiny_models.small_int_inputs(5, [3])
     result = calibrate(model, {"x": x}, algorithms=["entropy2", "mse"], output_dir=tmp_path / "out",
-                       manual_ranges={"y": 3.5, "not_calibrated": 1.0})
+                       manual_ranges={"y": 3.5})  # a tensor the model lacks is an error (see the end of this file)
     for method in ("entropy2", "mse"):
         cache = read_trt_cache((tmp_path / "out" / f"calibration.{method}.cache").read_bytes())
         assert cache.scale["z"] == 1.0 and result.amax[method]["z"] == SAFE_AMAX
-        assert result.amax[method]["y"] == 3.5 and "not_calibrated" in cache.scale
+        assert result.amax[method]["y"] == 3.5
     ranges = json.loads((tmp_path / "out" / "ranges.json").read_text())
     assert ranges["tensors"]["z"]["source"]["entropy2"] == "zero_range_default"
     assert ranges["tensors"]["y"]["source"]["mse"] == "manual"
@@ -200,3 +200,66 @@ def test_cli_maps_options_and_reports_errors(tmp_path: Path, mlp_path: Path, mlp
                    str(tmp_path / "cli2")])
     assert rc == 2 and "missing input(s) ['x']" in capsys.readouterr().err
     assert not (tmp_path / "cli2").exists()
+
+
+# issue 15 item 3: the output folder is written file by file
+
+
+def test_a_rerun_keeps_the_users_files_and_evaluation_json(tmp_path: Path, mlp_path: Path, mlp_data: Path) -> None:
+    out = tmp_path / "out"
+    calibrate(mlp_path, mlp_data, output_dir=out, algorithms=["entropy2", "percentile"])
+    (out / "notes.txt").write_text("mine")
+    (out / "evaluation.json").write_text("{}")
+    calibrate(mlp_path, mlp_data, output_dir=out, algorithms=["minmax"])
+    # The user's files stay; the earlier run's percentile/entropy2 caches are trtcal's and go.
+    assert _names(out) == ["calibration.cache", "calibration.minmax.cache", "evaluation.json", "manifest.json", "notes.txt",
+                           "ranges.json"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "evaluation.json").read_text() == "{}"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs or files beside it
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_force_writes_into_a_foreign_folder_and_touches_nothing_else(tmp_path: Path, mlp_path: Path, mlp_data: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "calibration.old.txt").write_text("not trtcal's name")
+    calibrate(mlp_path, mlp_data, output_dir=out, algorithms=["minmax"], force=True)
+    assert "notes.txt" in _names(out) and "calibration.old.txt" in _names(out) and "manifest.json" in _names(out)
+
+
+def test_a_failed_write_leaves_no_manifest_and_no_temp_files(tmp_path: Path, mlp_path: Path, mlp_data: Path, monkeypatch) -> None:
+    """A crash mid-publish (a real ENOSPC needs a tmpfs: tests/reliability) may leave some new files, but
+    never a manifest describing a set that is not all there."""
+    import os
+
+    from trtcal import _io
+
+    out = tmp_path / "out"
+    calibrate(mlp_path, mlp_data, output_dir=out, algorithms=["minmax"])
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def failing_replace(src, dst):  # the second rename fails
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(_io.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        calibrate(mlp_path, mlp_data, output_dir=out, algorithms=["entropy2"])
+    monkeypatch.setattr(_io.os, "replace", real_replace)
+    assert "manifest.json" not in _names(out) and not [n for n in _names(out) if n.startswith(".")]
+
+
+# issue 15 item 4: a manual range for a tensor the model lacks
+
+
+def test_a_manual_range_for_an_unknown_tensor_is_an_error_with_near_names(tmp_path: Path, mlp_path: Path, mlp_data: Path) -> None:
+    names = {o for node in tiny_models.mlp().graph.node for o in node.output}
+    near = sorted(names)[0] + "x"
+    with pytest.raises(ConfigError, match=rf"1 tensor\(s\) that model .* does not have: '{near}' \(did you mean"):
+        calibrate(mlp_path, mlp_data, manual_ranges={near: 3.0})
+    with pytest.raises(ConfigError, match="'no_such_tensor'"):
+        calibrate(mlp_path, mlp_data, manual_ranges={"no_such_tensor": 3.0, sorted(names)[0]: 2.0})
