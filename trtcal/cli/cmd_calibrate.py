@@ -108,6 +108,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--seed", type=int, default=None, help="seeds the sample draw")
     data.add_argument("--preprocess", default=None, metavar="P",
                       help="imagenet, efficientnet-lite, raw, or package.module:function")
+    data.add_argument("--input-name", default=None, metavar="NAME",
+                      help="the model input the dataset feeds (default: the model's only input); part of the batch key")
     data.add_argument("--stratify", action="store_true", default=None, help="draw evenly per class folder")
     data.add_argument("--on-bad-input", choices=choices(OnBadInput), default=None,
                       help="corrupt/unreadable inputs: fail listing them, or skip and report them")

@@ -27,7 +27,7 @@ from typing import Any
 
 from trtcal._version import __version__
 from trtcal.config import JobConfig
-from trtcal.errors import BackendUnavailableError, ConfigError, ModelError, StorageError
+from trtcal.errors import BackendUnavailableError, ModelError, StorageError
 from trtcal.export.artifacts import DEFAULT_CACHE, MANIFEST, OWNED_BY, cache_name, is_artifact_name
 from trtcal.orchestrator.actor import (
     RUN_RECORD,
@@ -39,7 +39,13 @@ from trtcal.orchestrator.actor import (
     resolve_device,
     run_actor,
 )
-from trtcal.orchestrator.keys import batch_key_inputs, calibration_key_inputs, hit_runner_devices, runner_id
+from trtcal.orchestrator.keys import (
+    batch_key_inputs,
+    calibration_key_inputs,
+    hit_runner_devices,
+    model_input_spec,
+    runner_id,
+)
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 
 __all__ = ["DatasetResult", "Job", "calibrate_dataset", "STAGE_LABELS"]
@@ -51,6 +57,7 @@ ENTRY_RECORD = "entry.json"
 GIVEN_BATCH_SUFFIXES = (".arrow", ".npy", ".npz")  # a prepared batch: no preprocessing
 # (timing key, what the user reads), in the order the stages run.
 STAGE_LABELS = (
+    ("list_dataset", "list dataset"),
     ("start_ray", "start Ray"),
     ("preprocess", "preprocess"),
     ("publish_batch", "store batch"),
@@ -191,6 +198,8 @@ class Job:
         self.built_batch = False
         self.batch_entry: Any = None
         self.batch_inputs: dict[str, Any] = {}
+        self.model_label = ""
+        self.model_input: dict[str, Any] = {}
         self.spec: dict[str, Any]
         self.batch_key: str
         self.fingerprint: str | None
@@ -205,12 +214,28 @@ class Job:
             read_from=cfg.store.read_from, **dict(cfg.storage_options),
         )
         job = cls(cfg, _read_model(model, cfg.storage_options), os.fspath(data), store)
+        job.model_label = os.fspath(model)
         if job.given_batch:
             batch = open_given_batch(job.data, job.model_bytes, cfg.storage_options)
             job.spec, job.batch_key, job.fingerprint = dict(batch.spec), batch.fingerprint, batch.fingerprint
         else:
+            from trtcal.config import BatchConfig
+            from trtcal.workers.listing_digest import listing_digest
+            from trtcal.workers.sources import open_dataset
+
+            if cfg.batch.inputs or cfg.batch.tokenizer is not None:  # text: the batch feeds every declared input
+                job.model_input = {"inputs": model_inputs(job.model_bytes)}
+            else:
+                job.model_input = model_input_spec(
+                    job.model_bytes, cfg.batch.input_name, model=job.model_label, default=BatchConfig().input_name
+                )
+            t0 = time.perf_counter()
+            listing = listing_digest(open_dataset(job.data, cfg.storage_options))
+            job.timings["list_dataset"] = time.perf_counter() - t0
             job.spec = cfg.batch.preprocess.to_dict()
-            job.batch_inputs = batch_key_inputs(job.data, cfg.batch)
+            job.batch_inputs = batch_key_inputs(
+                job.data, cfg.batch, listing_sha256=listing.sha256, listing_files=listing.files, model_input=job.model_input
+            )
             job.batch_key = compute_cache_key(job.batch_inputs)
             job.batch_entry = store.get(job.batch_key, lazy=True)
             job.fingerprint = job.batch_entry.extra.get("fingerprint") if job.batch_entry is not None else None
@@ -251,7 +276,7 @@ class Job:
 
         t0 = time.perf_counter()
         local_batch = tmp / BATCH_ARTIFACT
-        batch_cfg = replace(self.cfg.batch, input_name=_model_input_name(self.model_bytes))
+        batch_cfg = replace(self.cfg.batch, input_name=self.model_input.get("name", self.cfg.batch.input_name))
         report = build_batch_on(
             session, self.data, str(local_batch), batch_cfg, progress=progress, storage_options=self.cfg.storage_options,
         )
@@ -342,16 +367,6 @@ def _read_model(model: str | os.PathLike[str], storage_options: Mapping[str, Any
         raise ModelError(f"model {text!r} is a directory; give the path of an ONNX file") from None
     except OSError as exc:
         raise ModelError(f"cannot read model {text!r}: {exc}") from None
-
-
-def _model_input_name(model_bytes: bytes) -> str:
-    inputs = model_inputs(model_bytes)
-    if len(inputs) != 1:
-        raise ConfigError(
-            f"the model has {len(inputs)} inputs {inputs}; image datasets feed models with one input — "
-            "build the batch with a preprocessing function that returns every input, then pass the .arrow file"
-        )
-    return inputs[0]
 
 
 def _build_summary(report: Any) -> dict[str, Any]:

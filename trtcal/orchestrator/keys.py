@@ -1,10 +1,13 @@
 """What identifies a job's two store entries: the batch (by request) and the calibration (by content).
 
-* The **batch entry** is keyed by the request (dataset URL without credentials, sample count, seed,
-  stratification, preprocessing spec, bad-input policy): a retry never preprocesses again. The
-  dataset is not listed to compute this key (listing 10^5+ objects would dominate a cache hit), so
-  a dataset changed in place under the same URL is not noticed: publish changed data under a new
-  (versioned) prefix.
+* The **batch entry** is keyed by the request AND the content it is built from: the absolute
+  dataset URL (without credentials), a digest of the dataset's listing (relative path, size, and
+  mtime_ns / ETag / version id of every dataset file: `trtcal.workers.listing_digest`), the model
+  input the batch feeds (name, element type, declared shape), and the sample count, seed,
+  stratification, preprocessing spec and bad-input policy. Two projects that both say
+  `--data ./images/` get different keys (different absolute paths); changed, added or removed
+  files give a new key; a model with another input name gets its own batch. The listing costs
+  about what the build's own listing costs (bench/bench_listing.py).
 * The **calibration entry** is keyed by content (`trtcal.storage.KeyInputs`): model sha256, batch
   fingerprint, preprocessing spec, the methods and their parameters, runner kind and version,
   tensor selection, micro-batch, format version. Same key, same artifact bytes.
@@ -18,17 +21,32 @@ from typing import Any
 
 from trtcal._version import FORMAT_VERSION
 from trtcal.config import BatchConfig, CalibrationConfig, JobConfig
+from trtcal.errors import ConfigError
 
-__all__ = ["batch_key_inputs", "calibration_key_inputs", "runner_id", "hit_runner_devices"]
+__all__ = ["batch_key_inputs", "calibration_key_inputs", "dataset_url", "hit_runner_devices", "model_input_spec", "runner_id"]
 
 
-def batch_key_inputs(data: str, batch: BatchConfig) -> dict[str, Any]:
-    """What identifies a batch request (not its content: the dataset is only listed when building)."""
+def dataset_url(data: str | os.PathLike[str]) -> str:
+    """The dataset URL as keyed: local paths made absolute (so `./images/` of two projects differ),
+    other URLs as given; never with credentials."""
     from trtcal._secrets import redact_url
 
+    text = os.fspath(data)
+    if "://" not in text or text.startswith("file://"):
+        text = os.path.abspath(os.path.expanduser(text.removeprefix("file://")))
+    return redact_url(text)
+
+
+def batch_key_inputs(
+    data: str, batch: BatchConfig, *, listing_sha256: str, listing_files: int, model_input: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What identifies a batch: the request, the listing digest of the data, and the model input it feeds."""
     key = {
         "kind": "calibration-batch",
-        "data": redact_url(os.fspath(data)),
+        "data": dataset_url(data),
+        "listing_sha256": listing_sha256,
+        "listing_files": listing_files,
+        "model_input": dict(model_input),
         "num_samples": batch.num_samples,
         "seed": batch.seed,
         "stratify": batch.stratify,
@@ -50,6 +68,38 @@ def batch_key_inputs(data: str, batch: BatchConfig) -> dict[str, Any]:
             with open(batch.tokenizer, "rb") as f:
                 key["tokenizer_sha256"] = hashlib.sha256(f.read()).hexdigest()
     return key
+
+
+def model_input_spec(model_bytes: bytes, wanted: str | None, *, model: str, default: str | None = None) -> dict[str, Any]:
+    """{name, elem_type, shape} of the model input a dataset feeds.
+
+    `wanted` (from --input-name) must be one of the model's inputs; without it (or when it is the
+    untouched `default` and the model has no input of that name) the model must have exactly one.
+    Raises ModelError for a file that is not ONNX (naming the user's `model`)."""
+    import onnx
+
+    from trtcal.errors import ModelError
+
+    try:
+        graph = onnx.load_from_string(model_bytes).graph
+    except Exception as exc:  # onnx raises DecodeError and others
+        raise ModelError(f"model {model!r} is not a valid ONNX file ({type(exc).__name__}: {exc}); re-export it") from None
+    initializers = {i.name for i in graph.initializer}
+    inputs = {i.name: i for i in graph.input if i.name not in initializers}
+    if wanted is not None and wanted == default and wanted not in inputs:
+        wanted = None
+    if wanted is not None and wanted not in inputs:
+        raise ConfigError(f"--input-name {wanted!r}: model {model!r} has no such input; its inputs are {sorted(inputs)}")
+    if wanted is None:
+        if len(inputs) != 1:
+            raise ConfigError(
+                f"model {model!r} has {len(inputs)} inputs {sorted(inputs)}; an image dataset feeds one: name it with "
+                "--input-name, or build a batch with a preprocessing function that returns every input and pass the .arrow file"
+            )
+        wanted = next(iter(inputs))
+    tensor = inputs[wanted].type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+    return {"name": wanted, "elem_type": onnx.TensorProto.DataType.Name(tensor.elem_type), "shape": shape}
 
 
 def runner_id(device: str, backend: str = "onnxruntime") -> tuple[str, str]:
