@@ -468,18 +468,23 @@ class StoreSettings:
         read_from: other stores searched (read-only) before computing.
         namespace: the store namespace (e.g. a team); None: the store's default.
         read_only: never write to the store (consumers); a miss then computes without publishing.
+        on_corrupt: what an entry that fails verification does: "fail" (an error naming it) or
+            "recompute" (logged, treated as a miss; the new result replaces it).
     """
 
     url: str | None = None
     read_from: tuple[str, ...] = ()
     namespace: str | None = None
     read_only: bool = False
+    on_corrupt: str = "fail"
 
     def __post_init__(self) -> None:
         if isinstance(self.read_from, str):
             raise ConfigError("read_from must be a list of store URLs, not one string")
         object.__setattr__(self, "read_from", tuple(self.read_from))
         _check_bool("read_only", self.read_only)
+        if self.on_corrupt not in ("fail", "recompute"):
+            raise ConfigError(f"on_corrupt must be 'fail' or 'recompute', got {self.on_corrupt!r}")
 
     def resolved_url(self) -> str:
         return self.url or default_store_url()
@@ -506,7 +511,7 @@ class ClusterConfig:
 _FLAT_OPTIONS: dict[str, tuple[str, str]] = {
     **{f.name: ("batch", f.name) for f in fields(BatchConfig)},
     "store": ("store", "url"), "read_from": ("store", "read_from"), "namespace": ("store", "namespace"),
-    "read_only": ("store", "read_only"), "address": ("cluster", "address"), "device": ("cluster", "device"),
+    "read_only": ("store", "read_only"), "on_corrupt": ("store", "on_corrupt"), "address": ("cluster", "address"), "device": ("cluster", "device"),
 }
 
 

@@ -129,6 +129,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                        help="other stores searched (read-only) before computing; repeat")
     store.add_argument("--namespace", default=None, help="store namespace (e.g. your team)")
     store.add_argument("--read-only", action="store_true", default=None, help="never write to the store")
+    store.add_argument("--on-corrupt", choices=("fail", "recompute"), default=None,
+                       help="a stored entry that fails verification: stop with an error (default), or recompute and replace it")
     add_storage_option(store, what="the store and the dataset")
     store.add_argument("--no-qdq", action="store_true", default=None, help="do not export the Q/DQ ONNX model")
 
@@ -150,7 +152,7 @@ def job_config_from_args(args: argparse.Namespace) -> Any:
     return JobConfig(
         batch=batch_config_from_args(args),
         calibration=config_from_args(args),
-        store=StoreSettings(**given("namespace", "read_only", "read_from", url="store")),
+        store=StoreSettings(**given("namespace", "read_only", "read_from", "on_corrupt", url="store")),
         cluster=ClusterConfig(**given("address", "device")),
         **values,
     )

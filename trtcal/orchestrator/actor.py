@@ -8,12 +8,13 @@ log the driver polls (`follow`), and `run_actor` turns Ray's failures into trtca
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class ActorRequest:
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     export_qdq: bool = True
     backend: str = "onnxruntime"
+    model_label: str = ""  # the user's path or URL of the model: errors name it, not the actor's temp copy
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ def run_calibration(
     config = request.calibration
     # The pipeline skips pass 2 when every method is histogram-free (minmax): search follows pass 1 then.
     stages = _SearchStage(progress, "histograms" if needs_histograms(config) else "statistics")
-    with tempfile.TemporaryDirectory(prefix="trtcal-actor-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="trtcal-actor-") as tmp, _user_paths_in_errors(tmp, request.model_label):
         model_path = Path(tmp) / "model.onnx"
         model_path.write_bytes(request.model_bytes)
         batch_url = request.batch_url
@@ -177,6 +179,21 @@ def run_calibration(
             files=files, amax=result.amax, num_tensors=len(result.tensor_names), num_samples=batch.num_rows,
             timings=timings, runner=dict(result.manifest.get("runner", {})), warnings=tuple(warnings),
         )
+
+
+@contextlib.contextmanager
+def _user_paths_in_errors(tmp: str, model_label: str) -> Iterator[None]:
+    """A TrtcalError naming the actor's temp copy of the model names the user's model instead."""
+    try:
+        yield
+    except TrtcalError as exc:
+        if model_label:
+            model_copy = str(Path(tmp) / "model.onnx")
+            exc.args = tuple(
+                a.replace(model_copy, model_label).replace(tmp, "(the calibration actor's work folder)") if isinstance(a, str) else a
+                for a in exc.args
+            )
+        raise
 
 
 def _qdq_bytes(model_path: Path, amax: Mapping[str, float], allow_empty: bool = False) -> tuple[bytes, list[str]]:

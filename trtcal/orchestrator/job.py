@@ -211,8 +211,10 @@ class Job:
 
         store = CacheStore(
             cfg.store.resolved_url(), namespace=cfg.store.namespace, read_only=cfg.store.read_only,
-            read_from=cfg.store.read_from, **dict(cfg.storage_options),
+            read_from=cfg.store.read_from, on_corrupt=cfg.store.on_corrupt, **dict(cfg.storage_options),
         )
+        if not cfg.store.read_only:
+            store.check_can_publish()  # before any work, not after it (issue 15 item 7)
         job = cls(cfg, _read_model(model, cfg.storage_options), os.fspath(data), store)
         job.model_label = os.fspath(model)
         if job.given_batch:
@@ -304,6 +306,7 @@ class Job:
         return ActorRequest(
             model_bytes=self.model_bytes, batch_url="", calibration=cfg.calibration,
             storage_options=dict(cfg.storage_options), export_qdq=cfg.export_qdq, backend=cfg.backend,
+            model_label=self.model_label,
         )
 
     def publish(self, result: ActorResult, runner: tuple[str, str], progress: ProgressCallback) -> _Hit:

@@ -50,6 +50,19 @@ RUNNER_KIND = "onnxruntime"
 GRAPH_OPTIMIZATION_LEVEL = "ORT_DISABLE_ALL"
 
 
+def _batch_of_one_hint(exc: BaseException, feed: Mapping[str, Any]) -> str:
+    """A hint for the usual cause of a shape error on a micro-batch of several samples: a batch of 1
+    fixed inside the graph (a Reshape to [1, ...]) behind an input whose batch axis looks dynamic."""
+    rows = max((int(np.shape(a)[0]) for a in feed.values() if np.ndim(a) > 0), default=1)
+    text = str(exc).lower()
+    if rows > 1 and ("reshape" in text or "shape" in text or "broadcast" in text):
+        return (
+            f". The micro-batch had {rows} samples: if the model fixes a batch of 1 inside its graph (a Reshape to "
+            "[1, ...] behind a dynamic input), rerun with --micro-batch 1"
+        )
+    return ""
+
+
 def _ort() -> Any:
     try:
         import onnxruntime
@@ -173,7 +186,7 @@ class OnnxRuntimeRunner(BaseRunner):
         try:
             values = self._session.run(self._fetch, dict(feed))
         except Exception as exc:
-            raise DataError(f"ONNX Runtime failed on model {self.model.source!r}: {exc}") from None
+            raise DataError(f"ONNX Runtime failed on model {self.model.source!r}: {exc}{_batch_of_one_hint(exc, feed)}") from None
         out = {n: np.asarray(feed[n]) for n in self.tensor_names if n in self.inputs}
         out.update(zip(self._fetch, values))
         return {n: out[n] for n in self.tensor_names}

@@ -92,7 +92,8 @@ class Entry:
     def _corrupt_error(self, problem: Problem) -> CorruptEntryError:
         return CorruptEntryError(
             f"cache entry {self.key} (namespace {self.namespace}) is corrupt at {problem.url}: {problem.reason}; "
-            "it was not used. Run `trtcal cache verify` on the store; recompute with --on-corrupt recompute",
+            "it was not used. Run `trtcal cache verify` on the store; `trtcal calibrate … --on-corrupt recompute` "
+            "(CacheStore(on_corrupt='recompute') in Python) recomputes it and replaces it",
             url=problem.url,
             key=self.key,
         )

@@ -230,7 +230,8 @@ class CacheStore:
         log.warning("%s", message)
         if self.on_corrupt == "fail":
             raise CorruptEntryError(
-                message + ". Run `trtcal cache verify` on the store; recompute and replace it with --on-corrupt recompute",
+                message + ". Run `trtcal cache verify` on the store; `trtcal calibrate … --on-corrupt recompute` "
+                "(CacheStore(on_corrupt='recompute') in Python) recomputes it and replaces it",
                 url=problem.url,
                 key=key,
             )
@@ -467,6 +468,30 @@ class CacheStore:
             log.warning("could not remove staging directory %s (gc will): %s", self._display(stage_dir), self._scrub.describe(exc))
 
     # listing, verification, gc
+
+    def check_can_publish(self) -> None:
+        """ReadOnlyStoreError now, not after all the work, when a publish here cannot succeed.
+
+        A local store's root is created if missing and a probe file is written and removed in it
+        (root runs as anyone: permissions are tested by doing). Remote stores are not probed (a
+        probe would be an object write); their errors come at the first publish.
+        """
+        self._check_writable("publish")
+        if not isinstance(self._backend, LocalBackend):
+            return
+        root = self._backend.root
+        probe = os.path.join(root, f".probe-{new_stage_id()}")
+        try:
+            os.makedirs(root, exist_ok=True)
+            with open(probe, "xb"):
+                pass
+            os.unlink(probe)
+        except OSError as exc:
+            raise ReadOnlyStoreError(
+                f"cannot publish to store {self.url}: {exc.strerror or exc}; fix its permissions or free space, "
+                "or pass --read-only to compute without publishing",
+                url=self.url,
+            ) from None
 
     def require_store(self) -> None:
         """StorageError unless the root holds a store, so a mistyped path is not "0 entries".
