@@ -108,7 +108,7 @@ def test_pickle_planted_as_a_stored_batch_is_never_unpickled(ray_local: Any, tmp
     whose batch.arrow is a pickle. The next job that hits it must refuse the batch, not run it."""
     from trtcal.config import JobConfig
     from trtcal.orchestrator.job import calibrate_dataset
-    from trtcal.orchestrator.keys import batch_key_inputs
+    from trtcal.orchestrator.job import Job
     from trtcal.storage import compute_cache_key
 
     marker = tmp_path / "EXECUTED"
@@ -118,7 +118,7 @@ def test_pickle_planted_as_a_stored_batch_is_never_unpickled(ray_local: Any, tmp
     model.write_bytes(tiny_cnn(side=224).SerializeToString())
     store_url = str(tmp_path / "store")
     config = JobConfig.from_options(store=store_url, num_samples=4, preprocess="imagenet", device="cpu", workers=1)
-    inputs = batch_key_inputs(str(data), config.batch)
+    inputs = Job.open(str(model), str(data), config).batch_inputs  # the key the job will look up
     CacheStore(store_url).publish(
         compute_cache_key(inputs), {"batch.arrow": pickle.dumps(_Planted(marker))}, key_inputs=inputs,
         extra={"fingerprint": "0" * 64, "num_rows": 4},

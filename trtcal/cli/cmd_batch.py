@@ -113,11 +113,11 @@ def batch_config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from trtcal.cli.progress import TqdmProgress
+    from trtcal.cli.progress import stage_progress
     from trtcal.workers.build import build_batch
 
     config = batch_config_from_args(args)
-    progress = TqdmProgress(enabled=not args.no_progress and not getattr(args, "quiet", False))
+    progress = stage_progress(quiet=bool(args.no_progress or getattr(args, "quiet", False)))
     report = build_batch(
         args.data, args.output, config, address=args.address, progress=progress,
         storage_options=parse_storage_options(args.storage_option),

@@ -160,6 +160,8 @@ def job_config_from_args(args: argparse.Namespace) -> Any:
 
 # What the progress bars say for the library's stage names.
 PROGRESS_LABELS = {
+    "list dataset": "listing dataset",
+    "start Ray": "starting Ray",
     "list": "listing",
     "preprocess": "preprocessing",
     "write": "writing batch",
@@ -245,10 +247,10 @@ def _table(result: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trtcal.cli.progress import TqdmProgress
+    from trtcal.cli.progress import stage_progress
     from trtcal.orchestrator.job import calibrate_dataset
 
-    bars = TqdmProgress(enabled=not getattr(args, "quiet", False) and not args.json and sys.stderr.isatty())
+    bars = stage_progress(quiet=bool(getattr(args, "quiet", False)) or (args.json and sys.stderr.isatty()))
     try:
         config = job_config_from_args(args)
         with json_only_stdout(args.json):

@@ -10,7 +10,7 @@ from typing import Any
 
 def run(args: argparse.Namespace) -> int:
     from trtcal.cli.cmd_calibrate import LabelledProgress, json_only_stdout
-    from trtcal.cli.progress import TqdmProgress
+    from trtcal.cli.progress import stage_progress
     from trtcal.demo.demo import DemoConfig, run_demo
 
     values: dict[str, Any] = {}
@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
         values["output"] = args.output
     if args.views is not None:
         values["views_per_photo"] = args.views
-    progress = TqdmProgress(enabled=not getattr(args, "quiet", False) and not args.json and sys.stderr.isatty())
+    progress = stage_progress(quiet=bool(getattr(args, "quiet", False)) or (args.json and sys.stderr.isatty()))
     with json_only_stdout(args.json):
         summary = run_demo(DemoConfig(**values), progress=LabelledProgress(progress))
     if args.json:

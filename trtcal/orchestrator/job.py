@@ -140,25 +140,28 @@ def calibrate_dataset(
         data: dataset URL (image folder/prefix, list file, Parquet, .npy/.npz) or an `.arrow` batch.
         config: a JobConfig; keyword `options` replace its fields (`JobConfig.with_options`: a part
             such as ``calibration=``, or a part's field such as ``num_samples=``, ``store="s3://…"``).
-        progress: receives, in order, "list" (shards), "preprocess" (images), "write" (the batch),
+        progress: receives, in order, "list dataset" (the listing digest of the batch key), "start Ray",
+            "list" (shards), "preprocess" (images), "write" (the batch),
             "store batch", then from the calibration actor (relayed to this process) "statistics"
             (pass 1, samples), "histograms" (pass 2, samples), "search", "export", and "publish".
-            Only the stages a run needs are reported (a cache hit reports none).
+            Only the stages a run needs are reported (a cache hit reports only "list dataset").
 
     Raises:
         ConfigError, DataError, ModelError, StorageError, WorkerError, BackendUnavailableError.
     """
     from trtcal.workers.ray_runtime import ray_session
 
-    job = Job.open(model, data, (config or JobConfig()).with_options(**options))
+    job = Job.open(model, data, (config or JobConfig()).with_options(**options), progress)
     if hit := job.lookup([runner_id(d, job.cfg.backend) for d in hit_runner_devices(job.cfg)]):
         logger.info("cache hit %s: no preprocessing, no inference", hit.key)
         return job.finish(hit)
     t0 = time.perf_counter()
+    progress.start("start Ray", None, "")
     with ray_session(job.cfg.cluster.address, num_cpus=job.cfg.batch.workers) as session:
         import ray
 
         job.timings["start_ray"] = time.perf_counter() - t0
+        progress.finish("start Ray")
         device = job.actor_device(ray)
         runner = runner_id("cuda" if device == "gpu" else "cpu", job.cfg.backend)
         with tempfile.TemporaryDirectory(prefix="trtcal-job-") as tmp:
@@ -205,7 +208,9 @@ class Job:
         self.fingerprint: str | None
 
     @classmethod
-    def open(cls, model: str | os.PathLike[str], data: str | os.PathLike[str], cfg: JobConfig) -> Job:
+    def open(
+        cls, model: str | os.PathLike[str], data: str | os.PathLike[str], cfg: JobConfig, progress: ProgressCallback = NO_PROGRESS
+    ) -> Job:
         """Read the model, open the store, key the batch (a given batch is its own key)."""
         from trtcal.storage import CacheStore, compute_cache_key
 
@@ -232,7 +237,9 @@ class Job:
                     job.model_bytes, cfg.batch.input_name, model=job.model_label, default=BatchConfig().input_name
                 )
             t0 = time.perf_counter()
+            progress.start("list dataset", None, "")
             listing = listing_digest(open_dataset(job.data, cfg.storage_options))
+            progress.finish("list dataset")
             job.timings["list_dataset"] = time.perf_counter() - t0
             job.spec = cfg.batch.preprocess.to_dict()
             job.batch_inputs = batch_key_inputs(

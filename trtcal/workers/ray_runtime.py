@@ -131,6 +131,7 @@ def ray_session(
     embedded = address is None
     saved_env = {name: os.environ.get(name) for name in _RESTORED_ENV}
     ray = _import_ray(loopback=embedded)
+    _explain_ray_auth_once()
     if ray.is_initialized():
         yield RaySessionInfo(
             started=False, connected=False, address=_gcs_address(ray), num_cpus=cluster_cpus(), temp_dir=None
@@ -184,6 +185,37 @@ def ray_session(
                 logger.warning("the embedded Ray's logs are kept in %s", own_temp)
             else:
                 shutil.rmtree(own_temp, ignore_errors=True)
+
+
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _RayAuthNotice(logging.Filter):
+    """Ray warns "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to
+    opt out" (or "... is disabled ...") on every ray.init. The setting is the user's (see the module
+    doc); trtcal says what it means once per process, at INFO (-v), instead of a warning every run."""
+
+    explained = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Token authentication is"):
+            return True
+        if not _RayAuthNotice.explained:
+            _RayAuthNotice.explained = True
+            state = "on" if "is enabled" in message else "off"
+            logger.info(
+                "Ray token authentication is %s (Ray's default unless RAY_AUTH_MODE is set; trtcal's embedded Ray "
+                "listens on 127.0.0.1 only). Set RAY_AUTH_MODE=token or =disabled to choose; Ray's own note: %s",
+                state, message,
+            )
+        return False
+
+
+def _explain_ray_auth_once() -> None:
+    ray_logger = logging.getLogger(_RAY_AUTH_LOGGER)
+    if not any(isinstance(f, _RayAuthNotice) for f in ray_logger.filters):
+        ray_logger.addFilter(_RayAuthNotice())
 
 
 def _gcs_address(ray: Any) -> str:
