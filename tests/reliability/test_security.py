@@ -107,8 +107,7 @@ def test_pickle_planted_as_a_stored_batch_is_never_unpickled(ray_local: Any, tmp
     """Someone with write access to the shared store commits a well-formed batch entry (hashes and all)
     whose batch.arrow is a pickle. The next job that hits it must refuse the batch, not run it."""
     from trtcal.config import JobConfig
-    from trtcal.orchestrator.job import calibrate_dataset
-    from trtcal.orchestrator.job import Job
+    from trtcal.orchestrator.job import Job, calibrate_dataset
     from trtcal.storage import compute_cache_key
 
     marker = tmp_path / "EXECUTED"
