@@ -21,7 +21,7 @@ from typing import Any
 
 from trtcal.errors import ConfigError
 
-__all__ = ["add_storage_option", "is_secret_option", "parse_storage_options", "storage_option_secrets"]
+__all__ = ["add_storage_option", "is_secret_option", "parse_storage_options", "show_config_defaults", "storage_option_secrets"]
 
 FLAG = "--storage-option"
 _INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
@@ -131,3 +131,39 @@ def storage_option_secrets(items: Iterable[str] | None) -> set[str]:
             pass
     return {value for value in found if len(value) >= 4}  # as secret_values(): shorter ones would mask everything
 
+
+
+# CLI option dest -> config field name, where they differ.
+_FIELD_OF_OPTION = {"algorithm": "algorithms", "on_nonfinite": "nonfinite", "store": "url"}
+
+
+def _shown(value: Any) -> str | None:
+    from trtcal.workers.preprocess import PRESETS, PreprocessSpec
+
+    if value is None or isinstance(value, bool) or value == {} or value == ():
+        return None
+    if isinstance(value, PreprocessSpec):
+        return next((name for name, spec in PRESETS.items() if spec == value), None)
+    if isinstance(value, (tuple, list)):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def show_config_defaults(parser: Any, *configs: Any, extra: dict[str, Any] | None = None) -> None:
+    """Append "(default: X)" to the help of every option whose config field has a default.
+
+    Options themselves default to None ("not given"), so the frozen config dataclasses stay the one
+    source of defaults; this only shows them. `extra` gives values for options no config holds.
+    """
+    from dataclasses import fields
+
+    values: dict[str, Any] = dict(extra or {})
+    for config in configs:
+        for f in fields(config):
+            values.setdefault(f.name, getattr(config, f.name))
+    for action in parser._actions:  # argparse keeps every option here, groups included
+        if not action.help or action.help == "==SUPPRESS==" or "default" in action.help:
+            continue
+        shown = _shown(values.get(_FIELD_OF_OPTION.get(action.dest, action.dest)))
+        if shown is not None:
+            action.help = f"{action.help} (default: {shown})"

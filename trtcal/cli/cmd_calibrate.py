@@ -124,7 +124,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--device", choices=choices(ActorDevice), default=None,
                          help="where the calibration actor runs (auto: GPU when the cluster has one)")
     store = parser.add_argument_group("store")
-    store.add_argument("--store", default=None, metavar="URL", help="cache store (default: a local store under the user cache dir)")
+    store.add_argument("--store", default=None, metavar="URL", help="cache store ($TRTCAL_CACHE_DIR/store when set)")
     store.add_argument("--read-from", action="append", default=None, metavar="URL",
                        help="other stores searched (read-only) before computing; repeat")
     store.add_argument("--namespace", default=None, help="store namespace (e.g. your team)")
@@ -298,4 +298,19 @@ def register(subparsers: Any) -> None:
                         help="write into a non-empty --output that holds no earlier trtcal output")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_common_flags(parser)
+    _show_defaults(parser)
     parser.set_defaults(func=run)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    import inspect
+
+    from trtcal.cli._options import show_config_defaults
+    from trtcal.config import BatchConfig, CalibrationConfig, ClusterConfig, StoreSettings, default_store_url
+    from trtcal.core.scales import amax_percentile
+
+    percentile = inspect.signature(amax_percentile).parameters["percentile"].default
+    show_config_defaults(
+        parser, ClusterConfig(), StoreSettings(), BatchConfig(), CalibrationConfig(),  # first one holding a name wins
+        extra={"url": default_store_url(), "percentile": percentile, "input_name": None},
+    )

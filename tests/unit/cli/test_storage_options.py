@@ -195,3 +195,24 @@ def test_help_describes_the_syntax(capsys: pytest.CaptureFixture[str]) -> None:
         main(["cache", "ls", "--help"])
     assert "dotted keys nest" in " ".join(capsys.readouterr().out.split())
 
+
+
+def test_calibrate_help_shows_the_config_defaults(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15 item 8: `--help` shows the defaults the config dataclasses hold (options stay None)."""
+    from trtcal.config import BatchConfig, CalibrationConfig, ClusterConfig
+
+    monkeypatch.setenv("COLUMNS", "300")
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    text = capsys.readouterr().out
+    for option, value in [
+        ("--num-samples", BatchConfig().num_samples), ("--seed", BatchConfig().seed), ("--preprocess", "imagenet"),
+        ("--micro-batch", CalibrationConfig().micro_batch), ("--trt-version", CalibrationConfig().trt_version),
+        ("--algorithm", CalibrationConfig().algorithms[0]), ("--device", ClusterConfig().device),
+    ]:
+        lines = text.splitlines()
+        start = next(i for i, ln in enumerate(lines) if ln.strip().startswith(option))
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("-")), len(lines))
+        entry = " ".join(lines[start:end])
+        assert f"(default: {value})" in entry, entry
+    assert "--store URL" in text and "/store)" in text
