@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -20,7 +22,12 @@ from typing import Any
 
 from trtcal.errors import ConfigError
 
-__all__ = ["write_atomic", "publish_dir", "check_output_dir", "read_url_bytes", "fsync_dir"]
+__all__ = ["write_atomic", "publish_dir", "check_output_dir", "read_url_bytes", "fsync_dir", "owned_temp_dir", "sweep_stale_temp_dirs"]
+
+# Temp dirs named `trtcal-<kind>-<pid>-<random>`: a run killed with SIGKILL cannot remove them, so the
+# next run removes those whose process is gone and that no live process still names (Ray's own
+# processes of a killed run outlive it by a minute or two and are left alone until they exit).
+_OWNED_TEMP = re.compile(r"trtcal-(ray|job|actor)-(\d+)-[A-Za-z0-9_]+")
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -152,3 +159,63 @@ def read_url_bytes(url: str | os.PathLike[str], storage_options: Mapping[str, An
         with fsspec.open(text, "rb", **dict(storage_options or {})) as f:
             return bytes(f.read())
     return Path(text.removeprefix("file://")).read_bytes()
+
+
+def owned_temp_dir(kind: str, dir: str | None = None) -> str:
+    """mkdtemp named `trtcal-<kind>-<pid>-…` so a later run can tell whether its owner is gone."""
+    return tempfile.mkdtemp(prefix=f"trtcal-{kind}-{os.getpid()}-", dir=dir)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _named_by_a_live_process(paths: list[str]) -> set[str]:
+    """Those of `paths` that appear in some live process's command line (/proc; none elsewhere)."""
+    named: set[str] = set()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return set(paths)  # cannot tell: keep everything
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        named.update(p for p in paths if p in cmdline)
+    return named
+
+
+def sweep_stale_temp_dirs(root: str | None = None) -> list[str]:
+    """Remove trtcal temp dirs under `root` (the system temp dir) left by runs that were killed.
+
+    Only `trtcal-(ray|job|actor)-<pid>-…` dirs whose pid is gone and that no live process names.
+    Returns what was removed. Never raises (best effort: it must not fail a run).
+    """
+    root = root or tempfile.gettempdir()
+    try:
+        candidates = [
+            os.path.join(root, name) for name in os.listdir(root)
+            if (m := _OWNED_TEMP.fullmatch(name)) and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2)))
+        ]
+    except OSError:
+        return []
+    if not candidates:
+        return []
+    in_use = _named_by_a_live_process(candidates)
+    removed = []
+    for path in candidates:
+        if path in in_use or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
+import shutil
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -148,7 +148,7 @@ def run_calibration(
     config = request.calibration
     # The pipeline skips pass 2 when every method is histogram-free (minmax): search follows pass 1 then.
     stages = _SearchStage(progress, "histograms" if needs_histograms(config) else "statistics")
-    with tempfile.TemporaryDirectory(prefix="trtcal-actor-") as tmp, _user_paths_in_errors(tmp, request.model_label):
+    with _actor_tempdir() as tmp, _user_paths_in_errors(tmp, request.model_label):
         model_path = Path(tmp) / "model.onnx"
         model_path.write_bytes(request.model_bytes)
         batch_url = request.batch_url
@@ -179,6 +179,17 @@ def run_calibration(
             files=files, amax=result.amax, num_tensors=len(result.tensor_names), num_samples=batch.num_rows,
             timings=timings, runner=dict(result.manifest.get("runner", {})), warnings=tuple(warnings),
         )
+
+
+@contextlib.contextmanager
+def _actor_tempdir() -> Iterator[str]:
+    from trtcal._io import owned_temp_dir
+
+    path = owned_temp_dir("actor")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -14,13 +14,14 @@ file atomic, the manifest last; the user's files and evaluation.json stay).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
+import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,7 @@ def calibrate_dataset(
         progress.finish("start Ray")
         device = job.actor_device(ray)
         runner = runner_id("cuda" if device == "gpu" else "cpu", job.cfg.backend)
-        with tempfile.TemporaryDirectory(prefix="trtcal-job-") as tmp:
+        with _owned_tempdir("job") as tmp:
             source = job.obtain_batch(session, Path(tmp), progress)
             if job.built_batch and (hit := job.lookup([runner])):  # someone calibrated this batch content already
                 return job.finish(hit, batch_reused=False)
@@ -363,6 +364,19 @@ class Job:
             published=not isinstance(entry, _MemoryEntry), warnings=tuple(self.warnings),
             found_in=str(getattr(entry, "store_url", "")),
         )
+
+
+@contextlib.contextmanager
+def _owned_tempdir(kind: str) -> Iterator[str]:
+    """A temp dir a later run can sweep if this one is killed (`trtcal._io.sweep_stale_temp_dirs`)."""
+    from trtcal._io import owned_temp_dir, sweep_stale_temp_dirs
+
+    sweep_stale_temp_dirs()
+    path = owned_temp_dir(kind)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _read_model(model: str | os.PathLike[str], storage_options: Mapping[str, Any]) -> bytes:

@@ -143,7 +143,11 @@ def ray_session(
         if embedded:
             cpus = num_cpus or os.cpu_count() or 1
             store = object_store_memory or default_object_store_memory(cpus)
-            own_temp = tempfile.mkdtemp(prefix="trtcal-ray-", dir=temp_dir or _temp_root())
+            from trtcal._io import owned_temp_dir, sweep_stale_temp_dirs
+
+            for stale in sweep_stale_temp_dirs(temp_dir or _temp_root()):
+                logger.info("removed %s, left by an earlier run that was killed", stale)
+            own_temp = owned_temp_dir("ray", temp_dir or _temp_root())
             os.environ.setdefault(LOOPBACK_ENV, "0")
             with _loopback_only(ray):
                 try:
