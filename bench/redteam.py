@@ -17,6 +17,7 @@ Imported by bench/stress.py (phase "redteam"); runnable alone:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import io
@@ -365,6 +366,116 @@ def case_sigkill_put_then_gc(work: Path) -> None:
     big.unlink()
 
 
+def case_batch_key_relative_path(work: Path) -> None:
+    """item 1: two projects both run `--data ./images/` (different photos): the second must not get the first's batch."""
+    from tests.reliability.tiny_cnn import write_tiny_cnn
+    from trtcal.config import JobConfig
+    from trtcal.orchestrator.job import Job
+
+    model = write_tiny_cnn(work / "m.onnx")
+    keys = []
+    cwd = os.getcwd()
+    try:
+        for project in ("a", "b"):
+            (work / project / "images" / "cls").mkdir(parents=True, exist_ok=True)
+            (work / project / "images" / "cls" / "0.jpg").write_bytes(project.encode())
+            os.chdir(work / project)
+            keys.append(Job.open(model, "./images/", JobConfig().with_options(store=str(work / "store"))).batch_key)
+    finally:
+        os.chdir(cwd)
+    if keys[0] == keys[1]:
+        raise Outcome("silent-wrong", "both projects map to one batch key")
+
+
+def case_batch_key_changed_images(work: Path) -> None:
+    """item 1: images changed in place under the same URL must not hit the old batch."""
+    from tests.reliability.tiny_cnn import write_tiny_cnn
+    from trtcal.config import JobConfig
+    from trtcal.orchestrator.job import Job
+
+    model = write_tiny_cnn(work / "m.onnx")
+    photo = work / "images" / "cls" / "0.jpg"
+    photo.parent.mkdir(parents=True, exist_ok=True)
+    photo.write_bytes(b"before")
+    cfg = JobConfig().with_options(store=str(work / "store"))
+    before = Job.open(model, str(work / "images"), cfg).batch_key
+    photo.write_bytes(b"after!")
+    os.utime(photo, ns=(time.time_ns(), time.time_ns() + 10**6))
+    if Job.open(model, str(work / "images"), cfg).batch_key == before:
+        raise Outcome("silent-wrong", "changed images keep the old batch key")
+
+
+def case_unwritable_store_before_work(work: Path) -> None:
+    """item 7: a store that cannot be written fails in seconds, before Ray and any preprocessing."""
+    from tests.reliability.tiny_cnn import write_tiny_cnn
+
+    model = write_tiny_cnn(work / "m.onnx")
+    (work / "images" / "cls").mkdir(parents=True, exist_ok=True)
+    (work / "images" / "cls" / "0.jpg").write_bytes(b"x")
+    (work / "a-file").write_text("x")
+    started = time.perf_counter()
+    done = trtcal("calibrate", str(model), "--data", str(work / "images"), "--store", str(work / "a-file" / "store"), timeout=120)
+    expect_error(done, "cannot publish to store")
+    if "starting Ray" in done.stderr or time.perf_counter() - started > 30:
+        raise Outcome("silent-wrong", f"found only after {time.perf_counter() - started:.0f} s")
+
+
+def _ray_leftovers(marker: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def case_sigkill_calibrate_then_next_run(work: Path) -> None:
+    """leaks: `trtcal calibrate` SIGKILLed while it preprocesses, then run again; its temp dirs and Ray
+    processes are counted after the next run and once more 150 s later (its Ray processes exit on their own)."""
+    from tests.reliability.tiny_cnn import tiny_cnn
+    from trtcal.orchestrator.demo import write_photo_dataset
+
+    model = work / "tiny224.onnx"
+    model.write_bytes(tiny_cnn(side=224).SerializeToString())
+    photos = write_photo_dataset(work / "photos", ("astronaut", "coffee", "chelsea"), 4, 0)
+    argv = [sys.executable, "-m", "trtcal", "calibrate", str(model), "--data", str(photos), "--num-samples", "12",
+            "--workers", "1", "--device", "cpu", "--store", str(work / "store"), "--output", str(work / "out")]
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+    deadline = time.monotonic() + 180
+    assert child.stderr is not None
+    for line in child.stderr:
+        if line.startswith("trtcal: starting Ray") or time.monotonic() > deadline:
+            break
+    time.sleep(1.0)
+    child.kill()  # SIGKILL the driver only: Ray's processes of that run are orphaned, as after an OOM kill
+    child.wait()
+    killed = child.pid
+    try:
+        done = trtcal(*argv[3:], timeout=300)
+        if done.returncode != 0:
+            raise Outcome("crashed", done.stderr[-200:])
+        left = glob.glob(os.path.join(tempfile.gettempdir(), f"trtcal-*-{killed}-*"))
+        orphans = _ray_leftovers(f"trtcal-ray-{killed}-")
+        deadline = time.monotonic() + 150
+        while orphans and time.monotonic() < deadline:
+            time.sleep(5)
+            orphans = _ray_leftovers(f"trtcal-ray-{killed}-")
+        done = trtcal(*argv[3:], timeout=300)  # a cache hit now; it sweeps what the exited orphans left
+        left_after = glob.glob(os.path.join(tempfile.gettempdir(), f"trtcal-*-{killed}-*"))
+    finally:
+        for pid in _ray_leftovers(f"trtcal-ray-{killed}-"):  # processes this case started, by PID
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    detail = f"after the next run: {len(left)} temp dir(s); 150 s later: {len(orphans)} Ray process(es), {len(left_after)} dir(s)"
+    if left_after or orphans:
+        raise Outcome("leaked", detail)
+    raise Outcome("ok", detail)
+
+
 CASES: list[tuple[str, Callable[[Path], None]]] = [
     ("2  cache export --method M exports M's scales", case_export_method),
     ("2  cache export of a method the entry lacks", case_export_missing_method),
@@ -383,7 +494,11 @@ CASES: list[tuple[str, Callable[[Path], None]]] = [
     ("9  .npz zip bomb (2 GiB row), 1 sample asked", case_npz_bomb),
     ("9  JPEG claiming 9000x9000 over 24 KB", case_forged_jpeg),
     ("3  calibrate into a folder with user files", case_output_folder_user_files),
+    ("1  two projects, same --data ./images/", case_batch_key_relative_path),
+    ("1  images changed in place, same URL", case_batch_key_changed_images),
+    ("7  unwritable store: found before any work", case_unwritable_store_before_work),
     ("-  SIGKILL mid put + gc: files left", case_sigkill_put_then_gc),
+    ("-  SIGKILL mid calibrate + next run: temp dirs, Ray processes", case_sigkill_calibrate_then_next_run),
 ]
 
 

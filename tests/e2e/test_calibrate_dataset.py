@@ -439,7 +439,9 @@ def test_a_read_only_store_computes_without_publishing(
     assert not store.exists() or not [p for p in store.rglob("*") if p.is_file()]
     # Every stage of a computed run reached this process, in order, each one closed.
     started = [e[1] for e in progress.events if e[0] == "start"]
-    assert started == ["list", "preprocess", "write", "statistics", "histograms", "search", "export", "publish"]
+    assert started == [
+        "list dataset", "start Ray", "list", "preprocess", "write", "statistics", "histograms", "search", "export", "publish",
+    ]
     assert [e[1] for e in progress.events if e[0] == "finish"] == started
     assert sum(e[2] for e in progress.events if e[0] == "advance" and e[1] == "preprocess") == 12
     assert sum(e[2] for e in progress.events if e[0] == "advance" and e[1] == "statistics") == 12

@@ -150,8 +150,11 @@ def calibrate_dataset(
     Raises:
         ConfigError, DataError, ModelError, StorageError, WorkerError, BackendUnavailableError.
     """
+    from trtcal._io import sweep_stale_temp_dirs
     from trtcal.workers.ray_runtime import ray_session
 
+    for stale in sweep_stale_temp_dirs():  # a killed run's temp dirs (also a hit sweeps them)
+        logger.info("removed %s, left by an earlier run that was killed", stale)
     job = Job.open(model, data, (config or JobConfig()).with_options(**options), progress)
     if hit := job.lookup([runner_id(d, job.cfg.backend) for d in hit_runner_devices(job.cfg)]):
         logger.info("cache hit %s: no preprocessing, no inference", hit.key)
@@ -369,9 +372,8 @@ class Job:
 @contextlib.contextmanager
 def _owned_tempdir(kind: str) -> Iterator[str]:
     """A temp dir a later run can sweep if this one is killed (`trtcal._io.sweep_stale_temp_dirs`)."""
-    from trtcal._io import owned_temp_dir, sweep_stale_temp_dirs
+    from trtcal._io import owned_temp_dir
 
-    sweep_stale_temp_dirs()
     path = owned_temp_dir(kind)
     try:
         yield path
