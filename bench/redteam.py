@@ -433,6 +433,16 @@ def _ray_leftovers(marker: str) -> list[int]:
     return pids
 
 
+def _owned_by(pid: int) -> list[str]:
+    """trtcal temp dirs whose owner file names `pid`."""
+    out = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "trtcal-*")):
+        with contextlib.suppress(OSError):
+            if Path(path, ".trtcal-owner").read_text().strip() == str(pid):
+                out.append(path)
+    return out
+
+
 def case_sigkill_calibrate_then_next_run(work: Path) -> None:
     """leaks: `trtcal calibrate` SIGKILLed while it preprocesses, then run again; its temp dirs and Ray
     processes are counted after the next run and once more 150 s later (its Ray processes exit on their own)."""
@@ -454,20 +464,22 @@ def case_sigkill_calibrate_then_next_run(work: Path) -> None:
     child.kill()  # SIGKILL the driver only: Ray's processes of that run are orphaned, as after an OOM kill
     child.wait()
     killed = child.pid
+    ray_dirs: list[str] = []
     try:
         done = trtcal(*argv[3:], timeout=300)
         if done.returncode != 0:
             raise Outcome("crashed", done.stderr[-200:])
-        left = glob.glob(os.path.join(tempfile.gettempdir(), f"trtcal-*-{killed}-*"))
-        orphans = _ray_leftovers(f"trtcal-ray-{killed}-")
+        left = _owned_by(killed)
+        ray_dirs = [d for d in left if "trtcal-ray-" in d]
+        orphans = _ray_leftovers(ray_dirs[0]) if ray_dirs else []
         deadline = time.monotonic() + 150
         while orphans and time.monotonic() < deadline:
             time.sleep(5)
-            orphans = _ray_leftovers(f"trtcal-ray-{killed}-")
+            orphans = _ray_leftovers(ray_dirs[0])
         done = trtcal(*argv[3:], timeout=300)  # a cache hit now; it sweeps what the exited orphans left
-        left_after = glob.glob(os.path.join(tempfile.gettempdir(), f"trtcal-*-{killed}-*"))
+        left_after = _owned_by(killed)
     finally:
-        for pid in _ray_leftovers(f"trtcal-ray-{killed}-"):  # processes this case started, by PID
+        for pid in _ray_leftovers(ray_dirs[0]) if ray_dirs else []:  # processes this case started, by PID
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     detail = f"after the next run: {len(left)} temp dir(s); 150 s later: {len(orphans)} Ray process(es), {len(left_after)} dir(s)"

@@ -24,10 +24,11 @@ from trtcal.errors import ConfigError
 
 __all__ = ["write_atomic", "publish_dir", "check_output_dir", "read_url_bytes", "fsync_dir", "owned_temp_dir", "sweep_stale_temp_dirs"]
 
-# Temp dirs named `trtcal-<kind>-<pid>-<random>`: a run killed with SIGKILL cannot remove them, so the
-# next run removes those whose process is gone and that no live process still names (Ray's own
+# Temp dirs `trtcal-<kind>-<random>` holding an owner file with their pid: a run killed with SIGKILL
+# cannot remove them, so the next run removes those whose process is gone and that no live process names (Ray's own
 # processes of a killed run outlive it by a minute or two and are left alone until they exit).
-_OWNED_TEMP = re.compile(r"trtcal-(ray|job|actor)-(\d+)-[A-Za-z0-9_]+")
+_OWNED_TEMP = re.compile(r"trtcal-(ray|job|actor)-[A-Za-z0-9_]+")
+_OWNER_FILE = ".trtcal-owner"  # the pid that made the dir (not in the name: Ray's socket paths must stay short)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -162,8 +163,19 @@ def read_url_bytes(url: str | os.PathLike[str], storage_options: Mapping[str, An
 
 
 def owned_temp_dir(kind: str, dir: str | None = None) -> str:
-    """mkdtemp named `trtcal-<kind>-<pid>-…` so a later run can tell whether its owner is gone."""
-    return tempfile.mkdtemp(prefix=f"trtcal-{kind}-{os.getpid()}-", dir=dir)
+    """mkdtemp `trtcal-<kind>-…` with an owner file, so a later run can tell whether its owner is gone."""
+    path = tempfile.mkdtemp(prefix=f"trtcal-{kind}-", dir=dir)
+    with open(os.path.join(path, _OWNER_FILE), "w", encoding="ascii") as f:
+        f.write(str(os.getpid()))
+    return path
+
+
+def _owner(path: str) -> int | None:
+    try:
+        with open(os.path.join(path, _OWNER_FILE), encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -198,15 +210,19 @@ def _named_by_a_live_process(paths: list[str]) -> set[str]:
 def sweep_stale_temp_dirs(root: str | None = None) -> list[str]:
     """Remove trtcal temp dirs under `root` (the system temp dir) left by runs that were killed.
 
-    Only `trtcal-(ray|job|actor)-<pid>-…` dirs whose pid is gone and that no live process names.
+    Only `trtcal-(ray|job|actor)-…` dirs whose owner file names a pid that is gone, and that no live
+    process names.
     Returns what was removed. Never raises (best effort: it must not fail a run).
     """
     root = root or tempfile.gettempdir()
     try:
-        candidates = [
-            os.path.join(root, name) for name in os.listdir(root)
-            if (m := _OWNED_TEMP.fullmatch(name)) and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2)))
-        ]
+        candidates = []
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if _OWNED_TEMP.fullmatch(name) and not os.path.islink(path):
+                owner = _owner(path)
+                if owner is not None and owner != os.getpid() and not _pid_alive(owner):
+                    candidates.append(path)
     except OSError:
         return []
     if not candidates:

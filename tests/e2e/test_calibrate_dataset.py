@@ -147,7 +147,7 @@ def descendant(pid: int, text: str, process: subprocess.Popen[Any] | None = None
             if proc.pid in below and proc.state != "Z" and text in proc.cmdline:
                 return proc.pid
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"the command ended ({process.returncode}) before a {text!r} process appeared")
+            raise AssertionError(f"the command ended ({process.returncode}) before a {text!r} process appeared: {process.stderr.read() if process.stderr else ''}")
         time.sleep(0.02)
     raise AssertionError(f"no {text!r} process below pid {pid} after {timeout}s")
 

@@ -17,14 +17,19 @@ def _dead_pid() -> int:
 
 def test_only_dirs_of_dead_runs_that_nobody_names_are_removed(tmp_path: Path) -> None:
     dead = _dead_pid()
-    stale = tmp_path / f"trtcal-job-{dead}-abc123"
+    stale = tmp_path / "trtcal-job-abc123"
     (stale / "batch").mkdir(parents=True)
     (stale / "batch" / "batch.arrow").write_bytes(b"x" * 1000)
+    (stale / ".trtcal-owner").write_text(str(dead))
     mine = Path(owned_temp_dir("actor", str(tmp_path)))
-    foreign = tmp_path / f"other-{dead}-abc"
+    foreign = tmp_path / "other-abc"
     foreign.mkdir()
-    still_used = tmp_path / f"trtcal-ray-{dead}-def456"
+    (foreign / ".trtcal-owner").write_text(str(dead))
+    no_owner = tmp_path / "trtcal-ray-zzz"  # not made by owned_temp_dir (e.g. an older trtcal): left alone
+    no_owner.mkdir()
+    still_used = tmp_path / "trtcal-ray-def456"
     still_used.mkdir()
+    (still_used / ".trtcal-owner").write_text(str(dead))
     # A leftover Ray process of the killed run still names its session dir: left alone until it exits.
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(still_used / "session_x")])
     try:
@@ -33,5 +38,5 @@ def test_only_dirs_of_dead_runs_that_nobody_names_are_removed(tmp_path: Path) ->
         holder.kill()
         holder.wait()
     assert removed == [str(stale)] and not stale.exists()
-    assert mine.exists() and foreign.exists() and still_used.exists()
+    assert mine.exists() and foreign.exists() and still_used.exists() and no_owner.exists()
     assert sweep_stale_temp_dirs(str(tmp_path)) == [str(still_used)]  # its holder is gone now

@@ -151,6 +151,7 @@ def calibrate_dataset(
         ConfigError, DataError, ModelError, StorageError, WorkerError, BackendUnavailableError.
     """
     from trtcal._io import sweep_stale_temp_dirs
+    from trtcal.storage import compute_cache_key
     from trtcal.workers.ray_runtime import ray_session
 
     for stale in sweep_stale_temp_dirs():  # a killed run's temp dirs (also a hit sweeps them)
@@ -169,13 +170,19 @@ def calibrate_dataset(
         device = job.actor_device(ray)
         runner = runner_id("cuda" if device == "gpu" else "cpu", job.cfg.backend)
         with _owned_tempdir("job") as tmp:
+            looked_up = job.fingerprint is not None
             source = job.obtain_batch(session, Path(tmp), progress)
-            if job.built_batch and (hit := job.lookup([runner])):  # someone calibrated this batch content already
-                return job.finish(hit, batch_reused=False)
-            t0 = time.perf_counter()
-            result = run_actor(ray, device, job.actor_request(), source, progress)
-            job.timings["calibrate"] = time.perf_counter() - t0
-            entry = job.publish(result, runner, progress)
+            if not looked_up and (hit := job.lookup([runner])):  # someone calibrated this batch content already
+                return job.finish(hit, batch_reused=not job.built_batch)
+            # Concurrent jobs on this key compute once: the others wait for the entry (a store lease).
+            key = compute_cache_key(job.key_inputs(runner)) if job.cfg.backend != "tensorrt" else None
+            with job.store.compute_once(key) if key else contextlib.nullcontext() as existing:
+                if existing is not None:
+                    return job.finish(_Hit(existing, key, runner))
+                t0 = time.perf_counter()
+                result = run_actor(ray, device, job.actor_request(), source, progress)
+                job.timings["calibrate"] = time.perf_counter() - t0
+                entry = job.publish(result, runner, progress)
             return job.finish(entry, amax=result.amax)
 
 
@@ -285,6 +292,15 @@ class Job:
             return BatchSource.at(self.data)
         if self.batch_entry is not None:
             return BatchSource.at(_local_or_remote(self.batch_entry, tmp))
+        # Concurrent jobs on one dataset build the batch once; the others wait for it (a store lease).
+        with self.store.compute_once(self.batch_key) as existing:
+            if existing is not None:
+                self.batch_entry = existing
+                self.fingerprint = existing.extra.get("fingerprint")
+                return BatchSource.at(_local_or_remote(existing, tmp))
+            return self._build_and_store_batch(session, tmp, progress)
+
+    def _build_and_store_batch(self, session: Any, tmp: Path, progress: ProgressCallback) -> BatchSource:
         from trtcal.workers.build import build_batch_on
 
         t0 = time.perf_counter()

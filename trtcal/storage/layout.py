@@ -6,6 +6,7 @@ entry), so neither reaches into the other's private members:
     <root>/v1/<namespace>/entries/<key[:2]>/<key>.json                 committed manifests
     <root>/v1/<namespace>/index/<key[:2]>/<marker>                     listing-index markers
     <root>/v1/<namespace>/artifacts/<key[:2]>/<key>/<stage>/<name>     artifact bytes
+    <root>/v1/<namespace>/leases/<key[:2]>/<key>.json                  "computing it now" (trtcal.storage.lease)
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class StoreLayout:
 
     def index_dir(self, namespace: str, shard: str | None = None) -> str:
         return self.backend.join(LAYOUT, namespace, "index", *([shard] if shard else []))
+
+    def lease_path(self, namespace: str, key: str) -> str:
+        return self.backend.join(LAYOUT, namespace, "leases", key[:2], f"{key}.json")
 
     def index_marker_path(self, namespace: str, key: str, marker: str) -> str:
         return self.backend.join(LAYOUT, namespace, "index", key[:2], marker)

@@ -17,6 +17,7 @@ manifest references (crashed or losing writers) once they are older than a grace
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -313,6 +314,26 @@ class CacheStore:
                 )
             self._read_from_stores = stores + self._read_from_objects
         return self._read_from_stores
+
+    # computing once
+
+    def compute_once(
+        self, key: str, *, ttl: timedelta = timedelta(minutes=2), wait: timedelta = timedelta(hours=2), poll_s: float = 1.0
+    ) -> contextlib.AbstractContextManager[Entry | None]:
+        """Yield the entry if it exists (or appears while we wait), else None with a lease held.
+
+        Concurrent jobs on one key: the one that gets the lease (`trtcal.storage.lease`) computes and
+        publishes inside the block; the others wait for its entry. A holder that dies stops
+        refreshing; its lease expires after `ttl` and a waiter computes. Waiting longer than `wait`
+        is a StorageError. A read-only store never leases (it cannot publish): it yields `get(key)`.
+        """
+        from trtcal.storage.lease import compute_once
+
+        key = check_key(key)
+        return compute_once(
+            self._layout, self._layout.lease_path(self.namespace, key), key, self.get,
+            leasing=not self.read_only, store_url=self.url, ttl_s=ttl.total_seconds(), wait_s=wait.total_seconds(), poll_s=poll_s,
+        )
 
     # publishing
 
