@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from trtcal._io import owned_temp_dir, sweep_stale_temp_dirs
@@ -32,6 +33,8 @@ def test_only_dirs_of_dead_runs_that_nobody_names_are_removed(tmp_path: Path) ->
     (still_used / ".trtcal-owner").write_text(str(dead))
     # A leftover Ray process of the killed run still names its session dir: left alone until it exits.
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(still_used / "session_x")])
+    while str(still_used).encode() not in Path(f"/proc/{holder.pid}/cmdline").read_bytes():
+        time.sleep(0.01)  # until it has exec'd
     try:
         removed = sweep_stale_temp_dirs(str(tmp_path))
     finally:
