@@ -447,7 +447,7 @@ def case_sigkill_calibrate_then_next_run(work: Path) -> None:
     """leaks: `trtcal calibrate` SIGKILLed while it preprocesses, then run again; its temp dirs and Ray
     processes are counted after the next run and once more 150 s later (its Ray processes exit on their own)."""
     from tests.reliability.tiny_cnn import tiny_cnn
-    from trtcal.orchestrator.demo import write_photo_dataset
+    from trtcal.demo.demo import write_photo_dataset
 
     model = work / "tiny224.onnx"
     model.write_bytes(tiny_cnn(side=224).SerializeToString())
