@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -100,8 +101,9 @@ def publish_dir(
     error the temp files are removed. Returns name -> path.
     """
     markers = tuple(owned_by)
-    target.mkdir(parents=True, exist_ok=True)
+    created = not target.exists()
     check_output_dir(target, markers, force=force)
+    target.mkdir(parents=True, exist_ok=True)
     manifest = markers[0] if markers and markers[0] in files else None
     temps: dict[str, Path] = {}
     try:
@@ -122,9 +124,13 @@ def publish_dir(
             del temps[name]
         if manifest is None:
             _remove_stale(target, files, is_own_name)
-    finally:
+    except BaseException:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                target.rmdir()  # a folder this call made stays only with a whole set in it
+        raise
     fsync_dir(target)
     return {name: target / name for name in files}
 

@@ -44,10 +44,6 @@ LONG_FUNCTIONS: dict[str, str] = {
 
 # modules of one cycle -> why the cycle exists for now
 IMPORT_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"trtcal.storage.entry", "trtcal.storage.store"}): (
-        "Entry reaches into CacheStore (TYPE_CHECKING import); being removed by issue 14 move 8 "
-        "(storage/layout.py)"
-    ),
 }
 
 

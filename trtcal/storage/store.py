@@ -349,16 +349,14 @@ class CacheStore:
 
         Args:
             key: compute_cache_key(key_inputs); checked.
-            artifacts: name -> bytes, or name -> local file path (pathlib.Path), streamed without
-                loading it into memory: a regular file (which must not change size meanwhile) or a
-                FIFO the caller feeds; devices and directories are refused. Names: letters,
-                digits, '.', '_', '-'.
+            artifacts: name -> bytes, or name -> local file path (pathlib.Path) streamed without
+                loading it: a regular file (its size must not change) or a FIFO the caller feeds;
+                devices and directories are refused. Names: letters, digits, '.', '_', '-'.
             key_inputs: what the key was computed from (a KeyInputs or a mapping); recorded in the
                 manifest so readers can re-check the key, and `ls` can filter on it.
             extra: JSON data recorded in the manifest (versions, timings).
 
-        Raises:
-            ConfigError: a bad key, name, input or value; ReadOnlyStoreError; StorageError;
+        Raises: ConfigError (a bad key, name, input or value), ReadOnlyStoreError, StorageError;
             CorruptEntryError if a corrupt entry already holds the key and on_corrupt is "fail".
         """
         self._check_writable("publish")

@@ -76,6 +76,7 @@ def _import_ray(loopback: bool) -> Any:
         import ray
     except ImportError as exc:
         raise BackendUnavailableError(f"Ray is not installed ({exc}); pip install 'ray[default]'") from None
+    _explain_ray_auth_once()
     return ray
 
 
@@ -96,6 +97,15 @@ def _loopback_only(ray: Any) -> Iterator[None]:
         yield
     finally:
         constants.ENABLE_RAY_CLUSTER = previous
+
+
+def _fresh_temp_dir(root: str) -> str:
+    """The embedded Ray's own temp dir, after removing those of earlier runs that were killed."""
+    from trtcal._io import owned_temp_dir, sweep_stale_temp_dirs
+
+    for stale in sweep_stale_temp_dirs(root):
+        logger.info("removed %s, left by an earlier run that was killed", stale)
+    return owned_temp_dir("ray", root)
 
 
 def _temp_root() -> str:
@@ -131,7 +141,6 @@ def ray_session(
     embedded = address is None
     saved_env = {name: os.environ.get(name) for name in _RESTORED_ENV}
     ray = _import_ray(loopback=embedded)
-    _explain_ray_auth_once()
     if ray.is_initialized():
         yield RaySessionInfo(
             started=False, connected=False, address=_gcs_address(ray), num_cpus=cluster_cpus(), temp_dir=None
@@ -143,11 +152,7 @@ def ray_session(
         if embedded:
             cpus = num_cpus or os.cpu_count() or 1
             store = object_store_memory or default_object_store_memory(cpus)
-            from trtcal._io import owned_temp_dir, sweep_stale_temp_dirs
-
-            for stale in sweep_stale_temp_dirs(temp_dir or _temp_root()):
-                logger.info("removed %s, left by an earlier run that was killed", stale)
-            own_temp = owned_temp_dir("ray", temp_dir or _temp_root())
+            own_temp = _fresh_temp_dir(temp_dir or _temp_root())
             os.environ.setdefault(LOOPBACK_ENV, "0")
             with _loopback_only(ray):
                 try:

@@ -70,7 +70,7 @@ def test_s3_digest_follows_etags(s3_server: Any, tmp_path: Path) -> None:
     client = s3_server._botocore_client()
     for i in range(5):
         client.put_object(Bucket=bucket, Key=f"images/cls/{i}.jpg", Body=f"img-{i}".encode())
-    client.put_object(Bucket=bucket, Key="images/notes.md", Body=b"ignored")
+    client.put_object(Bucket=bucket, Key="images/index.html", Body=b"ignored")
     options = s3_server.storage_options()
     first = listing_digest(open_dataset(f"s3://{bucket}/images", options))
     assert first.files == 5 and _digest(f"s3://{bucket}/images", **options) == first.sha256
