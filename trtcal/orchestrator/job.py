@@ -199,10 +199,10 @@ class _Hit:
 class Job:
     """One `calibrate_dataset` run: its inputs, the batch it uses, and what each step measured."""
 
-    def __init__(self, cfg: JobConfig, model_bytes: bytes, data: str, store: Any) -> None:
+    def __init__(self, cfg: JobConfig, model_bytes: bytes, data: str, store: Any, model_sha: str | None = None) -> None:
         self.cfg = cfg
         self.model_bytes = model_bytes
-        self.model_sha = hashlib.sha256(model_bytes).hexdigest()
+        self.model_sha = model_sha or hashlib.sha256(model_bytes).hexdigest()
         self.data = data
         self.store = store
         self.timings: dict[str, float] = {}
@@ -231,7 +231,8 @@ class Job:
         )
         if not cfg.store.read_only:
             store.check_can_publish()  # before any work, not after it (issue 15 item 7)
-        job = cls(cfg, _read_model(model, cfg.storage_options), os.fspath(data), store)
+        model_bytes, model_sha = _read_model(model, cfg.storage_options)
+        job = cls(cfg, model_bytes, os.fspath(data), store, model_sha)
         job.model_label = os.fspath(model)
         if job.given_batch:
             batch = open_given_batch(job.data, job.model_bytes, cfg.storage_options)
@@ -397,18 +398,48 @@ def _owned_tempdir(kind: str) -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _read_model(model: str | os.PathLike[str], storage_options: Mapping[str, Any]) -> bytes:
+def _read_model(model: str | os.PathLike[str], storage_options: Mapping[str, Any]) -> tuple[bytes, str]:
+    """(the model as bytes the actor can load alone, its sha256 as keyed).
+
+    A local model with external data (weights in files beside the .onnx) is loaded with them —
+    validated and hashed by `trtcal.model.load_model`, as the library does — and sent embedded:
+    only the .onnx file used to reach the actor, which then failed on the missing weights."""
     from trtcal._io import read_url_bytes
 
     text = os.fspath(model)
     try:
-        return read_url_bytes(text, storage_options)
+        data = read_url_bytes(text, storage_options)
     except FileNotFoundError:
         raise ModelError(f"ONNX model {text!r} does not exist; give the path or URL of an ONNX file") from None
     except IsADirectoryError:
         raise ModelError(f"model {text!r} is a directory; give the path of an ONNX file") from None
     except OSError as exc:
         raise ModelError(f"cannot read model {text!r}: {exc}") from None
+    if b"location" not in data or not _has_external_data(data):
+        return data, hashlib.sha256(data).hexdigest()
+    if "://" in text and not text.startswith("file://"):
+        raise ModelError(f"model {text!r} keeps its weights in external data files; give a local path to it (with them beside it)")
+    from trtcal.model import load_model
+
+    loaded = load_model(text.removeprefix("file://"))
+    for init in loaded.proto.graph.initializer:  # now embedded: the same bytes as a model saved that way
+        if init.HasField("data_location") and init.data_location == init.DEFAULT:
+            init.ClearField("data_location")
+    try:
+        embedded = loaded.proto.SerializeToString()
+    except ValueError as exc:  # protobuf's 2 GB limit
+        raise ModelError(f"model {text!r} with its external data is over 2 GB ({exc}); not supported by `trtcal calibrate` yet") from None
+    return embedded, loaded.sha256
+
+
+def _has_external_data(data: bytes) -> bool:
+    import onnx
+
+    try:
+        graph = onnx.load_from_string(data).graph
+    except Exception:  # judged (with the user's path in the message) by model_input_spec
+        return False
+    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in graph.initializer)
 
 
 def _build_summary(report: Any) -> dict[str, Any]:
