@@ -1,0 +1,211 @@
+"""`auto`: per-tensor choice among candidate ranges by their measured effect on the outputs (pure parts).
+
+The ONNX Runtime side (trtcal/export/auto.py) measures; this module decides. Everything here is
+a pure function of numbers, so the decision is the same bytes for the same measurements:
+
+* `candidate_amax`: the candidates' amax of one tensor from its |x| histogram (entropy2, minmax,
+  percentile 99.9 / 99.99 / 99.999, mse), all from the statistics the other methods use;
+* `search_slices`: the held-out rows, chosen by sample id (sha256 order), never by row position;
+* `local_choice`: the candidate with the least noise on the consumers' outputs (layer-wise
+  output matching), ties to the earlier candidate;
+* `coordinate_descent`: bounded, deterministic refinement of the assignment with a callback that
+  measures the whole model's output noise;
+* `output_quality`: SQNR, cosine and (along a class axis only) argmax agreement of one output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from trtcal.core.scales import compute_amax
+from trtcal.errors import ConfigError
+
+__all__ = [
+    "CANDIDATES",
+    "Candidate",
+    "DescentStep",
+    "candidate_amax",
+    "coordinate_descent",
+    "distinct_candidates",
+    "local_choice",
+    "noise_ratio",
+    "noise_to_db",
+    "output_quality",
+    "search_slices",
+    "SLICE_SALT",
+]
+
+SLICE_SALT = b"trtcal-auto-slice-v1\x00"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate range rule: a method of trtcal.core.scales with fixed parameters."""
+
+    name: str
+    method: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+
+CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("entropy2", "entropy2"),
+    Candidate("minmax", "minmax"),
+    Candidate("percentile_99.9", "percentile", (("percentile", 99.9),)),
+    Candidate("percentile_99.99", "percentile", (("percentile", 99.99),)),
+    Candidate("percentile_99.999", "percentile", (("percentile", 99.999),)),
+    Candidate("mse", "mse"),
+)
+
+
+def candidate_amax(
+    counts: npt.ArrayLike, hist_amax: float, candidates: Sequence[Candidate] = CANDIDATES
+) -> dict[str, float]:
+    """candidate name -> amax of one tensor, in the candidates' order."""
+    return {c.name: compute_amax(counts, hist_amax, c.method, **dict(c.params)) for c in candidates}
+
+
+def distinct_candidates(amax_by_candidate: Mapping[str, float]) -> list[str]:
+    """The candidates whose float32 scale differs from every earlier one's (equal scales: same model)."""
+    seen: set[float] = set()
+    out: list[str] = []
+    for name, amax in amax_by_candidate.items():
+        scale = float(np.float32(np.float32(amax) / np.float32(127.0)))
+        if scale not in seen:
+            seen.add(scale)
+            out.append(name)
+    return out
+
+
+def search_slices(sample_ids: Sequence[str], size: int) -> tuple[list[int], list[int]]:
+    """(search rows, verdict rows): row indices of the `size` samples whose salted sha256 of the id is
+    smallest, the first half (rounded up) searched on, the rest held out for the verdict.
+
+    Independent of row order and of how the batch was split among workers: the same ids give the same
+    rows, in sha256 order. With fewer than 2 rows both slices are every row.
+    """
+    if size < 2:
+        raise ConfigError(f"the auto slice needs at least 2 samples, got {size}")
+    keyed = sorted((hashlib.sha256(SLICE_SALT + s.encode("utf-8")).digest(), s, i) for i, s in enumerate(sample_ids))
+    rows = [i for _, _, i in keyed[:size]]
+    if len(rows) < 2:
+        return rows, rows
+    half = (len(rows) + 1) // 2
+    return rows[:half], rows[half:]
+
+
+def noise_ratio(signal_energy: float, noise_energy: float) -> float:
+    """Σ e² / Σ s² (0 for an exact match; inf when the reference is all zeros and the output is not)."""
+    if noise_energy <= 0.0:
+        return 0.0
+    if signal_energy <= 0.0:
+        return math.inf
+    return float(noise_energy / signal_energy)
+
+
+def noise_to_db(ratio: float) -> float:
+    """SQNR in dB of a noise ratio (inf for 0)."""
+    if ratio <= 0.0:
+        return math.inf
+    if math.isinf(ratio):
+        return -math.inf
+    return -10.0 * math.log10(ratio)
+
+
+def local_choice(noise_by_candidate: Mapping[str, float]) -> str:
+    """The candidate with the least consumer-output noise; ties go to the earlier candidate."""
+    if not noise_by_candidate:
+        raise ConfigError("local_choice needs at least one candidate")
+    best_name, best = "", math.inf
+    for name, value in noise_by_candidate.items():
+        if not best_name or value < best:
+            best_name, best = name, value
+    return best_name
+
+
+@dataclass(frozen=True)
+class DescentStep:
+    tensor: str
+    candidate: str
+    noise: float  # the objective with this one change
+    accepted: bool
+
+
+def coordinate_descent(
+    start: Mapping[str, str],
+    order: Sequence[str],
+    alternatives: Mapping[str, Sequence[str]],
+    objective: Callable[[Mapping[str, str]], float],
+    *,
+    start_noise: float,
+    max_evals: int,
+    min_relative_gain: float,
+) -> tuple[dict[str, str], float, list[DescentStep]]:
+    """One sweep over `order`: for each tensor, try its alternatives with every other choice fixed and
+    keep the best if it lowers the objective by more than `min_relative_gain` (relative).
+
+    Bounded by `max_evals` objective calls (the sweep stops there). Deterministic: the order, the
+    alternatives' order and strict comparisons fix every decision.
+    Returns (assignment, its objective, every step tried).
+    """
+    if max_evals < 0:
+        raise ConfigError(f"max_evals must be >= 0, got {max_evals}")
+    current = dict(start)
+    current_noise = float(start_noise)
+    steps: list[DescentStep] = []
+    evals = 0
+    for tensor in order:
+        best_name, best_noise = current[tensor], current_noise
+        for name in alternatives.get(tensor, ()):
+            if name == current[tensor]:
+                continue
+            if evals >= max_evals:
+                break
+            evals += 1
+            trial = {**current, tensor: name}
+            noise = float(objective(trial))
+            steps.append(DescentStep(tensor, name, noise, False))
+            if noise < best_noise:
+                best_name, best_noise = name, noise
+        if best_name != current[tensor] and best_noise < current_noise * (1.0 - min_relative_gain):
+            current[tensor] = best_name
+            current_noise = best_noise
+            steps = [
+                DescentStep(s.tensor, s.candidate, s.noise, True) if (s.tensor == tensor and s.candidate == best_name) else s
+                for s in steps
+            ]
+        if evals >= max_evals:
+            break
+    return current, current_noise, steps
+
+
+def _class_axis_agreement(ref: npt.NDArray[np.float64], out: npt.NDArray[np.float64]) -> float | None:
+    """Argmax agreement along the last axis of [N, C] or per position of [N, T, C] (C >= 2); None otherwise."""
+    if ref.ndim not in (2, 3) or ref.shape[-1] < 2:
+        return None
+    return float(np.mean(np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)))
+
+
+def output_quality(reference: npt.ArrayLike, quantized: npt.ArrayLike) -> dict[str, float | None]:
+    """SQNR (dB), cosine similarity of the flattened outputs, max |error|, argmax agreement (class axis only)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    out = np.asarray(quantized, dtype=np.float64)
+    if ref.shape != out.shape:
+        raise ConfigError(f"reference {ref.shape} and quantized {out.shape} outputs differ in shape")
+    diff = ref - out
+    signal = float(np.sum(ref * ref))
+    noise = float(np.sum(diff * diff))
+    norm = math.sqrt(signal) * math.sqrt(float(np.sum(out * out)))
+    cosine = float(np.sum(ref * out) / norm) if norm > 0 else (1.0 if noise == 0.0 else 0.0)
+    return {
+        "sqnr_db": noise_to_db(noise_ratio(signal, noise)),
+        "cosine": cosine,
+        "max_abs_error": float(np.max(np.abs(diff))) if diff.size else 0.0,
+        "argmax_agreement": _class_axis_agreement(ref, out),
+    }
