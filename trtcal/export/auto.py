@@ -199,6 +199,19 @@ def _side_branch_model(
     new_inits = [t for t in qdq.graph.initializer if t.name in needed and t.name not in fp32_inits]
 
     zero_point = fresh("zero_point")
+    axes_one = fresh("axes_1")
+    opset = next(int(o.version) for o in fp32.opset_import if o.domain in ("", "ai.onnx"))
+
+    def per_sample_energy(x: str, out: str) -> list[onnx.NodeProto]:
+        # Σ x² per sample (axis 0), so the float64 total does not depend on how rows are micro-batched.
+        flat = fresh(f"flat/{out}")
+        reduce_axes = {"axes": [1]} if opset < 18 else {}
+        inputs = [flat] if opset < 18 else [flat, axes_one]
+        return [
+            helper.make_node("Flatten", [x], [flat], axis=1, name=fresh(f"Flatten/{out}")),
+            helper.make_node("ReduceSumSquare", inputs, [out], keepdims=0, name=fresh(f"RSS/{out}"), **reduce_axes),
+        ]
+
     nodes: list[onnx.NodeProto] = list(weight_nodes)
     outputs: list[onnx.ValueInfoProto] = []
     scale_inputs: dict[str, str] = {}
@@ -229,12 +242,12 @@ def _side_branch_model(
         err = fresh(f"err/{q.node_index}/{q.input_index}")
         nodes.append(copy)
         nodes.append(helper.make_node("Sub", [copy.output[0], original.output[0]], [diff], name=fresh(f"Sub/{q.node_index}/{q.input_index}")))
-        nodes.append(helper.make_node("ReduceSumSquare", [diff], [err], keepdims=0, name=fresh(f"RSS/{q.node_index}/{q.input_index}")))
-        outputs.append(helper.make_tensor_value_info(err, onnx.TensorProto.FLOAT, []))
+        nodes.extend(per_sample_energy(diff, err))
+        outputs.append(helper.make_tensor_value_info(err, onnx.TensorProto.FLOAT, [None]))
         if q.node_index not in signal_of:
             sig = fresh(f"signal/{q.node_index}")
-            nodes.append(helper.make_node("ReduceSumSquare", [original.output[0]], [sig], keepdims=0, name=fresh(f"RSSs/{q.node_index}")))
-            outputs.append(helper.make_tensor_value_info(sig, onnx.TensorProto.FLOAT, []))
+            nodes.extend(per_sample_energy(original.output[0], sig))
+            outputs.append(helper.make_tensor_value_info(sig, onnx.TensorProto.FLOAT, [None]))
             signal_of[q.node_index] = sig
         energies.setdefault(t, []).append((err, signal_of[q.node_index]))
 
@@ -242,7 +255,11 @@ def _side_branch_model(
     model.CopyFrom(fp32)
     g = model.graph
     g.node.extend(nodes)
-    g.initializer.extend([*new_inits, onnx.numpy_helper.from_array(np.array(0, dtype=np.int8), zero_point)])
+    g.initializer.extend([
+        *new_inits,
+        onnx.numpy_helper.from_array(np.array(0, dtype=np.int8), zero_point),
+        onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), axes_one),
+    ])
     for name in scale_inputs.values():
         g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, []))
     del g.output[:]
@@ -314,7 +331,7 @@ class AutoSimulator:
         ratios = []
         for ref, out in zip(reference, self.quantized(inputs, amax)):
             r, o = ref.astype(np.float64), out.astype(np.float64)
-            ratios.append(noise_ratio(float(np.sum(r * r)), float(np.sum((r - o) ** 2))))
+            ratios.append(noise_ratio(math.fsum((r * r).ravel().tolist()), math.fsum(((r - o) ** 2).ravel().tolist())))
         return float(np.mean(ratios))
 
     def local_noise(self, inputs: Mapping[str, npt.NDArray[Any]], amax: Mapping[str, float]) -> dict[str, float]:
@@ -324,13 +341,14 @@ class AutoSimulator:
             self._side = (self._session(model), scale_inputs, energies)
         session, scale_inputs, energies = self._side
         names = sorted({name for pairs in energies.values() for pair in pairs for name in pair})
-        totals = dict.fromkeys(names, 0.0)
+        per_sample: dict[str, list[npt.NDArray[Any]]] = {name: [] for name in names}
         n = _num_rows(inputs)
         feed_scales = _scale_feed(scale_inputs, amax)
         for start in range(0, n, self.micro_batch):
             result = session.run(names, {**_rows(inputs, start, start + self.micro_batch), **feed_scales})
             for name, value in zip(names, result):
-                totals[name] += float(value)
+                per_sample[name].append(np.asarray(value, dtype=np.float64).reshape(-1))
+        totals = {name: math.fsum(np.concatenate(parts).tolist()) for name, parts in per_sample.items()}
         out = {}
         for t, pairs in energies.items():
             signals = dict.fromkeys(s for _, s in pairs)  # a consumer reading t twice counts its output once

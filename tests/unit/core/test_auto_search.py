@@ -1,0 +1,99 @@
+"""The pure parts of `auto`: slices by sample id, local choice, bounded coordinate descent, output quality."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from trtcal.core.auto_search import (
+    CANDIDATES,
+    candidate_amax,
+    coordinate_descent,
+    distinct_candidates,
+    local_choice,
+    noise_to_db,
+    output_quality,
+    search_slices,
+)
+from trtcal.core.histogram import histogram_of
+from trtcal.errors import ConfigError
+
+
+def test_slices_follow_sample_ids_not_row_order() -> None:
+    ids = [f"img/{i:04d}" for i in range(100)]
+    search, held = search_slices(ids, 20)
+    assert len(search) == 10 and len(held) == 10 and not set(search) & set(held)
+    shuffled = list(reversed(ids))
+    s2, h2 = search_slices(shuffled, 20)
+    assert [shuffled[i] for i in s2] == [ids[i] for i in search]
+    assert [shuffled[i] for i in h2] == [ids[i] for i in held]
+
+
+def test_slices_small_batches() -> None:
+    assert search_slices(["a"], 8) == ([0], [0])
+    s, h = search_slices(["a", "b", "c"], 8)
+    assert sorted(s + h) == [0, 1, 2] and len(s) == 2
+    with pytest.raises(ConfigError):
+        search_slices(["a", "b"], 1)
+
+
+def test_candidates_come_from_one_histogram() -> None:
+    x = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
+    x[0] = 40.0  # an outlier: minmax keeps it, the percentiles do not
+    h = histogram_of(x)
+    amax = candidate_amax(h.counts, h.hist_amax)
+    assert list(amax) == [c.name for c in CANDIDATES]
+    assert amax["minmax"] == pytest.approx(40.0)
+    assert amax["percentile_99.9"] < amax["percentile_99.99"] < amax["percentile_99.999"] < 40.0
+
+
+def test_distinct_candidates_keep_the_first_of_equal_scales() -> None:
+    assert distinct_candidates({"a": 1.0, "b": 2.0, "c": 1.0, "d": 2.001, "e": 2.0000001}) == ["a", "b", "d"]
+
+
+def test_local_choice_least_noise_ties_to_earlier() -> None:
+    assert local_choice({"a": 0.3, "b": 0.1, "c": 0.1}) == "b"
+    assert local_choice({"a": math.inf, "b": math.inf}) == "a"
+
+
+def test_descent_keeps_improvements_and_stops_at_the_bound() -> None:
+    # objective: sum of per-tensor costs; tensor t prefers candidate "y".
+    cost = {"x": 1.0, "y": 0.5, "z": 0.9}
+
+    def objective(a: dict[str, str]) -> float:
+        return sum(cost[c] for c in a.values())
+
+    start = {"t1": "x", "t2": "x", "t3": "x"}
+    alts = {t: ["z", "y"] for t in start}
+    final, noise, steps = coordinate_descent(
+        start, ["t1", "t2", "t3"], alts, objective, start_noise=3.0, max_evals=10, min_relative_gain=0.0
+    )
+    assert final == {"t1": "y", "t2": "y", "t3": "y"} and noise == pytest.approx(1.5)
+    assert [s.accepted for s in steps] == [False, True] * 3
+    bounded, _, steps = coordinate_descent(
+        start, ["t1", "t2", "t3"], alts, objective, start_noise=3.0, max_evals=3, min_relative_gain=0.0
+    )
+    assert len(steps) == 3 and bounded == {"t1": "y", "t2": "z", "t3": "x"}  # t2 saw only "z"
+    unchanged, _, _ = coordinate_descent(
+        start, ["t1"], alts, objective, start_noise=3.0, max_evals=10, min_relative_gain=0.5
+    )
+    assert unchanged == start  # 3.0 -> 2.5 is not a 50 % gain
+
+
+def test_output_quality_argmax_only_along_a_class_axis() -> None:
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((8, 10))
+    q = ref + 0.01 * rng.standard_normal((8, 10))
+    m = output_quality(ref, q)
+    assert m["argmax_agreement"] == 1.0 and m["cosine"] > 0.999 and 35 < m["sqnr_db"] < 45
+    seq = rng.standard_normal((4, 7, 5))
+    assert output_quality(seq, seq)["argmax_agreement"] == 1.0 and output_quality(seq, seq)["sqnr_db"] == math.inf
+    flipped = seq.copy()
+    flipped[0, 0] = -flipped[0, 0]
+    agreement = output_quality(seq, flipped)["argmax_agreement"]
+    assert agreement is not None and agreement < 1.0
+    assert output_quality(rng.standard_normal((2, 3, 4, 4)), rng.standard_normal((2, 3, 4, 4)))["argmax_agreement"] is None
+    assert output_quality(rng.standard_normal((6, 1)), rng.standard_normal((6, 1)))["argmax_agreement"] is None
+    assert noise_to_db(0.01) == pytest.approx(20.0)
