@@ -205,7 +205,7 @@ def _side_branch_model(
     def per_sample_energy(x: str, out: str) -> list[onnx.NodeProto]:
         # Σ x² per sample (axis 0), so the float64 total does not depend on how rows are micro-batched.
         flat = fresh(f"flat/{out}")
-        reduce_axes = {"axes": [1]} if opset < 18 else {}
+        reduce_axes: dict[str, Any] = {"axes": [1]} if opset < 18 else {}
         inputs = [flat] if opset < 18 else [flat, axes_one]
         return [
             helper.make_node("Flatten", [x], [flat], axis=1, name=fresh(f"Flatten/{out}")),
@@ -490,7 +490,7 @@ def verdict(
     for label, amax in tables.items():
         outs = simulator.quantized(verdict_inputs, amax)
         per_output = {name: _json_quality(output_quality(r, o)) for name, r, o in zip(simulator.output_names, reference, outs)}
-        sqnrs = [output_quality(r, o)["sqnr_db"] for r, o in zip(reference, outs)]
+        sqnrs = [float(output_quality(r, o)["sqnr_db"] or 0.0) for r, o in zip(reference, outs)]
         rows[label] = {
             "outputs": per_output,
             "mean_sqnr_db": _finite(float(np.mean(sqnrs))),
