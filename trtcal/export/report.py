@@ -59,6 +59,8 @@ class ReportData:
     fallback: Mapping[str, Any] | None = None
     qdq: Mapping[str, Any] | None = None  # QdqReport.to_dict()
     notes: Sequence[str] = field(default_factory=tuple)
+    verdict: Mapping[str, Any] | None = None  # the manifest's "verdict" (trtcal.export.auto.verdict)
+    auto: Mapping[str, Mapping[str, Any]] | None = None  # tensor -> ranges.json's per-tensor "auto" entry
 
 
 def activation_sqnr_db(counts: npt.ArrayLike, hist_amax: float, amax: float) -> float:
@@ -176,7 +178,7 @@ table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px soli
 th{background:#f3f3f3}td.l,th.l{text-align:left;font-family:monospace}tr.best td{background:#e8f5e9;font-weight:600}
 tr.fused td{color:#888;font-style:italic}.legend span{display:inline-block;margin-right:14px;font-size:12px}
 .sw{display:inline-block;width:14px;height:3px;vertical-align:middle;margin-right:4px}.note{color:#555;font-size:13px}
-.bar{display:inline-block;height:9px;background:#e6550d}
+.bar{display:inline-block;height:9px;background:#e6550d}.warn{color:#8a1c00;background:#fff3e0;padding:6px;font-size:13px}
 """
 
 
@@ -207,6 +209,73 @@ def _evaluation_section(evaluation: EvaluationResult) -> list[str]:
         out.append(
             f"<tr class='{cls}'><td class='l'>{html.escape(r.label)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
         )
+    out.append("</table>")
+    return out
+
+
+def _verdict_section(verdict: Mapping[str, Any]) -> list[str]:
+    rows = verdict.get("rows") or {}
+    order = sorted(rows, key=lambda label: (-float(rows[label].get("mean_sqnr_db", -math.inf)), label))
+    outputs: list[str] = []
+    for label in order:
+        for name in rows[label].get("outputs", {}):
+            if name not in outputs:
+                outputs.append(name)
+    out = [
+        "<h2>Quality verdict</h2>",
+        f"<p class='note'>Each method's Q/DQ model on the held-out verdict slice ({len(verdict.get('verdict_ids', []))} "
+        "samples of the calibration batch chosen by sample id, never seen by the auto search), simulated exactly "
+        "(ONNX Runtime, optimisations off). Best first; argmax agreement only where an output has a class axis.</p>",
+    ]
+    if verdict.get("warning"):
+        out.append(f"<p class='warn'><b>Warning:</b> {html.escape(str(verdict['warning']))}</p>")
+    head = "".join(f"<th>{html.escape(o)} SQNR (dB)</th><th>cosine</th><th>agreement</th>" for o in outputs)
+    out.append(f"<table><tr><th class='l'>method</th><th>mean SQNR (dB)</th>{head}</tr>")
+    for label in order:
+        row = rows[label]
+        cells = [_db(row.get("mean_sqnr_db"))]
+        for o in outputs:
+            q = row.get("outputs", {}).get(o, {})
+            agreement = q.get("argmax_agreement")
+            cosine = q.get("cosine")
+            cells += [_db(q.get("sqnr_db")), "–" if cosine is None else f"{cosine:.4f}", "–" if agreement is None else f"{agreement:.3f}"]
+        cls = "best" if label == verdict.get("best") else ""
+        mark = " (written)" if label == verdict.get("default") else ""
+        out.append(f"<tr class='{cls}'><td class='l'>{html.escape(label + mark)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    out.append("</table>")
+    return out
+
+
+def _auto_section(auto: Mapping[str, Mapping[str, Any]], top: int) -> list[str]:
+    searched = {t: e for t, e in auto.items() if e.get("searched")}
+    if not searched:
+        return []
+    candidates: list[str] = []
+    for e in searched.values():
+        for c in e.get("local_noise_db", {}):
+            if c not in candidates:
+                candidates.append(c)
+
+    def chosen_db(entry: Mapping[str, Any]) -> float:
+        value = entry.get("local_noise_db", {}).get(entry.get("chosen"))
+        return math.inf if value is None else float(value)
+
+    worst = sorted(searched, key=lambda t: (chosen_db(searched[t]), t))[:top]
+    out = [
+        "<h2>auto: per-tensor choice, worst tensors first</h2>",
+        "<p class='note'>SQNR (dB) of each quantized tensor's consuming layers' outputs for each candidate range "
+        "(layer-wise output matching on the search slice); the chosen candidate is marked. Tensors with the lowest "
+        f"SQNR at their choice come first ({len(worst)} of {len(searched)}).</p>",
+        "<table><tr><th class='l'>tensor</th><th class='l'>chosen</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in candidates) + "</tr>",
+    ]
+    for t in worst:
+        e = searched[t]
+        scores = e.get("local_noise_db", {})
+        cells = []
+        for c in candidates:
+            text = _db(scores.get(c))
+            cells.append(f"<td><b>{text}</b></td>" if c == e.get("chosen") else f"<td>{text}</td>")
+        out.append(f"<tr><td class='l'>{html.escape(t)}</td><td class='l'>{html.escape(str(e.get('chosen')))}</td>" + "".join(cells) + "</tr>")
     out.append("</table>")
     return out
 
@@ -317,6 +386,10 @@ def render_report(data: ReportData, *, top_layers: int = 40) -> str:
     body.append(f"<p class='note'>{html.escape('; '.join(summary))}. Generated by trtcal {html.escape(__version__)}.</p>")
     for note in data.notes:
         body.append(f"<p class='note'>{html.escape(note)}</p>")
+    if data.verdict:
+        body += _verdict_section(data.verdict)
+    if data.auto:
+        body += _auto_section(data.auto, top_layers)
     if data.evaluation is not None:
         body += _evaluation_section(data.evaluation)
     if data.sensitivity is not None:
@@ -428,7 +501,16 @@ def load_report_data(result_dir: str | os.PathLike[str], *, title: str | None = 
     if (root / "qdq_report.json").is_file():
         qdq = _read_json(root / "qdq_report.json")
     notes = [] if histograms else ["No histograms were found in this result directory (histograms.npy)."]
+    manifest = _read_json(root / "manifest.json") if (root / "manifest.json").is_file() else {}
+    raw_ranges = _read_json(ranges_path)
+    raw_tensors = raw_ranges.get("tensors") if isinstance(raw_ranges, dict) else None
+    auto = (
+        {str(n): e["auto"] for n, e in raw_tensors.items() if isinstance(e, dict) and isinstance(e.get("auto"), dict)}
+        if isinstance(raw_tensors, dict) else {}
+    )
     return ReportData(
+        verdict=manifest.get("verdict") if isinstance(manifest, dict) and isinstance(manifest.get("verdict"), dict) else None,
+        auto=auto or None,
         title=title or f"trtcal calibration report: {root.resolve().name}",
         tensors=tuple(tensors),
         evaluation=evaluation,
