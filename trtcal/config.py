@@ -28,12 +28,13 @@ from trtcal.errors import ConfigError
 from trtcal.workers.preprocess import DEFAULT_MAX_IMAGE_PIXELS, PreprocessSpec, parse_preprocess
 
 __all__ = [
-    "BatchConfig", "CalibrationConfig", "ClusterConfig", "JobConfig", "StoreSettings", "MAX_NUM_BINS",
+    "AUTO", "BatchConfig", "CalibrationConfig", "ClusterConfig", "JobConfig", "StoreSettings", "MAX_NUM_BINS",
     "Backend", "ActorDevice", "Nonfinite", "OnBadInput", "TensorSelection", "TENSORRT_ALGORITHMS",
     "choices", "default_store_url", "parse_num_samples", "check_seed", "InputSpec", "INPUT_DTYPES",
     "parse_input_specs", "input_specs_to_dict",
 ]
 
+AUTO = "auto"  # the per-tensor method (trtcal.export.auto); not a histogram method of trtcal.core
 MAX_NUM_BINS = 1 << 20  # far beyond any use; keeps a typo from allocating gigabytes per tensor
 TensorSelection = Literal["all", "quantizable"]
 Nonfinite = Literal["error", "ignore"]
@@ -110,8 +111,9 @@ class CalibrationConfig:
     """How to calibrate. Validated on construction (ConfigError names the field).
 
     Attributes:
-        algorithms: scale-search methods (keys of `trtcal.core.METHODS`); all are computed from the
-            same histograms; the first one also becomes ``calibration.cache``.
+        algorithms: scale-search methods (keys of `trtcal.core.METHODS`, or "auto": per tensor the
+            candidate with the least measured output noise, docs/algorithms.md); all are computed from
+            the same histograms; the first one also becomes ``calibration.cache``.
         trt_version: TensorRT version whose header the caches carry, e.g. "10.16.1".
         micro_batch: samples per ONNX Runtime run (memory grows with it, not with the batch size).
         num_bins: histogram bins on [0, max |x|] per tensor.
@@ -129,9 +131,13 @@ class CalibrationConfig:
         allow_empty: accept a Q/DQ export that quantizes nothing (e.g. every weighted layer inside
             If/Loop/Scan bodies); by default that is a ModelError naming why. Not part of any cache
             key. (A calibration that selects no tensor is always an error: it has nothing to write.)
+        verdict: judge every method (and auto) on the held-out verdict slice and record it
+            (manifest, store entry). Not part of any cache key.
+        min_sqnr: fail (QualityError, nothing written or published) when the written default's worst
+            output SQNR on the verdict slice is below this many dB. None: no bar. Not part of any key.
     """
 
-    algorithms: tuple[str, ...] = ("entropy2",)
+    algorithms: tuple[str, ...] = (AUTO,)
     trt_version: str = "10.16.1"
     micro_batch: int = 32
     num_bins: int = DEFAULT_NUM_BINS
@@ -142,14 +148,16 @@ class CalibrationConfig:
     device: str = "cpu"
     processes: int = 1
     allow_empty: bool = False
+    verdict: bool = True
+    min_sqnr: float | None = None
 
     def __post_init__(self) -> None:
         algorithms = (self.algorithms,) if isinstance(self.algorithms, str) else tuple(self.algorithms)
         if not algorithms:
             raise ConfigError("algorithms: give at least one method")
-        unknown = [a for a in algorithms if a not in METHODS]
+        unknown = [a for a in algorithms if a not in METHODS and a != AUTO]
         if unknown:
-            raise ConfigError(f"algorithms: unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+            raise ConfigError(f"algorithms: unknown method(s) {unknown}; choose from {sorted([*METHODS, AUTO])}")
         if len(set(algorithms)) != len(algorithms):
             raise ConfigError(f"algorithms: {list(algorithms)} names a method twice")
         object.__setattr__(self, "algorithms", algorithms)
@@ -188,10 +196,20 @@ class CalibrationConfig:
         if isinstance(self.processes, bool) or not isinstance(self.processes, int) or not 0 <= self.processes <= 256:
             raise ConfigError(f"processes must be an int from 0 (auto) to 256, got {self.processes!r}")
         _check_bool("allow_empty", self.allow_empty)
+        if not isinstance(self.verdict, bool):
+            raise ConfigError(f"verdict must be True or False, got {self.verdict!r}")
+        if self.min_sqnr is not None:
+            if isinstance(self.min_sqnr, bool) or not isinstance(self.min_sqnr, (int, float)) or not math.isfinite(self.min_sqnr):
+                raise ConfigError(f"min_sqnr must be a finite number of dB, got {self.min_sqnr!r}")
+            if not self.verdict:
+                raise ConfigError("min_sqnr needs the quality verdict; do not turn verdict off")
+            object.__setattr__(self, "min_sqnr", float(self.min_sqnr))
 
     def _checked_method_params(self, algorithms: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         params = {str(k): dict(v) for k, v in dict(self.method_params).items()}
         for method, kwargs in params.items():
+            if method == AUTO:
+                raise ConfigError("method_params: 'auto' takes no parameters (its candidates are fixed)")
             if method not in algorithms:
                 raise ConfigError(f"method_params: {method!r} is not one of the requested algorithms {list(algorithms)}")
             # Validate the names and values now, on a one-bin histogram, rather than after collection.
@@ -552,7 +570,7 @@ class JobConfig:
             if len(algos) != 1 or algos[0] not in TENSORRT_ALGORITHMS:
                 raise ConfigError(
                     f"--backend tensorrt runs one TensorRT calibrator: give exactly one --algorithm of "
-                    f"{TENSORRT_ALGORITHMS}, got {list(algos)}"
+                    f"{TENSORRT_ALGORITHMS}, got {list(algos)} (auto, the default, measures candidates with the onnxruntime backend)"
                 )
         _check_bool("export_qdq", self.export_qdq)
         _check_bool("force", self.force)

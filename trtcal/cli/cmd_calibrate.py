@@ -40,8 +40,18 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration")
     group.add_argument(
         "--algorithm", "-a", action="append", dest="algorithms", metavar="METHOD", default=None,
-        help="entropy2, entropy, minmax, percentile, mse or legacy; repeat for several (all computed from "
-        "one collection; the first also becomes calibration.cache)",
+        help="auto (the default: per tensor the candidate range with the least measured output noise), entropy2, "
+        "entropy, minmax, percentile, mse or legacy; repeat for several (all computed from one collection; the "
+        "first also becomes calibration.cache)",
+    )
+    group.add_argument(
+        "--min-sqnr", type=float, default=None, metavar="DB",
+        help="fail (nothing published) when the written method's worst output SQNR on the held-out verdict slice "
+        "is below DB",
+    )
+    group.add_argument(
+        "--no-verdict", action="store_false", default=None, dest="verdict",
+        help="skip the quality verdict (each method's Q/DQ model judged on the held-out slice)",
     )
     group.add_argument("--trt-version", default=None, metavar="X.Y.Z", help="TensorRT version for the cache header")
     group.add_argument("--micro-batch", type=int, default=None, metavar="N", help="samples per ONNX Runtime run")
@@ -79,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     values: dict[str, Any] = {}
     if args.algorithms:
         values["algorithms"] = tuple(args.algorithms)
-    for option in ("trt_version", "micro_batch", "num_bins", "nonfinite", "processes", "allow_empty"):
+    for option in ("trt_version", "micro_batch", "num_bins", "nonfinite", "processes", "allow_empty", "min_sqnr", "verdict"):
         value = getattr(args, option, None)
         if value is not None:
             values[option] = value
@@ -241,6 +251,10 @@ def _table(result: Any) -> str:
         stage_width = max(len(k) for k in stages)
         lines.append("time per stage")
         lines += [f"  {name.ljust(stage_width)}  {seconds:8.2f} s" for name, seconds in stages.items()]
+    if result.verdict:
+        from trtcal.export.auto_calibration import verdict_lines
+
+        lines += [line for line in verdict_lines(result.verdict) if not line.startswith("warning: ")]
     for w in result.warnings:
         lines.append(f"{'warning'.ljust(width)}  {w}")
     return "\n".join(lines)

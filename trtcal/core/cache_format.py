@@ -45,6 +45,7 @@ ALGORITHM_HEADERS: Mapping[str, str] = {
     "legacy": "LegacyCalibration",  # written as TensorRT's `0 <cutoff> <quantile>` line, not TRT-…
     "percentile": "EntropyCalibration2",
     "mse": "EntropyCalibration2",
+    "auto": "EntropyCalibration2",  # per-tensor choice; the header only gates replay (docs/algorithms.md)
 }
 _KNOWN_HEADER_NAMES = frozenset(ALGORITHM_HEADERS.values())
 

@@ -141,10 +141,19 @@ def encode_artifacts(
     amax: Mapping[str, Mapping[str, float]],
     sources: Mapping[str, Mapping[str, str]],
     config: CalibrationConfig,
+    auto: Any = None,
 ) -> tuple[dict[str, bytes], dict[str, bytes]]:
-    """(method -> cache bytes, file name -> bytes of every artifact but the manifest)."""
+    """(method -> cache bytes, file name -> bytes of every artifact but the manifest).
+
+    `auto` (a `trtcal.export.auto_calibration.AutoOutcome` with a search) adds per tensor the "auto"
+    entry (chosen candidate, each candidate's score and amax) and the top-level "auto_search" record.
+    """
     caches = {m: write_trt_cache(amax[m], trt_version=config.trt_version, algorithm=m) for m in config.algorithms}
     ranges = build_ranges(tensor_names, stats, histograms, amax, sources, config)
+    if auto is not None and auto.search is not None:
+        for name, entry in auto.tensors.items():
+            ranges["tensors"][name]["auto"] = entry
+        ranges["auto_search"] = auto.search
     files: dict[str, bytes] = {cache_name(m): caches[m] for m in config.algorithms}
     files[DEFAULT_CACHE] = caches[config.algorithms[0]]
     files[RANGES] = artifact_json(ranges)
@@ -155,7 +164,7 @@ def encode_artifacts(
 
 def build_manifest(
     *, model_sha256: str, model_source: str, batch: Any, config: CalibrationConfig, runner: Mapping[str, Any],
-    num_tensors: int, files: Mapping[str, bytes],
+    num_tensors: int, files: Mapping[str, bytes], verdict: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of manifest.json, without ``timings_s`` (the caller adds it last)."""
     return {
@@ -173,6 +182,7 @@ def build_manifest(
         "runner": dict(runner),
         "tensors": num_tensors,
         "default_cache": cache_name(config.algorithms[0]),
+        "verdict": verdict,
         "artifacts": {
             name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in sorted(files.items())
         },

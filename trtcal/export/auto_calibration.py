@@ -52,7 +52,7 @@ class AutoOutcome:
     auto_amax: dict[str, float] | None
     tensors: dict[str, dict[str, Any]]
     search: dict[str, Any] | None
-    verdict: dict[str, Any]
+    verdict: dict[str, Any] | None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -89,6 +89,7 @@ def auto_and_verdict(
     manual_ranges: Mapping[str, float] | None = None,
     run_auto: bool,
     default: str,
+    judge: bool = True,
     config: AutoConfig | None = None,
     qdq_config: QdqConfig | None = None,
     progress: ProgressCallback = NO_PROGRESS,
@@ -100,11 +101,16 @@ def auto_and_verdict(
             slices' rows are read).
         requested: method -> tensor -> amax of the explicitly requested methods (auto excluded).
         default: the label written as calibration.cache ("auto" or a requested method).
+        judge: run the verdict (False: auto alone; `AutoOutcome.verdict` is None).
     """
     config = config or AutoConfig()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    candidates = candidate_tables(tensor_names, histograms, manual_ranges or {})
+    have_histograms = all(name in histograms for name in tensor_names)
+    if run_auto and not have_histograms:
+        raise TrtcalError("auto needs the histograms of every calibrated tensor")
+    # Without histograms (only minmax was asked for) the verdict judges the requested methods alone.
+    candidates = candidate_tables(tensor_names, histograms, manual_ranges or {}) if have_histograms else {}
     search_rows, verdict_rows = search_slices(sample_ids, config.slice_size)
     simulator = AutoSimulator(model, tensor_names, qdq_config, micro_batch=config.micro_batch, intra_op_threads=config.intra_op_threads)
     timings["auto_setup"] = time.perf_counter() - t0
@@ -118,6 +124,14 @@ def auto_and_verdict(
         )
         timings["auto_search"] = time.perf_counter() - t0
 
+    tensors = {} if result is None else {
+        t: {**info, "candidates_amax": {c: candidates[c][t] for c in candidates}} for t, info in result.tensors.items()
+    }
+    if not judge:
+        return AutoOutcome(
+            auto_amax=None if result is None else result.amax, tensors=tensors,
+            search=None if result is None else result.search, verdict=None, timings=timings,
+        )
     t0 = time.perf_counter()
     tables: dict[str, Mapping[str, float]] = {}
     if result is not None:
@@ -135,9 +149,6 @@ def auto_and_verdict(
     timings["verdict"] = time.perf_counter() - t0
     if judged["warning"]:
         log.warning("%s", judged["warning"])
-    tensors = {} if result is None else {
-        t: {**info, "candidates_amax": {c: candidates[c][t] for c in candidates}} for t, info in result.tensors.items()
-    }
     return AutoOutcome(
         auto_amax=None if result is None else result.amax, tensors=tensors,
         search=None if result is None else result.search, verdict=judged, timings=timings,

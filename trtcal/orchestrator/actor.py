@@ -66,6 +66,7 @@ class ActorResult:
     timings: dict[str, float]
     runner: dict[str, Any]  # at least "kind" and "version"
     warnings: tuple[str, ...] = ()  # for the user: what stayed float and why (subgraphs, empty export)
+    verdict: dict[str, Any] | None = None  # held-out quality per method (trtcal.export.auto.verdict)
 
     @property
     def runner_id(self) -> tuple[str, str]:
@@ -178,6 +179,7 @@ def run_calibration(
         return ActorResult(
             files=files, amax=result.amax, num_tensors=len(result.tensor_names), num_samples=batch.num_rows,
             timings=timings, runner=dict(result.manifest.get("runner", {})), warnings=tuple(warnings),
+            verdict=result.manifest.get("verdict"),
         )
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from trtcal._io import check_output_dir, publish_dir
 from trtcal.batch import open_any
-from trtcal.config import CalibrationConfig
+from trtcal.config import AUTO, CalibrationConfig
 from trtcal.core.histogram import Histogram, TensorStats
 from trtcal.core.ranges import apply_manual_ranges, check_manual_range_names
 from trtcal.core.scales import compute_amax
@@ -119,6 +119,8 @@ def compute_method_amax(
     amax: dict[str, dict[str, float]] = {}
     sources: dict[str, dict[str, str]] = {}
     for method in config.algorithms:
+        if method == AUTO:
+            continue  # chosen by measurement after the histogram methods (_auto_and_verdict)
         params = dict(config.method_params.get(method, {}))
         values: dict[str, float] = {}
         source: dict[str, str] = {}
@@ -136,6 +138,36 @@ def compute_method_amax(
         amax[method] = final
         sources[method] = source
     return amax, sources
+
+
+def _auto_and_verdict(
+    cfg: CalibrationConfig, loaded: LoadedModel, cal_batch: CalibrationBatch, tensor_names: Sequence[str],
+    stats: Mapping[str, TensorStats], histograms: Mapping[str, Histogram], amax: dict[str, dict[str, float]],
+    sources: dict[str, dict[str, str]], progress: ProgressCallback,
+) -> Any:
+    """Run auto (when asked for) and the quality verdict; add auto's table to `amax`/`sources` in place.
+
+    Raises QualityError (before anything is written) when `cfg.min_sqnr` is not met.
+    """
+    if AUTO not in cfg.algorithms and not cfg.verdict:
+        return None
+    from trtcal.export.auto_calibration import auto_and_verdict, check_min_sqnr
+
+    outcome = auto_and_verdict(
+        loaded.proto, tensor_names, histograms, cal_batch.sample_ids,
+        {name: cal_batch.array(name) for name in cal_batch.input_names},
+        {m: amax[m] for m in cfg.algorithms if m != AUTO}, manual_ranges=cfg.manual_ranges,
+        run_auto=AUTO in cfg.algorithms, default=cfg.algorithms[0], judge=cfg.verdict, progress=progress,
+    )
+    if outcome.auto_amax is not None:
+        amax[AUTO] = apply_manual_ranges(outcome.auto_amax, cfg.manual_ranges)
+        sources[AUTO] = {
+            name: "manual" if name in cfg.manual_ranges else ("zero_range_default" if safe_amax(stats[name].amax)[1] else "calibrated")
+            for name in amax[AUTO]
+        }
+    if outcome.verdict is not None:
+        check_min_sqnr(outcome.verdict, cfg.min_sqnr)
+    return outcome
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,12 +369,18 @@ def _calibrate_open_batch(
     t0 = time.perf_counter()
     tensor_names = runner.tensor_names
     amax, sources = compute_method_amax(tensor_names, stats, histograms, cfg)
-    caches, files = encode_artifacts(tensor_names, stats, histograms, amax, sources, cfg)
     timings["scales"] = time.perf_counter() - t0
+    outcome = _auto_and_verdict(cfg, loaded, cal_batch, tensor_names, stats, histograms, amax, sources, progress)
+    if outcome is not None:
+        timings.update(outcome.timings)
+    t0 = time.perf_counter()
+    amax = {m: amax[m] for m in cfg.algorithms}
+    caches, files = encode_artifacts(tensor_names, stats, histograms, amax, sources, cfg, auto=outcome)
+    timings["scales"] += time.perf_counter() - t0
     manifest = build_manifest(
         model_sha256=loaded.sha256, model_source=loaded.source, batch=cal_batch, config=cfg,
         runner={**runner.info, "micro_batch": layout.micro_batch(cfg.micro_batch), "processes": workers if source else 1},
-        num_tensors=len(tensor_names), files=files,
+        num_tensors=len(tensor_names), files=files, verdict=None if outcome is None else outcome.verdict,
     )
     # The manifest's own timing of the write is measured up to the rename, not included.
     manifest["timings_s"] = {k: round(v, 6) for k, v in timings.items()}

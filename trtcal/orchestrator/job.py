@@ -66,6 +66,8 @@ STAGE_LABELS = (
     ("calibrate.statistics", "pass 1 (max |x|)"),
     ("calibrate.histograms", "pass 2 (histograms)"),
     ("calibrate.scales", "scale search"),
+    ("calibrate.auto_search", "auto search"),
+    ("calibrate.verdict", "quality verdict"),
     ("calibrate.export_qdq", "Q/DQ export"),
     ("publish", "publish"),
     ("total", "total"),
@@ -98,6 +100,7 @@ class DatasetResult:
     published: bool = True
     warnings: tuple[str, ...] = ()
     found_in: str = ""
+    verdict: Mapping[str, Any] | None = None  # held-out quality per method (trtcal.export.auto.verdict)
 
     @property
     def stage_seconds(self) -> dict[str, float]:
@@ -123,6 +126,7 @@ class DatasetResult:
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "stages_s": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "warnings": list(self.warnings),
+            "verdict": self.verdict,
         }
 
 
@@ -351,7 +355,7 @@ class Job:
         extra = {
             "trtcal_version": __version__, "runner": result.runner, "num_samples": result.num_samples,
             "num_tensors": result.num_tensors, "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
-            "batch_key": self.batch_key,
+            "batch_key": self.batch_key, "verdict": result.verdict,
         }
         progress.start("publish", None, "")
         t0 = time.perf_counter()
@@ -370,6 +374,9 @@ class Job:
         """Copy the artifacts out (with `output`) and describe the run."""
         self.timings["total"] = time.perf_counter() - self.started
         entry, cfg = hit.entry, self.cfg
+        verdict = _checked_verdict(hit.key, entry.extra, cfg.calibration.min_sqnr)
+        if verdict is not None and verdict.get("warning"):
+            self.warnings.append(str(verdict["warning"]))
         output = Path(cfg.output).expanduser().resolve() if cfg.output else None
         names: tuple[str, ...] = tuple(n for n in entry.names if n != BATCH_ARTIFACT)
         if output is not None:
@@ -382,7 +389,7 @@ class Job:
             num_samples=int(extra.get("num_samples", 0)), algorithms=cfg.calibration.algorithms,
             runner=f"{hit.runner[0]} {hit.runner[1]}", timings=dict(self.timings), amax=dict(amax or {}),
             published=not isinstance(entry, _MemoryEntry), warnings=tuple(self.warnings),
-            found_in=str(getattr(entry, "store_url", "")),
+            found_in=str(getattr(entry, "store_url", "")), verdict=verdict,
         )
 
 
@@ -396,6 +403,21 @@ def _owned_tempdir(kind: str) -> Iterator[str]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _checked_verdict(key: str, extra: Mapping[str, Any], min_sqnr: float | None) -> Mapping[str, Any] | None:
+    """The entry's recorded verdict; a stored result must meet --min-sqnr too (checked before copying out)."""
+    verdict = extra.get("verdict") if isinstance(extra.get("verdict"), Mapping) else None
+    if min_sqnr is not None:
+        from trtcal.export.auto_calibration import QualityError, check_min_sqnr
+
+        if verdict is None:
+            raise QualityError(
+                f"--min-sqnr: the stored result {key} records no quality verdict (written by an older trtcal); "
+                "recalibrate into another store or namespace to judge it"
+            )
+        check_min_sqnr(verdict, min_sqnr)
+    return verdict
 
 
 def _read_model(model: str | os.PathLike[str], storage_options: Mapping[str, Any]) -> tuple[bytes, str]:
