@@ -144,6 +144,8 @@ def auto_and_verdict(
     judged = verdict(
         simulator, tables, _rows(arrays, verdict_rows), default=default, verdict_ids=[sample_ids[i] for i in verdict_rows],
     )
+    if not candidates:
+        judged["note"] = "only histogram-free methods were requested (pass 2 skipped): the candidates were not judged"
     progress.advance("verdict", len(tables))
     progress.finish("verdict")
     timings["verdict"] = time.perf_counter() - t0
