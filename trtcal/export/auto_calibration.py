@@ -138,8 +138,7 @@ def auto_and_verdict(
         tables[AUTO] = result.amax
     tables.update(requested)
     for name, table in candidates.items():
-        if not any(dict(table) == dict(other) for other in tables.values()):
-            tables[name] = table  # a candidate equal to a requested method is judged once, under the method's name
+        tables.setdefault(name, table)  # a requested method of the same name is the same table
     progress.start("verdict", len(tables), "models")
     judged = verdict(
         simulator, tables, _rows(arrays, verdict_rows), default=default, verdict_ids=[sample_ids[i] for i in verdict_rows],
