@@ -40,8 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-
     from bench_accuracy import CALIBRATION_PHOTOS, EVALUATION_PHOTOS, views
+
     from trtcal.core.auto_search import output_quality
     from trtcal.export.auto import AutoSimulator
     from trtcal.export.auto_calibration import auto_and_verdict, candidate_tables, verdict_lines
