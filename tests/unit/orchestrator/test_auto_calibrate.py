@@ -100,6 +100,22 @@ def test_the_verdict_warns_when_the_written_method_is_far_below_the_best(tmp_pat
     judged = calibrate(outlier_model(), outlier_data(), output_dir=tmp_path / "auto").manifest["verdict"]
     assert judged["default"] == "auto" and judged["warning"] is None
 
+    # The HTML report shows the verdict first (with the warning), then auto's choices worst tensor first.
+    from trtcal.export.report import load_report_data, render_report
+
+    page = render_report(load_report_data(tmp_path / "out"))
+    assert page.index("<h2>Quality verdict</h2>") < page.index("<h2>Per-tensor ranges</h2>")
+    assert "Warning:</b> the written default &#x27;minmax&#x27;" in page
+    page = render_report(load_report_data(tmp_path / "auto"))
+    ranges = json.loads((tmp_path / "auto" / "ranges.json").read_text())
+    chosen_db = {n: e["auto"]["local_noise_db"][e["auto"]["chosen"]] for n, e in ranges["tensors"].items()
+                 if e.get("auto", {}).get("searched")}
+    assert set(chosen_db) == {"x1", "x2"}
+    worst, other = sorted(chosen_db, key=lambda n: chosen_db[n])
+    section = page[page.index("<h2>auto: per-tensor choice, worst tensors first</h2>"):]
+    assert section.index(f"<td class='l'>{worst}</td>") < section.index(f"<td class='l'>{other}</td>")
+    assert page.index("<h2>Quality verdict</h2>") < page.index("<h2>auto: per-tensor choice")
+
 
 def test_min_sqnr_fails_before_anything_is_written(tmp_path: Path) -> None:
     out = tmp_path / "out"
