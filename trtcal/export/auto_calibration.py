@@ -26,7 +26,7 @@ import numpy.typing as npt
 from trtcal.core.auto_search import CANDIDATES, candidate_amax, search_slices
 from trtcal.core.histogram import Histogram
 from trtcal.core.ranges import apply_manual_ranges
-from trtcal.errors import TrtcalError
+from trtcal.errors import ModelError, TrtcalError
 from trtcal.export.auto import AutoConfig, AutoResult, AutoSimulator, search_auto, verdict
 from trtcal.export.qdq import QdqConfig
 from trtcal.progress import NO_PROGRESS, ProgressCallback
@@ -112,7 +112,10 @@ def auto_and_verdict(
     # Without histograms (only minmax was asked for) the verdict judges the requested methods alone.
     candidates = candidate_tables(tensor_names, histograms, manual_ranges or {}) if have_histograms else {}
     search_rows, verdict_rows = search_slices(sample_ids, config.slice_size)
-    simulator = AutoSimulator(model, tensor_names, qdq_config, micro_batch=config.micro_batch, intra_op_threads=config.intra_op_threads)
+    try:
+        simulator = AutoSimulator(model, tensor_names, qdq_config, micro_batch=config.micro_batch, intra_op_threads=config.intra_op_threads)
+    except ModelError as exc:  # e.g. no float output, or ONNX Runtime cannot run the Q/DQ model (custom ops)
+        return _unjudged(str(exc), candidates, run_auto=run_auto, judge=judge, default=default)
     timings["auto_setup"] = time.perf_counter() - t0
 
     result: AutoResult | None = None
@@ -156,11 +159,27 @@ def auto_and_verdict(
     )
 
 
+def _unjudged(reason: str, candidates: Mapping[str, Mapping[str, float]], *, run_auto: bool, judge: bool, default: str) -> AutoOutcome:
+    """The model cannot be simulated: auto writes entropy2 (recorded), the verdict records why it is missing."""
+    fallback = "entropy2"
+    message = f"the Q/DQ model could not be simulated, so {'auto fell back to ' + fallback + ' and ' if run_auto else ''}no method was judged: {reason}"
+    log.warning("%s", message)
+    if run_auto and fallback not in candidates:
+        raise TrtcalError(f"auto needs the histograms of every calibrated tensor ({message})")
+    search = {"fallback": fallback, "reason": reason} if run_auto else None
+    judged: dict[str, Any] | None = {"rows": {}, "default": default, "best": None, "warning": message, "skipped": reason} if judge else None
+    return AutoOutcome(
+        auto_amax=dict(candidates[fallback]) if run_auto else None, tensors={}, search=search, verdict=judged,
+    )
+
+
 def check_min_sqnr(judged: Mapping[str, Any], min_sqnr_db: float | None) -> None:
     """Raise QualityError when the default's worst output SQNR on the verdict slice is below `min_sqnr_db`."""
     if min_sqnr_db is None:
         return
     default = judged["default"]
+    if default not in judged.get("rows", {}):
+        raise QualityError(f"--min-sqnr {min_sqnr_db:g} dB cannot be checked: {judged.get('warning')}; nothing was published")
     worst = judged["rows"][default]["min_sqnr_db"]
     if worst < min_sqnr_db:
         best = judged["best"]
@@ -175,6 +194,8 @@ def check_min_sqnr(judged: Mapping[str, Any], min_sqnr_db: float | None) -> None
 def verdict_lines(judged: Mapping[str, Any]) -> list[str]:
     """The verdict as a few printable lines: one per label (best first), then the warning if any."""
     rows = judged["rows"]
+    if not rows:
+        return [f"warning: {judged.get('warning')}"]
     order = sorted(rows, key=lambda label: (-rows[label]["mean_sqnr_db"], label))
     lines = [f"quality verdict (held-out slice of {len(judged.get('verdict_ids', []))} samples, exact Q/DQ simulation)"]
     width = max(len(label) for label in rows)

@@ -122,3 +122,29 @@ def test_min_sqnr_fails_before_anything_is_written(tmp_path: Path) -> None:
     with pytest.raises(QualityError, match=r"--min-sqnr 200 dB not met: the default 'minmax'"):
         calibrate(outlier_model(), outlier_data(), algorithms=["minmax", "mse"], output_dir=out, min_sqnr=200.0)
     assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_a_model_without_float_outputs_falls_back_to_entropy2_and_says_why(tmp_path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    from tests.unit.export.graphs import make_model, vi
+
+    rng = np.random.default_rng(2)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("MatMul", ["h", "v"], ["y"], name="out"),
+        helper.make_node("ArgMax", ["y"], ["label"], axis=1, keepdims=0, name="argmax"),
+    ]
+    label = helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["N"])
+    model = make_model(nodes, [vi("x", ["N", 8])], [label],
+                       [("w", rng.standard_normal((8, 8)).astype(np.float32)), ("v", rng.standard_normal((8, 3)).astype(np.float32))])
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    result = calibrate(model, {"x": x}, algorithms=["auto", "entropy2"], output_dir=tmp_path / "out")
+    assert result.amax["auto"] == result.amax["entropy2"]
+    verdict = result.manifest["verdict"]
+    assert verdict["rows"] == {} and "auto fell back to entropy2" in verdict["warning"] and "float32" in verdict["skipped"]
+    ranges = json.loads((tmp_path / "out" / "ranges.json").read_text())
+    assert ranges["auto_search"]["fallback"] == "entropy2"
+    with pytest.raises(QualityError, match="cannot be checked"):
+        calibrate(model, {"x": x}, output_dir=tmp_path / "bar", min_sqnr=10.0)
+    assert not (tmp_path / "bar").exists()
