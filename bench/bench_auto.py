@@ -42,11 +42,11 @@ def main() -> None:
     import numpy as np
     from bench_accuracy import CALIBRATION_PHOTOS, EVALUATION_PHOTOS, views
 
+    from trtcal.batch import open_batch, write_batch
     from trtcal.core.auto_search import output_quality
     from trtcal.export.auto import AutoSimulator
     from trtcal.export.auto_calibration import auto_and_verdict, candidate_tables, verdict_lines
-    from trtcal.orchestrator.pipeline import calibrate
-    from trtcal.workers.batch_format import open_batch, write_batch
+    from trtcal.orchestrator.calibrate import calibrate
 
     calib = views(CALIBRATION_PHOTOS, args.calib, seed=1)
     evalset = views(EVALUATION_PHOTOS, args.eval, seed=2)

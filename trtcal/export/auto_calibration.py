@@ -36,7 +36,7 @@ __all__ = ["AUTO", "QualityError", "AutoOutcome", "candidate_tables", "auto_and_
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-_SAFE_AMAX = 127.0  # the pipeline's zero-range default: scale 1.0 (see trtcal.orchestrator.pipeline.SAFE_AMAX)
+_SAFE_AMAX = 127.0  # the pipeline's zero-range default: scale 1.0 (see trtcal.orchestrator.calibrate.SAFE_AMAX)
 _TINY = float(np.finfo(np.float32).tiny)
 
 

@@ -10,10 +10,11 @@ import pytest
 
 from tests.fixtures.data import INPUT_NAME, PREPROCESS_SPEC
 from tests.reliability.tiny_cnn import tiny_cnn
+from trtcal.batch import write_batch
+from trtcal.batch.reader import _numbered_ids
 from trtcal.core.auto_search import search_slices
 from trtcal.export.auto_calibration import QualityError
-from trtcal.orchestrator.pipeline import calibrate
-from trtcal.workers.batch_format import _numbered_ids, write_batch
+from trtcal.orchestrator.calibrate import calibrate
 
 BYTES_EQUAL = ("calibration.cache", "calibration.auto.cache", "ranges.json", "histograms.npy")
 
