@@ -20,7 +20,7 @@ inputs* of two sessions built once, so trying another scale never rebuilds a ses
 4. **Verdict** (`verdict`): every method's and auto's Q/DQ model on the *verdict* slice, which the
    search never saw: per output SQNR, cosine, max |error| and argmax agreement along a class axis.
 
-Bound: 1 FP32 run over both slices + `len(candidates)` side-branch runs (about 2.5 forwards each)
+Bound: one FP32 run over each slice + `len(candidates)` side-branch runs (about 2.5 forwards each)
 + (1 + len(candidates) + max_global_evals) Q/DQ runs over the search slice + one Q/DQ run per
 verdict row label over the verdict slice.
 
