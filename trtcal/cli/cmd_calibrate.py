@@ -179,6 +179,8 @@ PROGRESS_LABELS = {
     "statistics": "pass 1: max |x|",
     "histograms": "pass 2: histograms",
     "search": "scale search",
+    "auto": "auto search",
+    "verdict": "quality verdict",
     "export": "Q/DQ export",
     "publish": "publishing",
 }

@@ -336,6 +336,8 @@ class AutoSimulator:
 
     def local_noise(self, inputs: Mapping[str, npt.NDArray[Any]], amax: Mapping[str, float]) -> dict[str, float]:
         """tensor -> Σ over its consumers of output error energy / Σ of their FP32 output energy."""
+        if not self.searched:
+            return {}  # no activation gets Q/DQ: nothing to choose
         if self._side is None:
             model, scale_inputs, energies = _side_branch_model(self._fp32, self.plan, activation_scales({t: 1.0 for t in self.searched}))
             self._side = (self._session(model), scale_inputs, energies)

@@ -142,13 +142,12 @@ def auto_and_verdict(
     tables.update(requested)
     for name, table in candidates.items():
         tables.setdefault(name, table)  # a requested method of the same name is the same table
-    progress.start("verdict", len(tables), "models")
+    progress.start("verdict", None)
     judged = verdict(
         simulator, tables, _rows(arrays, verdict_rows), default=default, verdict_ids=[sample_ids[i] for i in verdict_rows],
     )
     if not candidates:
         judged["note"] = "only histogram-free methods were requested (pass 2 skipped): the candidates were not judged"
-    progress.advance("verdict", len(tables))
     progress.finish("verdict")
     timings["verdict"] = time.perf_counter() - t0
     if judged["warning"]:

@@ -118,6 +118,8 @@ class _SearchStage:
         self.searching = False
 
     def start(self, stage: str, total: int | None = None, unit: str = "") -> None:
+        if self.searching and stage in ("auto", "verdict"):  # their own bars follow the scale search's
+            self.done()
         self.inner.start(stage, total, unit)
 
     def advance(self, stage: str, n: int = 1) -> None:

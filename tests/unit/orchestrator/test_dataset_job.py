@@ -51,7 +51,8 @@ def test_run_calibration_reports_every_actor_stage_in_order(tiny: tuple[bytes, P
     events = log.drain()
     assert [e[:2] for e in events if e[0] != "advance"] == [
         ("start", "statistics"), ("finish", "statistics"), ("start", "histograms"), ("finish", "histograms"),
-        ("start", "search"), ("finish", "search"), ("start", "export"), ("finish", "export"),
+        ("start", "search"), ("finish", "search"), ("start", "verdict"), ("finish", "verdict"),
+        ("start", "export"), ("finish", "export"),
     ]  # fmt: skip
     # Consecutive advances are merged: one poll carries a count, however many micro-batches ran.
     assert [e for e in events if e[0] == "advance"] == [("advance", "statistics", 10), ("advance", "histograms", 10)]
@@ -64,7 +65,7 @@ def test_minmax_only_searches_right_after_pass_1(tiny: tuple[bytes, Path]) -> No
     model, batch = tiny
     log = ProgressLog()
     _run(model, str(batch), {}, CalibrationConfig(algorithms=("minmax",)), False, progress=log)
-    assert [e[1] for e in log.drain() if e[0] == "start"] == ["statistics", "search"]
+    assert [e[1] for e in log.drain() if e[0] == "start"] == ["statistics", "search", "verdict"]
 
 
 def test_a_batch_sent_as_bytes_gives_the_same_artifacts(tiny: tuple[bytes, Path], tmp_path: Path) -> None:
