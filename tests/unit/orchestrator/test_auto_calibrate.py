@@ -149,3 +149,20 @@ def test_a_model_without_float_outputs_falls_back_to_entropy2_and_says_why(tmp_p
     with pytest.raises(QualityError, match="cannot be checked"):
         calibrate(model, {"x": x}, output_dir=tmp_path / "bar", min_sqnr=10.0)
     assert not (tmp_path / "bar").exists()
+
+
+def test_explicit_method_keys_do_not_change_and_auto_has_its_own() -> None:
+    from trtcal.config import CalibrationConfig
+    from trtcal.orchestrator.keys import calibration_key_inputs
+    from trtcal.storage import compute_cache_key
+
+    def key(cal: CalibrationConfig) -> str:
+        inputs = calibration_key_inputs("ab" * 32, "sha256:" + "cd" * 32, {"resize": 256}, cal, ("onnxruntime-cpu", "1.32.0"))
+        return str(compute_cache_key(inputs))
+
+    explicit = CalibrationConfig(algorithms=("entropy2", "minmax"))
+    golden = "4d9477d68cbe299727d36ab7161dc29e1c65c837029d8f193a4c16d965f5918a"  # main before auto, same inputs
+    assert key(explicit) == golden
+    assert key(CalibrationConfig(algorithms=("entropy2", "minmax"), verdict=False)) == golden  # the verdict is no input
+    assert key(CalibrationConfig(algorithms=("entropy2", "minmax"), min_sqnr=20.0)) == golden
+    assert key(CalibrationConfig()) not in (golden, key(CalibrationConfig(algorithms=("entropy2",))))
