@@ -13,3 +13,16 @@ def test_bench_core_quick_runs() -> None:
     assert out.returncode == 0, out.stderr
     assert "entropy2 (trtcal" in out.stdout and "ONNX Runtime HistogramCollector" in out.stdout
     assert "GB/s" in out.stdout
+
+
+def test_bench_auto_small_runs() -> None:
+    import pytest
+
+    model = ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"
+    if not model.exists():
+        pytest.fail(f"the real test model {model} is missing (see ../shared/models/README.md)")
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_auto.py"), "--calib", "12", "--eval", "4",
+                          "--model", str(model)], capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "auto search:" in out.stdout and "x the statistics" in out.stdout
+    assert "| auto |" in out.stdout and "auto - best single method" in out.stdout
