@@ -33,6 +33,7 @@ __all__ = [
     "DescentStep",
     "candidate_amax",
     "coordinate_descent",
+    "descent_plan",
     "distinct_candidates",
     "local_choice",
     "noise_ratio",
@@ -183,6 +184,31 @@ def coordinate_descent(
         if evals >= max_evals:
             break
     return current, current_noise, steps
+
+
+def descent_plan(
+    local: Mapping[str, Mapping[str, float]],
+    distinct: Mapping[str, Sequence[str]],
+    current: Mapping[str, str],
+    *,
+    local_margin: float,
+    max_alternatives: int,
+) -> tuple[list[str], dict[str, list[str]]]:
+    """(order, alternatives) for `coordinate_descent` from the local noise of every candidate.
+
+    Order: the tensors whose current candidate has the most consumer-output noise first (ties in
+    the given order). Alternatives: per tensor, at most `max_alternatives` other distinct candidates
+    whose local noise is within `local_margin` times the tensor's best, least noisy first.
+    """
+    tensors = list(local)
+    order = sorted(tensors, key=lambda t: (-local[t][current[t]], tensors.index(t)))
+    alternatives: dict[str, list[str]] = {}
+    for t in tensors:
+        floor = min(local[t][d] for d in distinct[t])
+        near = [c for c in distinct[t] if c != current[t] and local[t][c] <= local_margin * floor]
+        near.sort(key=lambda c: (local[t][c], list(distinct[t]).index(c)))
+        alternatives[t] = near[:max_alternatives]
+    return order, alternatives
 
 
 def _class_axis_agreement(ref: npt.NDArray[np.float64], out: npt.NDArray[np.float64]) -> float | None:

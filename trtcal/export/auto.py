@@ -43,6 +43,7 @@ import numpy.typing as npt
 
 from trtcal.core.auto_search import (
     coordinate_descent,
+    descent_plan,
     distinct_candidates,
     local_choice,
     noise_ratio,
@@ -163,6 +164,54 @@ def scale_input_model(fp32: onnx.ModelProto, plan: QdqPlan, scales: Mapping[str,
     return qdq, names
 
 
+def _weight_wiring(
+    fp32: onnx.ModelProto, plan: QdqPlan, qdq: onnx.ModelProto
+) -> tuple[dict[tuple[int, int], str], list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The export's weight Q/DQ, reused by the side branches: ((node, input) -> dequantized weight,
+    the weight DequantizeLinear nodes, the initializers they read that the FP32 graph lacks)."""
+    graph = fp32.graph
+    qdq_by_output = {n.output[0]: n for n in qdq.graph.node if n.output and n.op_type not in ("QuantizeLinear", "DequantizeLinear")}
+    weight_inputs: dict[tuple[int, int], str] = {}
+    for q in plan.inputs:
+        if q.kind == "weight":
+            weight_inputs[(q.node_index, q.input_index)] = qdq_by_output[graph.node[q.node_index].output[0]].input[q.input_index]
+    weight_dq_outputs = set(weight_inputs.values())
+    weight_nodes = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in weight_dq_outputs]
+    needed = {name for n in weight_nodes for name in n.input}
+    fp32_inits = {t.name for t in graph.initializer}
+    new_inits = [t for t in qdq.graph.initializer if t.name in needed and t.name not in fp32_inits]
+    return weight_inputs, weight_nodes, new_inits
+
+
+class _FreshNames:
+    """Names under the `trtcal_auto/` prefix that collide with nothing in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.used = {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
+        self.used |= {t.name for t in graph.initializer} | {i.name for i in graph.input}
+
+    def __call__(self, base: str) -> str:
+        name, k = f"{_PREFIX}/{base}", 0
+        while name in self.used:
+            k += 1
+            name = f"{_PREFIX}/{base}_{k}"
+        self.used.add(name)
+        return name
+
+
+def _per_sample_energy(x: str, out: str, fresh: _FreshNames, opset: int, axes_one: str) -> list[onnx.NodeProto]:
+    """Nodes computing Σ x² per sample (axis 0), so the float64 total does not depend on micro-batching."""
+    from onnx import helper
+
+    flat = fresh(f"flat/{out}")
+    reduce_axes: dict[str, Any] = {"axes": [1]} if opset < 18 else {}  # opset 18 moved axes to an input
+    inputs = [flat] if opset < 18 else [flat, axes_one]
+    return [
+        helper.make_node("Flatten", [x], [flat], axis=1, name=fresh(f"Flatten/{out}")),
+        helper.make_node("ReduceSumSquare", inputs, [out], keepdims=0, name=fresh(f"RSS/{out}"), **reduce_axes),
+    ]
+
+
 def _side_branch_model(
     fp32: onnx.ModelProto, plan: QdqPlan, scales: Mapping[str, float]
 ) -> tuple[onnx.ModelProto, dict[str, str], dict[str, list[tuple[str, str]]]]:
@@ -174,43 +223,15 @@ def _side_branch_model(
     from onnx import helper
 
     qdq = apply_plan(fp32, plan, scales)
-    qdq_by_output = {n.output[0]: n for n in qdq.graph.node if n.output and n.op_type not in ("QuantizeLinear", "DequantizeLinear")}
     graph = fp32.graph
-    used = {n.name for n in graph.node} | {o for n in graph.node for o in n.output} | {t.name for t in graph.initializer}
-    used |= {i.name for i in graph.input}
-
-    def fresh(base: str) -> str:
-        name, k = f"{_PREFIX}/{base}", 0
-        while name in used:
-            k += 1
-            name = f"{_PREFIX}/{base}_{k}"
-        used.add(name)
-        return name
-
-    weight_inputs: dict[tuple[int, int], str] = {}
-    for q in plan.inputs:
-        if q.kind == "weight":
-            weight_inputs[(q.node_index, q.input_index)] = qdq_by_output[graph.node[q.node_index].output[0]].input[q.input_index]
-    # The weight DequantizeLinear nodes of the export and the initializers they read.
-    weight_dq_outputs = set(weight_inputs.values())
-    weight_nodes = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in weight_dq_outputs]
-    needed = {name for n in weight_nodes for name in n.input}
-    fp32_inits = {t.name for t in graph.initializer}
-    new_inits = [t for t in qdq.graph.initializer if t.name in needed and t.name not in fp32_inits]
-
+    fresh = _FreshNames(graph)
+    weight_inputs, weight_nodes, new_inits = _weight_wiring(fp32, plan, qdq)
     zero_point = fresh("zero_point")
     axes_one = fresh("axes_1")
     opset = next(int(o.version) for o in fp32.opset_import if o.domain in ("", "ai.onnx"))
 
     def per_sample_energy(x: str, out: str) -> list[onnx.NodeProto]:
-        # Σ x² per sample (axis 0), so the float64 total does not depend on how rows are micro-batched.
-        flat = fresh(f"flat/{out}")
-        reduce_axes: dict[str, Any] = {"axes": [1]} if opset < 18 else {}
-        inputs = [flat] if opset < 18 else [flat, axes_one]
-        return [
-            helper.make_node("Flatten", [x], [flat], axis=1, name=fresh(f"Flatten/{out}")),
-            helper.make_node("ReduceSumSquare", inputs, [out], keepdims=0, name=fresh(f"RSS/{out}"), **reduce_axes),
-        ]
+        return _per_sample_energy(x, out, fresh, opset, axes_one)
 
     nodes: list[onnx.NodeProto] = list(weight_nodes)
     outputs: list[onnx.ValueInfoProto] = []
@@ -362,6 +383,20 @@ class AutoSimulator:
 # The search
 
 
+def _local_phase(
+    sim: AutoSimulator, candidates: Mapping[str, Mapping[str, float]], inputs: Mapping[str, npt.NDArray[Any]]
+) -> tuple[dict[str, dict[str, float]], dict[str, list[str]], dict[str, str]]:
+    """(tensor -> candidate -> consumer-output noise, tensor -> distinct candidates, tensor -> local choice)."""
+    names = list(candidates)
+    local: dict[str, dict[str, float]] = {t: {} for t in sim.searched}
+    for c in names:
+        for t, value in sim.local_noise(inputs, candidates[c]).items():
+            local[t][c] = value
+    distinct = {t: distinct_candidates({c: candidates[c][t] for c in names}) for t in sim.searched}
+    local_pick = {t: local_choice({c: local[t][c] for c in distinct[t]}) for t in sim.searched}
+    return local, distinct, local_pick
+
+
 def search_auto(
     model: ModelLike,
     candidates: Mapping[str, Mapping[str, float]],
@@ -398,73 +433,53 @@ def search_auto(
 
     progress.start("auto", None)
     t0 = time.perf_counter()
-    local: dict[str, dict[str, float]] = {t: {} for t in searched}
-    for c in names:
-        for t, value in sim.local_noise(search_inputs, candidates[c]).items():
-            local[t][c] = value
-    distinct = {t: distinct_candidates({c: candidates[c][t] for c in names}) for t in searched}
-    local_pick = {t: local_choice({c: local[t][c] for c in distinct[t]}) for t in searched}
+    local, distinct, local_pick = _local_phase(sim, candidates, search_inputs)
     timings["local"] = time.perf_counter() - t0
 
+    def noise_of(assignment: Mapping[str, str]) -> float:
+        return sim.output_noise(search_inputs, reference, {t: candidates[assignment[t]][t] for t in searched})
+
     t0 = time.perf_counter()
-
-    def table(assignment: Mapping[str, str]) -> dict[str, float]:
-        return {t: candidates[assignment[t]][t] for t in searched}
-
     starts: dict[str, dict[str, str]] = {"local": local_pick}
     starts.update({c: {t: c for t in searched} for c in names})
-    start_noise = {label: sim.output_noise(search_inputs, reference, table(a)) for label, a in starts.items()}
+    start_noise = {label: noise_of(a) for label, a in starts.items()}
     start = min(start_noise, key=lambda label: (start_noise[label], list(starts).index(label)))
     best_single = min(names, key=lambda c: (start_noise[c], names.index(c)))
     timings["global_start"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    order = sorted(searched, key=lambda t: (-local[t][starts[start][t]], searched.index(t)))
-    alternatives = {}
-    for t in searched:
-        floor = min(local[t][d] for d in distinct[t])
-        near = [c for c in distinct[t] if c != starts[start][t] and local[t][c] <= config.local_margin * floor]
-        near.sort(key=lambda c: (local[t][c], distinct[t].index(c)))
-        alternatives[t] = near[: config.max_alternatives]
+    order, alternatives = descent_plan(
+        local, distinct, starts[start], local_margin=config.local_margin, max_alternatives=config.max_alternatives
+    )
     final, final_noise, steps = coordinate_descent(
-        starts[start], order, alternatives, lambda a: sim.output_noise(search_inputs, reference, table(a)),
-        start_noise=start_noise[start], max_evals=config.max_global_evals, min_relative_gain=config.min_relative_gain,
+        starts[start], order, alternatives, noise_of, start_noise=start_noise[start],
+        max_evals=config.max_global_evals, min_relative_gain=config.min_relative_gain,
     )
     timings["descent"] = time.perf_counter() - t0
     progress.finish("auto")
 
-    fallback = start if start != "local" else None
     chosen = {t: final.get(t, best_single) for t in tensors}
-    info: dict[str, dict[str, Any]] = {}
-    for t in tensors:
-        if t in final:
-            info[t] = {
-                "searched": True,
-                "chosen": chosen[t],
-                "local_choice": local_pick[t],
-                "local_noise_db": {c: _db(local[t][c]) for c in names},
-                "distinct": distinct[t],
-            }
-        else:
-            info[t] = {"searched": False, "chosen": chosen[t]}
+    info: dict[str, dict[str, Any]] = {
+        t: {
+            "searched": True, "chosen": chosen[t], "local_choice": local_pick[t],
+            "local_noise_db": {c: _db(local[t][c]) for c in names}, "distinct": distinct[t],
+        } if t in final else {"searched": False, "chosen": chosen[t]}
+        for t in tensors
+    }
     search = {
         "objective": "mean over float outputs of sum((fp32 - qdq)^2) / sum(fp32^2) on the search slice",
         "search_ids": list(search_ids),
         "starts_sqnr_db": {label: _db(v) for label, v in start_noise.items()},
         "start": start,
-        "fallback": fallback,
+        "fallback": start if start != "local" else None,
         "best_single": best_single,
         "final_sqnr_db": _db(final_noise),
         "global_evals": len(steps) + len(starts),
-        "steps": [
-            {"tensor": s.tensor, "candidate": s.candidate, "sqnr_db": _db(s.noise), "accepted": s.accepted} for s in steps
-        ],
+        "steps": [{"tensor": s.tensor, "candidate": s.candidate, "sqnr_db": _db(s.noise), "accepted": s.accepted} for s in steps],
         "changed_by_descent": sorted(t for t in searched if final[t] != starts[start][t]),
     }
-    if fallback is not None:
-        log.info("auto: the single method %s beat the local choice on the search slice; descent starts from it", fallback)
-    log.info("auto: search-slice SQNR %.2f dB (best single method %s: %.2f dB), %d whole-model runs",
-             noise_to_db(final_noise), best_single, noise_to_db(start_noise[best_single]), search["global_evals"])
+    log.info("auto: search-slice SQNR %.2f dB from start %r (best single method %s: %.2f dB), %d whole-model runs",
+             noise_to_db(final_noise), start, best_single, noise_to_db(start_noise[best_single]), search["global_evals"])
     return AutoResult(
         amax={t: candidates[chosen[t]][t] for t in tensors}, chosen=chosen, tensors=info, search=search, timings=timings,
     )

@@ -97,3 +97,20 @@ def test_output_quality_argmax_only_along_a_class_axis() -> None:
     assert output_quality(rng.standard_normal((2, 3, 4, 4)), rng.standard_normal((2, 3, 4, 4)))["argmax_agreement"] is None
     assert output_quality(rng.standard_normal((6, 1)), rng.standard_normal((6, 1)))["argmax_agreement"] is None
     assert noise_to_db(0.01) == pytest.approx(20.0)
+
+
+def test_descent_plan_orders_by_local_noise_and_keeps_near_alternatives() -> None:
+    from trtcal.core.auto_search import descent_plan
+
+    local = {
+        "a": {"x": 0.01, "y": 0.015, "z": 0.5},  # z is far worse locally: never tried
+        "b": {"x": 0.2, "y": 0.1, "z": 0.19},
+        "c": {"x": 0.05, "y": 0.05, "z": 0.05},  # one distinct candidate only
+    }
+    distinct = {"a": ["x", "y", "z"], "b": ["x", "y", "z"], "c": ["x"]}
+    current = {"a": "x", "b": "x", "c": "x"}
+    order, alts = descent_plan(local, distinct, current, local_margin=2.0, max_alternatives=2)
+    assert order == ["b", "c", "a"]
+    assert alts == {"a": ["y"], "b": ["y", "z"], "c": []}
+    _, one = descent_plan(local, distinct, current, local_margin=2.0, max_alternatives=1)
+    assert one["b"] == ["y"]
