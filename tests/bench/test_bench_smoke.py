@@ -20,7 +20,7 @@ def test_bench_auto_small_runs() -> None:
 
     model = ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"
     if not model.exists():
-        pytest.fail(f"the real test model {model} is missing (see ../shared/models/README.md)")
+        pytest.fail(f"the real test model {model} is missing (the shared models folder beside the repository)")
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_auto.py"), "--calib", "12", "--eval", "4",
                           "--model", str(model)], capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert out.returncode == 0, out.stderr

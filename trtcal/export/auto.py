@@ -42,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from trtcal.core.auto_search import (
+    DescentStep,
     coordinate_descent,
     descent_plan,
     distinct_candidates,
@@ -397,6 +398,25 @@ def _local_phase(
     return local, distinct, local_pick
 
 
+def _search_record(
+    search_ids: Sequence[str], start_noise: Mapping[str, float], start: str, best_single: str, final_noise: float,
+    steps: Sequence[DescentStep], starts: Mapping[str, Mapping[str, str]], final: Mapping[str, str],
+) -> dict[str, Any]:
+    """The global part of the search as ranges.json records it."""
+    return {
+        "objective": "mean over float outputs of sum((fp32 - qdq)^2) / sum(fp32^2) on the search slice",
+        "search_ids": list(search_ids),
+        "starts_sqnr_db": {label: _db(v) for label, v in start_noise.items()},
+        "start": start,
+        "fallback": start if start != "local" else None,
+        "best_single": best_single,
+        "final_sqnr_db": _db(final_noise),
+        "global_evals": len(steps) + len(starts),
+        "steps": [{"tensor": s.tensor, "candidate": s.candidate, "sqnr_db": _db(s.noise), "accepted": s.accepted} for s in steps],
+        "changed_by_descent": sorted(t for t in final if final[t] != starts[start][t]),
+    }
+
+
 def search_auto(
     model: ModelLike,
     candidates: Mapping[str, Mapping[str, float]],
@@ -459,25 +479,14 @@ def search_auto(
     progress.finish("auto")
 
     chosen = {t: final.get(t, best_single) for t in tensors}
-    info: dict[str, dict[str, Any]] = {
+    info = {
         t: {
             "searched": True, "chosen": chosen[t], "local_choice": local_pick[t],
             "local_noise_db": {c: _db(local[t][c]) for c in names}, "distinct": distinct[t],
         } if t in final else {"searched": False, "chosen": chosen[t]}
         for t in tensors
     }
-    search = {
-        "objective": "mean over float outputs of sum((fp32 - qdq)^2) / sum(fp32^2) on the search slice",
-        "search_ids": list(search_ids),
-        "starts_sqnr_db": {label: _db(v) for label, v in start_noise.items()},
-        "start": start,
-        "fallback": start if start != "local" else None,
-        "best_single": best_single,
-        "final_sqnr_db": _db(final_noise),
-        "global_evals": len(steps) + len(starts),
-        "steps": [{"tensor": s.tensor, "candidate": s.candidate, "sqnr_db": _db(s.noise), "accepted": s.accepted} for s in steps],
-        "changed_by_descent": sorted(t for t in searched if final[t] != starts[start][t]),
-    }
+    search = _search_record(search_ids, start_noise, start, best_single, final_noise, steps, starts, final)
     log.info("auto: search-slice SQNR %.2f dB from start %r (best single method %s: %.2f dB), %d whole-model runs",
              noise_to_db(final_noise), start, best_single, noise_to_db(start_noise[best_single]), search["global_evals"])
     return AutoResult(

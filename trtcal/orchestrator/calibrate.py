@@ -140,6 +140,25 @@ def compute_method_amax(
     return amax, sources
 
 
+def _scales_and_artifacts(
+    cfg: CalibrationConfig, loaded: LoadedModel, cal_batch: CalibrationBatch, tensor_names: Sequence[str],
+    stats: Mapping[str, TensorStats], histograms: Mapping[str, Histogram], progress: ProgressCallback,
+    timings: dict[str, float],
+) -> tuple[dict[str, dict[str, float]], dict[str, bytes], dict[str, bytes], Any]:
+    """Every method's amax (auto and the verdict included), the caches and the artifacts but the manifest."""
+    t0 = time.perf_counter()
+    amax, sources = compute_method_amax(tensor_names, stats, histograms, cfg)
+    timings["scales"] = time.perf_counter() - t0
+    outcome = _auto_and_verdict(cfg, loaded, cal_batch, tensor_names, stats, histograms, amax, sources, progress)
+    if outcome is not None:
+        timings.update(outcome.timings)
+    t0 = time.perf_counter()
+    amax = {m: amax[m] for m in cfg.algorithms}
+    caches, files = encode_artifacts(tensor_names, stats, histograms, amax, sources, cfg, auto=outcome)
+    timings["scales"] += time.perf_counter() - t0
+    return amax, caches, files, outcome
+
+
 def _auto_and_verdict(
     cfg: CalibrationConfig, loaded: LoadedModel, cal_batch: CalibrationBatch, tensor_names: Sequence[str],
     stats: Mapping[str, TensorStats], histograms: Mapping[str, Histogram], amax: dict[str, dict[str, float]],
@@ -366,17 +385,8 @@ def _calibrate_open_batch(
             n: Histogram(counts=counts[n], hist_amax=stats[n].amax, stats=stats[n]) for n in runner.tensor_names
         }
 
-    t0 = time.perf_counter()
     tensor_names = runner.tensor_names
-    amax, sources = compute_method_amax(tensor_names, stats, histograms, cfg)
-    timings["scales"] = time.perf_counter() - t0
-    outcome = _auto_and_verdict(cfg, loaded, cal_batch, tensor_names, stats, histograms, amax, sources, progress)
-    if outcome is not None:
-        timings.update(outcome.timings)
-    t0 = time.perf_counter()
-    amax = {m: amax[m] for m in cfg.algorithms}
-    caches, files = encode_artifacts(tensor_names, stats, histograms, amax, sources, cfg, auto=outcome)
-    timings["scales"] += time.perf_counter() - t0
+    amax, caches, files, outcome = _scales_and_artifacts(cfg, loaded, cal_batch, tensor_names, stats, histograms, progress, timings)
     manifest = build_manifest(
         model_sha256=loaded.sha256, model_source=loaded.source, batch=cal_batch, config=cfg,
         runner={**runner.info, "micro_batch": layout.micro_batch(cfg.micro_batch), "processes": workers if source else 1},
