@@ -40,7 +40,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration")
     group.add_argument(
         "--algorithm", "-a", action="append", dest="algorithms", metavar="METHOD", default=None,
-        help="auto (the default: per tensor the candidate range with the least measured output noise), entropy2, "
+        help="auto (per tensor the candidate range with the least measured output noise), entropy2, "
         "entropy, minmax, percentile, mse or legacy; repeat for several (all computed from one collection; the "
         "first also becomes calibration.cache)",
     )

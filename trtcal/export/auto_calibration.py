@@ -121,10 +121,15 @@ def auto_and_verdict(
     result: AutoResult | None = None
     if run_auto:
         t0 = time.perf_counter()
-        result = search_auto(
-            model, candidates, _rows(arrays, search_rows), config=config, simulator=simulator,
-            search_ids=[sample_ids[i] for i in search_rows], progress=progress,
-        )
+        try:
+            result = search_auto(
+                model, candidates, _rows(arrays, search_rows), config=config, simulator=simulator,
+                search_ids=[sample_ids[i] for i in search_rows], progress=progress,
+            )
+        except Exception as exc:  # ONNX Runtime cannot run the Q/DQ model on these rows
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            return _unjudged(_reason(exc), candidates, run_auto=run_auto, judge=judge, default=default)
         timings["auto_search"] = time.perf_counter() - t0
 
     tensors = {} if result is None else {
@@ -136,30 +141,38 @@ def auto_and_verdict(
             search=None if result is None else result.search, verdict=None, timings=timings,
         )
     t0 = time.perf_counter()
-    tables: dict[str, Mapping[str, float]] = {}
-    if result is not None:
-        tables[AUTO] = result.amax
+    tables: dict[str, Mapping[str, float]] = {} if result is None else {AUTO: result.amax}
     tables.update(requested)
     for name, table in candidates.items():
         tables.setdefault(name, table)  # a requested method of the same name is the same table
-    progress.start("verdict", None)
-    judged = verdict(
-        simulator, tables, _rows(arrays, verdict_rows), default=default, verdict_ids=[sample_ids[i] for i in verdict_rows],
-    )
-    if not candidates:
-        judged["note"] = "only histogram-free methods were requested (pass 2 skipped): the candidates were not judged"
-    progress.finish("verdict")
+    try:
+        judged = _judge(simulator, tables, arrays, sample_ids, verdict_rows, default, bool(candidates), progress)
+    except Exception as exc:  # ONNX Runtime cannot run the model on these rows (e.g. a batch size fixed inside)
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        return _unjudged(_reason(exc), candidates, run_auto=False, judge=judge, default=default, auto=result)
     timings["verdict"] = time.perf_counter() - t0
-    if judged["warning"]:
-        log.warning("%s", judged["warning"])
     return AutoOutcome(
         auto_amax=None if result is None else result.amax, tensors=tensors,
         search=None if result is None else result.search, verdict=judged, timings=timings,
     )
 
 
-def _unjudged(reason: str, candidates: Mapping[str, Mapping[str, float]], *, run_auto: bool, judge: bool, default: str) -> AutoOutcome:
-    """The model cannot be simulated: auto writes entropy2 (recorded), the verdict records why it is missing."""
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400]  # ONNX Runtime's messages are long and multi-line
+
+
+def _unjudged(
+    reason: str, candidates: Mapping[str, Mapping[str, float]], *, run_auto: bool, judge: bool, default: str,
+    auto: AutoResult | None = None,
+) -> AutoOutcome:
+    """The model cannot be simulated: auto writes entropy2 (recorded), the verdict records why it is missing.
+    With `auto` (a search that succeeded before the verdict failed) its result is kept."""
+    if auto is not None:
+        missing: dict[str, Any] | None = {"rows": {}, "default": default, "best": None, "skipped": reason,
+                                          "warning": f"the quality verdict could not run: {reason}"} if judge else None
+        log.warning("the quality verdict could not run: %s", reason)
+        return AutoOutcome(auto_amax=auto.amax, tensors={}, search=auto.search, verdict=missing)
     fallback = "entropy2"
     message = f"the Q/DQ model could not be simulated, so {'auto fell back to ' + fallback + ' and ' if run_auto else ''}no method was judged: {reason}"
     log.warning("%s", message)
@@ -170,6 +183,25 @@ def _unjudged(reason: str, candidates: Mapping[str, Mapping[str, float]], *, run
     return AutoOutcome(
         auto_amax=dict(candidates[fallback]) if run_auto else None, tensors={}, search=search, verdict=judged,
     )
+
+
+def _judge(
+    simulator: AutoSimulator, tables: Mapping[str, Mapping[str, float]], arrays: Mapping[str, npt.NDArray[Any]],
+    sample_ids: Sequence[str], verdict_rows: Sequence[int], default: str, have_candidates: bool,
+    progress: ProgressCallback,
+) -> dict[str, Any]:
+    progress.start("verdict", None)
+    try:
+        judged = verdict(
+            simulator, tables, _rows(arrays, verdict_rows), default=default, verdict_ids=[sample_ids[i] for i in verdict_rows],
+        )
+    finally:
+        progress.finish("verdict")
+    if not have_candidates:
+        judged["note"] = "only histogram-free methods were requested (pass 2 skipped): the candidates were not judged"
+    if judged["warning"]:
+        log.warning("%s", judged["warning"])
+    return judged
 
 
 def check_min_sqnr(judged: Mapping[str, Any], min_sqnr_db: float | None) -> None:

@@ -170,6 +170,7 @@ def _auto_and_verdict(
     """
     if AUTO not in cfg.algorithms and not cfg.verdict:
         return None
+    from trtcal.export.auto import AutoConfig
     from trtcal.export.auto_calibration import auto_and_verdict, check_min_sqnr
 
     outcome = auto_and_verdict(
@@ -177,6 +178,7 @@ def _auto_and_verdict(
         {name: cal_batch.array(name) for name in cal_batch.input_names},
         {m: amax[m] for m in cfg.algorithms if m != AUTO}, manual_ranges=cfg.manual_ranges,
         run_auto=AUTO in cfg.algorithms, default=cfg.algorithms[0], judge=cfg.verdict, progress=progress,
+        config=AutoConfig(micro_batch=min(AutoConfig().micro_batch, cfg.micro_batch)),  # a model may fix its batch size
     )
     if outcome.auto_amax is not None:
         amax[AUTO] = apply_manual_ranges(outcome.auto_amax, cfg.manual_ranges)

@@ -68,9 +68,9 @@ def test_auto_avoids_minmax_on_the_outlier_and_clipping_on_the_carrier(searched)
     # x1: only percentile 99.9 clips the one outlier (1 value in 6144); the others leave N(0, 1) ~0 levels.
     assert [c for c in cands if cands[c]["x1"] < 20.0] == ["percentile_99.9"]
     assert result.chosen["x1"] == "percentile_99.9"
-    # x2: entropy2 and percentile 99.9 clip the carriers (50-100) near 50; auto must not.
-    assert cands["entropy2"]["x2"] < 60.0 and cands["percentile_99.9"]["x2"] < 60.0
-    assert result.chosen["x2"] not in ("entropy2", "percentile_99.9")
+    # x2: percentile 99.9 (and whatever else lands below 60) clips the carriers (50-100); auto must not.
+    clipping = [c for c in cands if cands[c]["x2"] < 60.0]
+    assert "percentile_99.9" in clipping and result.chosen["x2"] not in clipping
     assert result.amax["x2"] >= 0.9 * float(np.abs(inputs["x2"]).max())
     assert result.tensors["x1"]["searched"] and set(result.tensors["x1"]["local_noise_db"]) == set(cands)
     s = result.search
