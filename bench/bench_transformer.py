@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # entropy2 (the default) first; the others come from the same statistics and do not change it.
-METHODS = ("entropy2", "minmax", "percentile", "mse")
+METHODS = ("auto", "entropy2", "minmax", "percentile", "mse")  # auto first: the default of `calibrate`
 PARAMS = {"percentile": {"percentile": 99.99}}
 MODEL_NAME = "all-MiniLM-L6-v2"
 

@@ -57,7 +57,10 @@ class AutoOutcome:
 
 
 def _safe(amax: float) -> float:
-    scale = np.float32(np.float32(amax) / np.float32(127.0)) if np.isfinite(amax) else np.float32(0.0)
+    # Beyond float32's range (a mask fill, say) the scale is not representable: use the safe default.
+    if not (np.isfinite(amax) and abs(amax) <= float(np.finfo(np.float32).max)):
+        return _SAFE_AMAX
+    scale = np.float32(np.float32(amax) / np.float32(127.0))
     return float(amax) if (np.isfinite(scale) and float(scale) >= _TINY) else _SAFE_AMAX
 
 
