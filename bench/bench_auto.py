@@ -28,16 +28,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-MODEL = Path(os.environ.get("TRTCAL_TEST_MODEL", "/work/shared/models/efficientnet_lite0.onnx"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calib", type=int, default=500, help="calibration views (N)")
     parser.add_argument("--eval", type=int, default=200, help="evaluation views of other photos")
-    parser.add_argument("--model", default=str(MODEL))
+    parser.add_argument("--model", default="", help="an ONNX model (default: EfficientNet-Lite0 from PyPI, as the tests get it)")
     parser.add_argument("--write", default="", help="also write the Markdown result here")
     args = parser.parse_args()
+    if not args.model:
+        from tests.fixtures.data import efficientnet_model_path
+
+        args.model = str(efficientnet_model_path())
 
     import numpy as np
     from bench_accuracy import CALIBRATION_PHOTOS, EVALUATION_PHOTOS, views

@@ -27,11 +27,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 
+from tests.fixtures.data import efficientnet_model_path  # noqa: E402
 from tests.fixtures.s3 import running_server  # noqa: E402
 from trtcal.workers.listing_digest import listing_digest  # noqa: E402
 from trtcal.workers.sources import list_shard, open_dataset, plan_shards  # noqa: E402
-
-EFFICIENTNET = Path("/work/shared/models/efficientnet_lite0.onnx")
 
 
 def _median(action: Any, repeats: int) -> tuple[float, Any]:
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     inputs = np.random.default_rng(0).standard_normal((args.anchor_inputs, 3, 224, 224)).astype(np.float32)
     t0 = time.perf_counter()
-    calibrate(str(EFFICIENTNET), inputs, algorithms=["entropy2"])
+    calibrate(str(efficientnet_model_path()), inputs, algorithms=["entropy2"])
     anchor_s = time.perf_counter() - t0
     report["anchor"] = {"what": f"calibrate(EfficientNet-Lite0, {args.anchor_inputs} inputs, entropy2)", "seconds": round(anchor_s, 2)}
     for where in ("local", "s3"):

@@ -15,12 +15,8 @@ def test_bench_core_quick_runs() -> None:
     assert "GB/s" in out.stdout
 
 
-def test_bench_auto_small_runs() -> None:
-    import pytest
-
-    model = ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"
-    if not model.exists():
-        pytest.fail(f"the real test model {model} is missing (the shared models folder beside the repository)")
+def test_bench_auto_small_runs(efficientnet_path) -> None:
+    model = efficientnet_path
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_auto.py"), "--calib", "12", "--eval", "4",
                           "--model", str(model)], capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert out.returncode == 0, out.stderr
