@@ -50,7 +50,10 @@ def test_every_conv_input_and_output_has_a_finite_positive_calibrated_amax(first
     ranges = json.loads((out / "ranges.json").read_text())
     for method in METHODS:
         cache = read_trt_cache((out / f"calibration.{method}.cache").read_bytes())
-        assert cache.version == 101601
+        if method == "legacy":  # TensorRT's legacy header is "0 <cutoff> <quantile>": no version in it
+            assert cache.version is None and cache.legacy_params is not None
+        else:
+            assert cache.version == 101601
         for name in conv_tensors:
             amax = cache.amax[name]
             assert np.isfinite(amax) and amax > 0, (method, name)
