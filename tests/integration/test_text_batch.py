@@ -103,8 +103,14 @@ def test_text_errors_name_the_column_and_the_fix(ray_local, tmp_path):
 
 
 def test_batch_keys_of_image_requests_do_not_change_and_text_requests_carry_their_inputs(tmp_path):
-    image = batch_key_inputs("s3://b/imagenet/", BatchConfig())
-    assert set(image) == {"kind", "data", "num_samples", "seed", "stratify", "preprocess", "on_bad_input", "format_version"}
-    text = batch_key_inputs("d.jsonl", BatchConfig(inputs=BERT_INPUTS, tokenizer="tests.unit.workers.funcs:word_ids"))
+    listing = {"listing_sha256": "0" * 64, "listing_files": 3, "model_input": {"name": "input_ids"}}
+    image = batch_key_inputs("s3://b/imagenet/", BatchConfig(), **listing)
+    assert set(image) == {
+        "kind", "data", "listing_sha256", "listing_files", "model_input", "num_samples", "seed", "stratify",
+        "preprocess", "on_bad_input", "format_version",
+    }
+    text = batch_key_inputs(
+        "d.jsonl", BatchConfig(inputs=BERT_INPUTS, tokenizer="tests.unit.workers.funcs:word_ids"), **listing
+    )
     assert text["inputs"]["attention_mask"] == {"length": 16, "mask": True}
     assert json.dumps(text, sort_keys=True)
