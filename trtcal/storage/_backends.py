@@ -107,6 +107,22 @@ class Backend(ABC):
 # Local
 
 
+
+def _durable_temp(directory: str, data: bytes) -> str:
+    """`data` in a fresh, fsynced temp file inside `directory` (created durably); the caller commits or removes it."""
+    _makedirs_durable(directory)
+    temp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+    try:
+        with open(temp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    return temp
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -190,13 +206,8 @@ class LocalBackend(Backend):
 
     def create_only(self, path: str, data: bytes) -> bool:
         directory = os.path.dirname(path)
-        _makedirs_durable(directory)
-        temp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        temp = _durable_temp(directory, data)
         try:
-            with open(temp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             try:
                 os.link(temp, path)
             except FileExistsError:
@@ -213,13 +224,8 @@ class LocalBackend(Backend):
 
     def overwrite(self, path: str, data: bytes) -> None:
         directory = os.path.dirname(path)
-        _makedirs_durable(directory)
-        temp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        temp = _durable_temp(directory, data)
         try:
-            with open(temp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(temp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
