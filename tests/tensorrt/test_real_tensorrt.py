@@ -290,3 +290,30 @@ def test_single_batch_entropy2_is_tensorrt_rule(efficientnet_path: Path, trt, ph
     assert theirs["input"] == scale["input"]  # identical data: TensorRT's rule, bit for bit
     # Measured on TensorRT 8.5.3: 93 of 95 within one bin (two depthwise convolutions, the spike case).
     assert len(one_bin) >= 0.95 * len(shared)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_backend_tensorrt_through_the_actor_uses_one_batch(efficientnet_path: Path, trt, photos, tmp_path):
+    # `trtcal calibrate --backend tensorrt` minus Ray: the actor's own work function, on this GPU.
+    from trtcal.config import CalibrationConfig
+    from trtcal.core import compute_amax, histogram_of
+    from trtcal.orchestrator.actor import ActorRequest, run_calibration
+
+    data = tmp_path / "photos.npy"
+    np.save(data, photos["input"])
+    n = photos["input"].shape[0]
+    request = ActorRequest(
+        efficientnet_path.read_bytes(), str(data), CalibrationConfig(algorithms=("entropy2",), micro_batch=8),
+        backend="tensorrt", model_label=str(efficientnet_path),
+    )
+    result = run_calibration(request)
+    assert result.runner["kind"] == "tensorrt-cuda" and result.runner["tensorrt_batch"] == n  # not --micro-batch 8
+    assert result.warnings == ()
+    parsed = read_trt_cache(result.files["calibration.cache"])
+    assert parsed.header.endswith("-EntropyCalibration2") and len(parsed.scale) > 50
+    hist = histogram_of(np.abs(photos["input"]))
+    ours = float(np.float32(np.float32(compute_amax(hist.counts, hist.hist_amax, "entropy2")) / np.float32(127.0)))
+    assert parsed.scale["input"] == ours  # one batch of all samples: TensorRT's rule = trtcal's, bit for bit
+    assert result.files["model.qdq.onnx"][:4]  # the Q/DQ model from TensorRT's scales
+    print(f"\nactor, backend tensorrt: one batch of {n}, {len(parsed.scale)} scales, {result.timings}")

@@ -88,6 +88,10 @@ def register(subparsers: Any) -> None:
         help='manual dynamic ranges: {"tensor": amax | [min, max] | {"amax": amax}}',
     )
     build.add_argument("--workspace-mib", type=int, metavar="MIB", help="TensorRT workspace limit")
+    build.add_argument(
+        "--timing-cache", metavar="FILE",
+        help="TensorRT timing cache: read if it exists, updated after the build (rebuilds skip kernel timing)",
+    )
     build.add_argument("--fp16", action="store_true", default=None, help="also allow FP16 kernels")
     build.add_argument(
         "--calibrate-before-fusion",
@@ -218,6 +222,7 @@ def run_build(args: argparse.Namespace) -> int:
         calibration_profile=calibration_shapes or None,
         calibrate_before_fusion=args.calibrate_before_fusion,
         workspace_bytes=workspace,
+        timing_cache=args.timing_cache,
         fp16=args.fp16,
     )
     if args.cache is not None:

@@ -239,17 +239,41 @@ def _subgraph_warning(model_bytes: bytes, num_tensors: int) -> list[str]:
 
 
 def _run_tensorrt(model_path: Path, batch: Any, request: ActorRequest, progress: ProgressCallback) -> ActorResult:
-    """`--backend tensorrt`: TensorRT 10's own calibrator, fed from the batch, on this actor's GPU."""
+    """`--backend tensorrt`: TensorRT's own calibrator, fed from the batch, on this actor's GPU.
+
+    TensorRT's advice is one calibration batch of every sample (its entropy histograms depend on
+    how samples are grouped and ordered), so the whole batch is one TensorRT batch when it fits in
+    GPU memory; otherwise the largest batch that fits, with a warning (`--micro-batch` sizes
+    ONNX Runtime runs, not this).
+    """
     from trtcal.core import read_trt_cache
     from trtcal.runners.tensorrt import calibrate_with_tensorrt
+    from trtcal.runners.tensorrt.calibrate import bytes_per_sample, single_batch_plan
+    from trtcal.runners.tensorrt.device_memory import load_device_memory
+    from trtcal.runners.tensorrt.version import load_tensorrt
 
     config = request.calibration
     method = config.algorithms[0]
+    load_tensorrt()  # TensorRT missing is the first thing to say
+    memory = load_device_memory()
+    sample_bytes = bytes_per_sample(model_path)
+    free_bytes = memory.free_bytes() if hasattr(memory, "free_bytes") else None
+    micro_batch, dropped = single_batch_plan(batch.num_rows, sample_bytes, free_bytes)
+    warnings: list[str] = []
+    if micro_batch < batch.num_rows:
+        warnings.append(
+            f"TensorRT calibrates the {batch.num_rows} samples in batches of {micro_batch}"
+            f"{f', leaving out the last {dropped}' if dropped else ''}: one batch of all of them needs about "
+            f"{batch.num_rows * sample_bytes / 2**30:.1f} GiB of GPU memory and {free_bytes / 2**30:.1f} GiB are free. "
+            "TensorRT's entropy scales then depend on the order and grouping of the samples; trtcal's own "
+            "backend (the default) gives the same scales for any grouping"
+        )
+        logger.warning("%s", warnings[-1])
     t0 = time.perf_counter()
     progress.start("tensorrt", None, "")
     cache = calibrate_with_tensorrt(
-        str(model_path), batch, algorithm=method, micro_batch=config.micro_batch, trt_version=config.trt_version,
-        progress=progress,
+        str(model_path), batch, algorithm=method, micro_batch=micro_batch, trt_version=config.trt_version,
+        partial_batch="drop" if dropped else None, device_memory=memory, progress=progress,
     )
     progress.finish("tensorrt")
     timings = {"tensorrt_calibration": time.perf_counter() - t0}
@@ -261,7 +285,8 @@ def _run_tensorrt(model_path: Path, batch: Any, request: ActorRequest, progress:
 
     return ActorResult(
         files=files, amax=amax, num_tensors=len(amax[method]), num_samples=batch.num_rows, timings=timings,
-        runner={"kind": "tensorrt-cuda", "version": str(tensorrt.__version__)},
+        runner={"kind": "tensorrt-cuda", "version": str(tensorrt.__version__), "tensorrt_batch": micro_batch},
+        warnings=tuple(warnings),
     )
 
 

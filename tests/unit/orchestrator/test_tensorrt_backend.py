@@ -47,3 +47,32 @@ def test_cli_backend_tensorrt_on_a_gpu_less_cluster_fails_fast(efficientnet_path
     err = capsys.readouterr().err
     assert "--backend tensorrt" in err and "no GPU" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_single_batch_plan_keeps_one_batch_when_it_fits() -> None:
+    from trtcal.runners.tensorrt.calibrate import single_batch_plan
+
+    assert single_batch_plan(500, 1 << 20, 4 << 30) == (500, 0)  # 0.5 GiB of 2 GiB usable
+    assert single_batch_plan(500, 1 << 20, None) == (500, 0)  # free memory unknown: TensorRT's advice
+    assert single_batch_plan(5000, 1 << 20, 4 << 30) == (1250, 0)  # exact divisor within the limit (2048)
+    assert single_batch_plan(4099, 1 << 20, 4 << 30) == (2048, 3)  # 4099 = 4099 x 1: drop the remainder
+    assert single_batch_plan(7, 1 << 30, 1 << 20) == (1, 0)  # nothing fits: one sample at a time
+
+
+def test_bytes_per_sample_counts_every_float_tensor(efficientnet_path: Path) -> None:
+    import onnx
+
+    from trtcal.runners.tensorrt.calibrate import bytes_per_sample
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(efficientnet_path)))
+    slow = 0
+    for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        t = value.type.tensor_type
+        if t.elem_type == onnx.TensorProto.FLOAT and value.name not in {i.name for i in model.graph.initializer}:
+            n = 4
+            for d in t.shape.dim[1:]:
+                n *= d.dim_value or 1
+            slow += n
+    got = bytes_per_sample(efficientnet_path)
+    assert got == slow
+    assert 20 << 20 < got < 200 << 20  # EfficientNet-Lite0: tens of MB of activations per 224x224 image

@@ -290,6 +290,26 @@ def make_fake_tensorrt(version: str = "10.16.1.11") -> ModuleType:
             self.calibration_profile = profile
             return True
 
+        # Timing cache as in TensorRT: bytes in, a cache object whose serialize() grows per build.
+        def create_timing_cache(self, data):
+            return TimingCache(bytes(data))
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            if cache.data and not cache.data.startswith(b"timing:"):
+                return False
+            self.timing_cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return getattr(self, "timing_cache", None)
+
+    class TimingCache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):
+            return HostMemory((self.data or b"timing:") + b"+")
+
     class HostMemory:
         def __init__(self, data):
             self.data = data
@@ -1049,6 +1069,23 @@ def test_build_from_cache_replays_trtcal_scales(fake_trt, tiny_model):
     assert config.builder_optimization_level == 1
     assert config.profiles[0].shapes == {"x": ((1, 3, 4, 4),) * 3}
     assert config.int8_calibrator.reads == 1 and builder.served == {}  # TensorRT took the cache
+
+
+def test_timing_cache_is_read_and_rewritten_atomically(fake_trt, tiny_model, tmp_path):
+    cache = write_trt_cache({"x": 2.0, "conv_out": 4.0, "y": 4.0}, trt_version="10.3.0", algorithm="entropy2")
+    timing = tmp_path / "sub" / "timing.cache"
+    adapter.build_engine(tiny_model, cache=cache)
+    assert not hasattr(fake_trt.builders[-1].config, "timing_cache")  # not asked for: none set
+    adapter.build_engine(tiny_model, cache=cache, timing_cache=timing)
+    assert timing.read_bytes() == b"timing:+"
+    adapter.build_engine(tiny_model, cache=cache, timing_cache=timing)
+    assert fake_trt.builders[-1].config.timing_cache.data == b"timing:+"  # the first build's cache was read
+    assert timing.read_bytes() == b"timing:++"
+    assert [p.name for p in timing.parent.iterdir()] == ["timing.cache"]  # no temp file left
+    timing.write_bytes(b"not a timing cache")
+    with pytest.raises(ConfigError, match="refused the timing cache .*timing.cache"):
+        adapter.build_engine(tiny_model, cache=cache, timing_cache=timing)
+    assert timing.read_bytes() == b"not a timing cache"  # a refused cache is left as it was
 
 
 def test_build_fails_loudly_when_tensorrt_rejects_the_replayed_cache(fake_trt, tiny_model):

@@ -9,6 +9,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from trtcal.errors import (
     ModelError,
 )
@@ -35,6 +37,46 @@ def _default_cache_key(model_path: str | os.PathLike[str], batch_source: Any) ->
     except OSError as exc:
         raise ModelError(f"cannot read ONNX model {model_path}: {exc}") from exc
     return f"model:sha256:{digest.hexdigest()}|batch:{fingerprint}"
+
+
+def bytes_per_sample(model_path: str | os.PathLike[str]) -> int:
+    """Bytes of every float tensor (inputs and node outputs) for one sample, from ONNX shape inference.
+
+    TensorRT's calibration engine marks every tensor as an output, so this is what one more sample
+    in a calibration batch costs on the GPU. Axis 0 is the batch; unknown dimensions count as 1.
+    """
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path), load_external_data=False))
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    total = 0
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = value.type.tensor_type
+        if value.name in initializers or tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tensor_type.shape.dim[1:]]
+        total += 4 * int(np.prod(dims, dtype=np.int64))
+    return total
+
+
+def single_batch_plan(num_rows: int, sample_bytes: int, free_bytes: int | None) -> tuple[int, int]:
+    """(micro_batch, dropped): TensorRT's advice is one calibration batch of all `num_rows` samples.
+
+    That batch must fit in half the free GPU memory (the rest is TensorRT's workspace and
+    engine). When it does not, the largest batch that fits is used: an exact divisor of
+    `num_rows` when one is at least half that size, else the largest batch with the remainder
+    dropped (TensorRT reads every batch at one shape).
+    """
+    if free_bytes is None or sample_bytes <= 0:
+        return num_rows, 0
+    limit = max(1, (free_bytes // 2) // sample_bytes)
+    if num_rows <= limit:
+        return num_rows, 0
+    divisor = max(d for d in range(1, limit + 1) if num_rows % d == 0)
+    if 2 * divisor >= limit:
+        return divisor, 0
+    return limit, num_rows % limit
 
 
 def calibrate_with_tensorrt(

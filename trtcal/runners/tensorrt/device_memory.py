@@ -78,6 +78,10 @@ class CudaRuntimeMemory:
     def free(self, device_ptr: int) -> None:
         self._check(self._cudart.cudaFree(device_ptr), "cudaFree")
 
+    def free_bytes(self) -> int:
+        free, _total = self._check(self._cudart.cudaMemGetInfo(), "cudaMemGetInfo")
+        return int(free)
+
 
 class PyCudaMemory:
     """DeviceMemory over pycuda, in the device's primary context (the one TensorRT uses)."""

@@ -213,6 +213,7 @@ def build_engine(
     fp16: bool | None = None,
     builder_optimization_level: int | None = None,
     replay_algorithm: str | None = None,
+    timing_cache: str | os.PathLike[str] | None = None,
 ) -> bytes:
     """Build a serialized INT8 TensorRT engine from an ONNX model.
 
@@ -229,6 +230,8 @@ def build_engine(
             default: the calibrator's first micro-batch, else the profile's opt shape.
         calibrate_before_fusion, workspace_bytes, fp16, builder_optimization_level,
         replay_algorithm: see EngineBuildConfig.
+        timing_cache: a TensorRT timing-cache file, read when it exists and rewritten (atomically)
+            after the build; rebuilds of one network with other scales then skip kernel timing.
 
     Returns:
         The serialized engine.
@@ -266,6 +269,8 @@ def build_engine(
         warnings.simplefilter("ignore", DeprecationWarning)
         logger, builder, network = _parse_network(trt, path)
         config = _builder_config(trt, builder, build)
+        if timing_cache is not None:
+            _load_timing_cache(config, Path(timing_cache))
         inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
         served = _served_shapes(calibrator) if live else {}
         profile_shapes = _add_profile(builder, config, inputs, input_shapes, calibration_profile or served)
@@ -288,7 +293,27 @@ def build_engine(
     if serialized is None:
         said = "; ".join(logger.errors[-5:]) or "see the TensorRT log"
         raise ModelError(f"TensorRT could not build an INT8 engine of {path}: {said}")
+    if timing_cache is not None:
+        _save_timing_cache(config, Path(timing_cache))
     return bytes(serialized)
+
+
+def _load_timing_cache(config: Any, path: Path) -> None:
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+    except OSError as exc:
+        raise ConfigError(f"cannot read the timing cache {path}: {exc}") from exc
+    # A cache from another TensorRT or GPU is refused by TensorRT itself (ignore_mismatch=False).
+    if not config.set_timing_cache(config.create_timing_cache(data), False):
+        raise ConfigError(f"TensorRT refused the timing cache {path} (another TensorRT version or GPU?); delete it")
+
+
+def _save_timing_cache(config: Any, path: Path) -> None:
+    from trtcal._io import write_atomic
+
+    cache = config.get_timing_cache()
+    if cache is not None:
+        write_atomic(path, bytes(cache.serialize()))
 
 
 def _parse_network(trt: ModuleType, path: Path) -> tuple[Any, Any, Any]:
