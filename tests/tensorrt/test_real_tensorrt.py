@@ -25,6 +25,7 @@ import pytest
 from trtcal.core import read_trt_cache, write_trt_cache
 from trtcal.errors import BackendUnavailableError
 from trtcal.runners import tensorrt as adapter
+from trtcal.runners.tensorrt.version import _trt_version_int
 
 MICRO_BATCH = 8
 
@@ -169,7 +170,7 @@ def test_live_entropy2_calibration_gives_a_cache_tensorrt_then_accepts(efficient
     batch = batch_from_arrays(photos)
     cache = adapter.calibrate_with_tensorrt(efficientnet_path, batch, algorithm="entropy2", micro_batch=MICRO_BATCH)
     parsed = read_trt_cache(cache)
-    assert parsed.header == f"TRT-{adapter._trt_version_int(trt)}-EntropyCalibration2"
+    assert parsed.header == f"TRT-{_trt_version_int(trt)}-EntropyCalibration2"
     assert "input" in parsed.scale and len(parsed.scale) > 50
 
     # The same cache through the replay path: TensorRT must accept it without asking for data.
