@@ -1071,6 +1071,13 @@ def test_build_from_cache_replays_trtcal_scales(fake_trt, tiny_model):
     assert config.int8_calibrator.reads == 1 and builder.served == {}  # TensorRT took the cache
 
 
+def test_cache_of_another_model_is_refused_not_built_in_float(fake_trt, tiny_model):
+    # TensorRT 8.5.3 took such a cache, warned "Missing scale" per tensor and built an FP32 engine.
+    cache = write_trt_cache({"conv_stem.output": 2.0, "blocks.0.output": 4.0}, trt_version="10.3.0", algorithm="entropy2")
+    with pytest.raises(CacheFormatError, match="names none of the tensors of .*another model"):
+        adapter.build_engine(tiny_model, cache=cache)
+
+
 def test_timing_cache_is_read_and_rewritten_atomically(fake_trt, tiny_model, tmp_path):
     cache = write_trt_cache({"x": 2.0, "conv_out": 4.0, "y": 4.0}, trt_version="10.3.0", algorithm="entropy2")
     timing = tmp_path / "sub" / "timing.cache"

@@ -15,6 +15,7 @@ import numpy as np
 
 from trtcal.errors import (
     BackendUnavailableError,
+    CacheFormatError,
     ConfigError,
     DataError,
     ModelError,
@@ -183,6 +184,31 @@ def _apply_dynamic_ranges(network: Any, ranges: Mapping[str, Any]) -> int:
     return len(bounds) - len(missing)
 
 
+def _check_cache_names(network: Any, cache: bytes, model_path: Path) -> None:
+    """A replayed cache must name this network's tensors: TensorRT itself silently builds a float engine.
+
+    Measured on TensorRT 8.5.3: a cache of another export of the same model was accepted, every
+    layer fell back to FP32 with one "Missing scale" warning per tensor, and the build succeeded.
+    """
+    from trtcal.core import read_trt_cache
+
+    names = set(read_trt_cache(cache).scale)
+    tensors = set(_network_tensors(network))
+    matched = names & tensors
+    if not matched:
+        raise CacheFormatError(
+            f"the calibration cache names none of the tensors of {model_path} (cache: {sorted(names)[:3]}, "
+            f"network: {sorted(tensors)[:3]}); it was computed for another model or another export of it. "
+            "Calibrate this model file, or pass the model the cache was made for"
+        )
+    unknown = sorted(names - tensors)
+    if len(unknown) > len(names) // 2:
+        log.warning(
+            "%d of %d tensors of the calibration cache are not in %s (e.g. %s): layers without a scale stay in float",
+            len(unknown), len(names), model_path, unknown[:3],
+        )
+
+
 def _calibration_dtype(trt_dtype: Any) -> np.dtype:
     # TensorRT reads calibration data for float inputs as float32, whatever the network type (Polygraphy does the same).
     name = getattr(trt_dtype, "name", str(trt_dtype)).rsplit(".", 1)[-1]
@@ -276,6 +302,8 @@ def build_engine(
         profile_shapes = _add_profile(builder, config, inputs, input_shapes, calibration_profile or served)
         if calibrator is not None:
             _attach_calibrator(builder, config, calibrator, inputs, profile_shapes, calibration_profile, served)
+        if cache is not None:
+            _check_cache_names(network, calibrator.cache_bytes, path)
         if dynamic_ranges:
             count = _apply_dynamic_ranges(network, dynamic_ranges)
             log.info("set %d manual dynamic ranges", count)
