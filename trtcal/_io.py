@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,16 +50,24 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write a file so that readers see the old file or the whole new one, never a part of it."""
+    """Write a file so that readers see the old file or the whole new one, never a part of it.
+
+    A temporary file beside the target, fsync, one rename over the target. The file gets the mode
+    any new file gets (0666 less the umask), not mkstemp's private 0600: models, reports and
+    caches are written for others to read.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
-        _write_synced(Path(tmp), data)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return target
 

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from trtcal._io import write_atomic
 from trtcal.cli._options import add_storage_option, parse_storage_options
 from trtcal.errors import ConfigError, CorruptEntryError, StorageError
 
@@ -462,15 +463,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         return 0
     target = Path(args.output)
-    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, target)
+        write_atomic(target, data)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
         raise StorageError(f"cannot write {target}: {exc.strerror or exc}", url=str(target)) from None
     header = data.split(b"\n", 1)[0].decode()
     print(f"wrote {target} ({header})", file=sys.stderr)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from trtcal._io import write_atomic
 from trtcal.errors import ConfigError, ModelError, StorageError
 
 log = logging.getLogger(__name__)
@@ -166,19 +165,6 @@ def open_batch(path: Path, model: Path) -> Any:
     return open_any(path, lambda: input_names(model))
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def run_build(args: argparse.Namespace) -> int:
     # Cheap checks first: a wrong command line is reported before TensorRT is even looked for.
     if args.calibrate and not args.data:
@@ -250,11 +236,11 @@ def run_build(args: argparse.Namespace) -> int:
             engine = adapter.build_engine(model, calibrator=calibrator, **build_options)
             cache_bytes = calibrator.calibration_cache
     try:
-        write_atomically(output, engine)
+        write_atomic(output, engine)
         if args.save_cache is not None:
             if cache_bytes is None:
                 raise ModelError("TensorRT wrote no calibration cache, so --save-cache has nothing to save")
-            write_atomically(Path(args.save_cache), cache_bytes)
+            write_atomic(Path(args.save_cache), cache_bytes)
     except OSError as exc:
         raise StorageError(
             f"cannot write {exc.filename or output}: {exc}", url=str(exc.filename or output)

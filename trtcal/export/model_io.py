@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from trtcal._io import write_atomic
 from trtcal.core.weights import SAFE_SCALE
 from trtcal.errors import ConfigError, InternalError, ModelError
 
@@ -142,27 +142,7 @@ def serialize_model(model: onnx.ModelProto) -> bytes:
     return data
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write a file so that readers see the old file or the whole new one, never a part of it.
-
-    A temporary file in the target directory, fsync, then rename over the target.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # The mode any new file gets (0666 less the umask: 0644 usually), not mkstemp's private 0600:
-    # a report or model written for others to read must be readable by them.
-    tmp = str(target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+write_bytes_atomic = write_atomic  # the export API's name for trtcal._io.write_atomic
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
