@@ -8,14 +8,25 @@ Each cluster runs in a child process of its own (this session's `ray_local` stay
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.fixtures.s3 import S3Server
+from tests.reliability.rayhead import session_pids
 from tests.reliability.tiny_cnn import tiny_cnn
 from trtcal.demo.demo import write_photo_dataset
 
@@ -76,3 +87,162 @@ def test_three_node_cluster_gives_the_bytes_of_one_node(tmp_path: Path) -> None:
     assert multi["key"] == single["key"]
     for name in ("calibration.cache", "ranges.json", "histograms.npy"):
         assert (tmp_path / "out-multi" / name).read_bytes() == (tmp_path / "out-single" / name).read_bytes(), name
+
+
+# --- a head and a worker node as `ray start` children; the driver is a `trtcal calibrate` process ------------
+
+_DRIVER_TIMEOUT_S = 420
+
+
+# `ray start --address` refuses to join with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what keeps Ray on
+# loopback), so the nodes are `ray.cluster_utils.Cluster` raylets started by a child process whose
+# environment has no AWS_* variables: their workers inherit it.
+_CLUSTER = r"""
+import json, sys
+from ray.cluster_utils import Cluster
+temp_dir, resources = sys.argv[1], json.loads(sys.argv[2])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 150 << 20,
+                                                        "temp_dir": temp_dir})
+node = cluster.add_node(num_cpus=2, resources=resources, object_store_memory=200 << 20)
+cluster.wait_for_nodes()
+raylet = node.all_processes["raylet"][0].process.pid
+print(json.dumps({"address": cluster.address, "worker_raylet": raylet}), flush=True)
+sys.stdin.read()  # until the test closes it
+cluster.shutdown()
+"""
+
+
+@dataclass
+class _Cluster:
+    address: str
+    temp_dir: Path
+    process: subprocess.Popen[str]
+    worker_raylet: int  # the raylet of the node that has the CPUs
+
+
+def _plain_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=str(REPO_ROOT))
+    return env
+
+
+@contextlib.contextmanager
+def _two_nodes(resources: str = '{"far": 2}') -> Iterator[_Cluster]:
+    """A head without CPUs (the driver's node) and one worker node with 2 CPUs: every build task and the
+    calibration actor runs on the worker node, in processes its raylet started from an environment
+    without credentials."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="trtcal-mn-", dir="/tmp"))  # unix socket paths must stay short
+    process = subprocess.Popen([sys.executable, "-c", _CLUSTER, str(temp_dir), resources], env=_plain_env(),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                               cwd=REPO_ROOT)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line, "the cluster did not start"
+        info = json.loads(line)
+        yield _Cluster(info["address"], temp_dir, process, int(info["worker_raylet"]))
+    finally:
+        if process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        _end_session(process)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _end_session(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM the process we started, then SIGKILL what is left of its session (by PID)."""
+    sid = process.pid
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=45)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    for pid in session_pids(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cmdlines(sids: list[int]) -> list[str]:
+    """The command lines of every live process of these sessions (the Ray nodes we started and their workers)."""
+    lines = []
+    for sid in sids:
+        for pid in [sid, *session_pids(sid)]:
+            with contextlib.suppress(OSError):
+                lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return lines
+
+
+def _files_holding(root: Path, needle: bytes) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                found.append(str(path))
+    return found
+
+
+def _upload_photos(s3: S3Server, bucket: str, local: Path) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3.storage_options())
+    for path in sorted(local.rglob("*.jpg")):
+        fs.put_file(str(path), f"{bucket}/photos/{path.relative_to(local).as_posix()}")
+
+
+def _driver(cluster: _Cluster, s3: S3Server, work: Path, bucket: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`trtcal calibrate` against the cluster, dataset and store on S3; credentials only in `env`."""
+    argv = [sys.executable, "-m", "trtcal", "calibrate", str(work / "tiny224.onnx"), "--data", f"s3://{bucket}/photos/",
+            "--store", f"s3://{bucket}/store", "--storage-option", f"client_kwargs.endpoint_url={s3.endpoint_url}",
+            "--address", cluster.address, "--output", str(work / "out"), "--num-samples", "8", "--preprocess", "imagenet",
+            "--device", "cpu", "--workers", "2", "--no-qdq", "--algorithm", "minmax"]
+    full_env = {**_plain_env(), "AWS_DEFAULT_REGION": "us-east-1", **env}
+    return subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=_DRIVER_TIMEOUT_S, cwd=REPO_ROOT)
+
+
+def test_driver_credentials_reach_workers_on_another_node_and_nowhere_else(tmp_path: Path, s3_server: S3Server) -> None:
+    """Issue 15 item 10: AWS_* credentials in the driver's environment only. The build tasks list and read
+    the S3 dataset, and the actor reads the stored batch, on a node whose environment has none; the
+    secret is then in no Ray log, no process command line, no artifact and no stored object."""
+    (tmp_path / "tiny224.onnx").write_bytes(tiny_cnn(side=224).SerializeToString())
+    write_photo_dataset(tmp_path / "photos", ("astronaut", "coffee"), 4, 0)
+    bucket = s3_server.create_bucket()
+    _upload_photos(s3_server, bucket, tmp_path / "photos")
+    creds = {"AWS_ACCESS_KEY_ID": s3_server.key, "AWS_SECRET_ACCESS_KEY": s3_server.secret}
+    with _two_nodes() as cluster:
+        done = _driver(cluster, s3_server, tmp_path, bucket, creds)
+        command_lines = _cmdlines([cluster.process.pid])
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        logs = _files_holding(cluster.temp_dir, s3_server.secret.encode())
+    secret = s3_server.secret
+    assert len(command_lines) > 4 and any("default_worker.py" in line for line in command_lines)
+    assert [line for line in command_lines if secret in line] == []
+    assert logs == []
+    assert secret not in done.stdout + done.stderr
+    assert _files_holding(tmp_path / "out", secret.encode()) == []
+    stored = _bucket_bytes(s3_server, bucket)
+    assert any(name.endswith("batch.arrow") for name in stored)
+    assert [name for name, data in stored.items() if secret.encode() in data] == []
+    assert (tmp_path / "out" / "calibration.cache").is_file()
+
+
+def _bucket_bytes(s3: S3Server, bucket: str) -> dict[str, bytes]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3.storage_options())
+    return {path: fs.cat_file(path) for path in fs.find(f"{bucket}/store")}
