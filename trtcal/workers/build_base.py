@@ -11,7 +11,7 @@ from typing import Any
 
 from trtcal._secrets import driver_env, forwarded_env
 from trtcal.config import BatchConfig
-from trtcal.errors import TrtcalError, WorkerError
+from trtcal.errors import StorageError, TrtcalError, WorkerError
 from trtcal.progress import ProgressCallback
 from trtcal.workers.sources import Dataset
 from trtcal.workers.tasks import _list_task, _process_task, _resolve_task
@@ -192,6 +192,31 @@ def _location(dataset: Dataset, path_or_rel: str) -> str:
         return path_or_rel if os.path.isabs(path_or_rel) else os.path.join(dataset.root, path_or_rel)
     full = path_or_rel if path_or_rel.startswith(dataset.root) else dataset.join(path_or_rel)
     return f"{dataset.protocol}://{full}"
+
+
+# What an object store answers a reader whose credentials are missing or refused (botocore, gcsfs, adlfs).
+_ACCESS_ERRORS = (
+    "NoCredentialsError", "PartialCredentialsError", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "Forbidden", "AuthorizationFailure", "AuthenticationFailed",
+)
+
+
+def refuse_access_failures(dataset: Dataset, bad: Iterable[BadInput]) -> None:
+    """One StorageError when a worker could not read the dataset for want of credentials.
+
+    That is never a bad input to skip: the nodes without credentials would leave out every sample
+    they drew, silently. Names the dataset URL, never a credential.
+    """
+    for item in bad:
+        if item.reason == "unreadable" and any(name in item.detail for name in _ACCESS_ERRORS):
+            raise StorageError(
+                f"Ray workers cannot read {dataset.display_url} ({item.detail.splitlines()[0][:200]}): the credentials "
+                "they read it with are missing or refused on their node. Give them to the driver's environment "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN: trtcal hands them to its Ray "
+                "tasks) or as --storage-option key=... secret=..., or to the cluster's nodes (an instance role, "
+                "a Kubernetes Secret). Nothing was published.",
+                url=dataset.display_url,
+            )
 
 
 def _bad_input_message(what: str, bad: Sequence[BadInput], advice: str) -> str:
