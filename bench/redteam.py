@@ -514,9 +514,17 @@ CASES: list[tuple[str, Callable[[Path], None]]] = [
 ]
 
 
-def run_redteam(work: Path) -> dict[str, Any]:
+def all_cases(only: str | None = None) -> list[tuple[str, Callable[[Path], None]]]:
+    """Every case (the submit and multi-node ones live in bench/redteam_cluster.py); `only` filters by name."""
+    from bench.redteam_cluster import CLUSTER_CASES, SUBMIT_CASES
+
+    cases = CASES + SUBMIT_CASES + CLUSTER_CASES
+    return [c for c in cases if only is None or only in c[0]]
+
+
+def run_redteam(work: Path, only: str | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
-    for name, case in CASES:
+    for name, case in all_cases(only):
         case_dir = work / hashlib.sha256(name.encode()).hexdigest()[:10]
         case_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
@@ -538,9 +546,10 @@ def run_redteam(work: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--only", default=None, help="run the cases whose name holds this text")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="trtcal-redteam-") as tmp:
-        report = run_redteam(Path(tmp))
+        report = run_redteam(Path(tmp), args.only)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     bad = sum(v for k, v in report["counts"].items() if k != "ok")
@@ -548,4 +557,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as bench.redteam, so that bench/redteam_cluster.py raises the same Outcome class.
+    from bench.redteam import main as _main
+
+    sys.exit(_main())

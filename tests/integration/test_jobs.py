@@ -582,3 +582,25 @@ def test_failing_job_exits_1_with_its_logs(ray_head: RayHead, photo_npy: Path, t
     logs = trtcal("jobs", "logs", job_id, *connection(ray_head), "--json", head=ray_head)
     assert logs.returncode == 1
     assert "does not exist" in json.loads(logs.stdout)["logs"]
+
+
+@pytest.mark.integration
+def test_abbreviated_or_json_credentials_never_reach_the_cluster(ray_head: RayHead) -> None:
+    """Issue 15 item 9: `--storage secret=…` (argparse takes the prefix), `--storage-opt=…` and JSON
+    `client_kwargs` are refused before submitting: no job, so no entrypoint holding them on the cluster."""
+    secret = secrets.token_urlsafe(24)
+    spellings = [
+        ["--storage", f"secret={secret}"],
+        [f"--storage-opt=secret={secret}"],
+        ["--storage-option", "client_kwargs=" + json.dumps({"aws_secret_access_key": secret})],
+    ]
+    for words in spellings:
+        done = trtcal(
+            "submit", *connection(ray_head), "--no-follow", "--", "calibrate", "m.onnx", "--data", "s3://b/x/",
+            *words, head=ray_head,
+        )
+        assert done.returncode == 2, (words, done.stdout, done.stderr)
+        assert "credentials" in done.stderr and secret not in done.stdout + done.stderr
+    listed = trtcal("jobs", "list", "--json", *connection(ray_head), head=ray_head)
+    assert listed.returncode == 0, listed.stderr
+    assert secret not in listed.stdout

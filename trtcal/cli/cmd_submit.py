@@ -7,9 +7,12 @@ Runs a trtcal command on a Ray cluster as a Ray job, streams its logs and exits 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 EPILOG = """\
@@ -113,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     entrypoint_kwargs: dict[str, Any] = {}
     if args.launcher:
         entrypoint_kwargs["launcher"] = args.launcher
+    parsed = job_storage_options(command)
+    if parsed:
+        entrypoint_kwargs["parsed_options"] = parsed
     result = jobs.submit_job(
         args.address,
         command,
@@ -136,6 +142,34 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(describe_result(result), file=sys.stderr)
     return result.exit_code
+
+
+def job_storage_options(command: Sequence[str]) -> dict[str, Any] | None:
+    """The storage options of the job command as trtcal's own parser reads it (abbreviated flags such as
+    `--storage-opt` resolved, JSON values decoded), so credentials are found however they were spelled.
+    None when the command does not parse here (the head's trtcal may differ; the word scan of
+    `jobs.refuse_credentials` still applies)."""
+    from trtcal.cli import build_parser
+    from trtcal.cli._options import parse_storage_options
+    from trtcal.errors import ConfigError
+
+    words = list(command)
+    if words[:1] == ["trtcal"]:
+        words = words[1:]
+    try:  # argparse prints its usage errors and exits: keep both to ourselves (they may echo a value)
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            parsed = build_parser().parse_args(words)
+    except SystemExit:
+        return None
+    options: dict[str, Any] = {}
+    for dest in ("storage_option", "storage_options"):
+        items = getattr(parsed, dest, None)
+        if isinstance(items, list):
+            try:
+                options.update(parse_storage_options(items))
+            except ConfigError:
+                return None
+    return options
 
 
 def describe_result(result: Any) -> str:

@@ -53,6 +53,8 @@ class ActorRequest:
     export_qdq: bool = True
     backend: str = "onnxruntime"
     model_label: str = ""  # the user's path or URL of the model: errors name it, not the actor's temp copy
+    # The driver's storage credentials (`trtcal._secrets.driver_env`), set while the actor calibrates.
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -324,7 +326,10 @@ class CalibrationActor:
         return os.getpid(), self.log.drain()
 
     def calibrate(self, request: ActorRequest, batch_bytes: bytes | None) -> ActorResult:
-        return run_calibration(request, progress=self.log, batch_bytes=batch_bytes)
+        from trtcal._secrets import forwarded_env
+
+        with forwarded_env(request.env):
+            return run_calibration(request, progress=self.log, batch_bytes=batch_bytes)
 
 
 def _node_id(ray: Any) -> str | None:
@@ -390,8 +395,12 @@ def run_actor(
     ray: Any, device: str, request: ActorRequest, source: BatchSource, progress: ProgressCallback
 ) -> ActorResult:
     """Start a calibration actor on `device` ("cpu"/"gpu"), run `request`, relay its progress, kill it."""
+    from trtcal._secrets import driver_env
+
     if device == "gpu" and request.calibration.device == "cpu":
         request = replace(request, calibration=replace(request.calibration, device="cuda"))
+    # An actor on another node reads the store with the driver's credentials (an argument, never a runtime env).
+    request = replace(request, env={**driver_env(), **request.env})
     # Restarted by Ray if its process dies; the call is retried against the stored batch.
     actor_cls = ray.remote(CalibrationActor).options(
         num_cpus=1, num_gpus=1.0 if device == "gpu" else 0.0, max_restarts=2, max_task_retries=2, max_concurrency=2,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trtcal._secrets import is_credential_name
+from trtcal._secrets import credential_options, credential_words, is_credential_name
 from trtcal.errors import BackendUnavailableError, ConfigError, TrtcalError
 
 __all__ = [
@@ -409,30 +409,33 @@ def _follow_logs(client: Any, address: str, job_id: str, sink: LogSink | None, p
 # --------------------------------------------------------------------------- public API
 
 
-def refuse_credentials(entrypoint_args: Sequence[str], runtime_env: Mapping[str, Any] | None) -> None:
+_CREDENTIAL_ADVICE = (
+    "Ray keeps a job's entrypoint and runtime env as job metadata, listed to anyone who can list jobs. "
+    "Give credentials to the cluster's environment instead (AWS_* variables on the head and workers, an "
+    "instance role or a Kubernetes Secret); nothing was submitted"
+)
+
+
+def refuse_credentials(
+    entrypoint_args: Sequence[str],
+    runtime_env: Mapping[str, Any] | None,
+    parsed_options: Mapping[str, Any] | None = None,
+) -> None:
     """Credentials must not travel as job metadata (Ray keeps entrypoints and runtime envs for anyone to list).
 
-    Raises ConfigError for `--storage-option <credential>=…` in the command and credential-named
-    env vars in the runtime env; they belong in the cluster's environment (e.g. a Kubernetes Secret).
+    Raises ConfigError naming (never showing) each credential found: in `parsed_options` (the job
+    command's storage options as trtcal's parser read them, JSON values decoded: `trtcal submit` passes
+    them), in any `NAME=VALUE` word of the command whatever the flag's spelling (`--stor`,
+    `--storage-opt=…`, JSON `client_kwargs`), and in credential-named runtime env variables.
     """
-    args = list(entrypoint_args)
-    for i, arg in enumerate(args):
-        value = args[i + 1] if arg == "--storage-option" and i + 1 < len(args) else (
-            arg.split("=", 1)[1] if arg.startswith("--storage-option=") else None
-        )
-        if value is not None and is_credential_name(value.partition("=")[0]):
-            raise ConfigError(
-                f"--storage-option {value.partition('=')[0]}=… would send a credential to the cluster as job "
-                "metadata (visible to anyone who can list jobs); put it in the cluster's environment "
-                "(AWS_* variables, an instance role or a Kubernetes Secret) instead"
-            )
+    found = credential_options(parsed_options or {}) + credential_words(entrypoint_args)
+    if found:
+        names = ", ".join(dict.fromkeys(found))
+        raise ConfigError(f"the job command holds credentials ({names}). {_CREDENTIAL_ADVICE}")
     env_vars = dict((runtime_env or {}).get("env_vars") or {})
     leaked = sorted(k for k in env_vars if is_credential_name(str(k)))
     if leaked:
-        raise ConfigError(
-            f"runtime env variables {leaked} look like credentials; Ray keeps the runtime env as job metadata. "
-            "Give them to the cluster's environment (an instance role or a Kubernetes Secret) instead"
-        )
+        raise ConfigError(f"runtime env variables {leaked} look like credentials. {_CREDENTIAL_ADVICE}")
 
 
 def submit_job(
@@ -451,6 +454,7 @@ def submit_job(
     log_sink: LogSink | None = None,
     poll_interval_s: float = 1.0,
     stop_timeout_s: float = 60.0,
+    parsed_options: Mapping[str, Any] | None = None,
 ) -> JobResult:
     """Submit `trtcal <entrypoint_args…>` as a Ray job and, when `follow`, stream its logs until it ends.
 
@@ -462,6 +466,7 @@ def submit_job(
         token, token_file, headers: authentication; see `resolve_token`.
         follow: wait for the job and stream its logs to `log_sink` (chunks of text, as they come).
         stop_timeout_s: after Ctrl-C, how long to wait for the stopped job to reach a final status.
+        parsed_options: the command's storage options as trtcal's parser reads them (see `refuse_credentials`).
 
     Returns:
         JobResult; `exit_code` is 0 SUCCEEDED, 1 FAILED, 3 STOPPED. Ctrl-C while following stops the
@@ -475,7 +480,7 @@ def submit_job(
         raise ConfigError(f"poll_interval_s: must be > 0, got {poll_interval_s}")
     if stop_timeout_s < 0:
         raise ConfigError(f"stop_timeout_s: must be >= 0, got {stop_timeout_s}")
-    refuse_credentials(entrypoint_args, runtime_env)
+    refuse_credentials(entrypoint_args, runtime_env, parsed_options)
     entrypoint = build_entrypoint(entrypoint_args, launcher)
     env = merged_runtime_env(runtime_env, working_dir)
     url = resolve_address(address)

@@ -39,7 +39,15 @@ from trtcal.batch import InputInfo, PlannedBatchWriter
 from trtcal.config import BatchConfig, OnBadInput, choices
 from trtcal.errors import ConfigError, DataError
 from trtcal.progress import NO_PROGRESS, ProgressCallback
-from trtcal.workers.build_base import BadInput, BuildReport, _bad_input_message, _Build, _location, _Runner
+from trtcal.workers.build_base import (
+    BadInput,
+    BuildReport,
+    _bad_input_message,
+    _Build,
+    _location,
+    _Runner,
+    refuse_access_failures,
+)
 from trtcal.workers.preprocess import (
     output_shape,
 )
@@ -175,6 +183,7 @@ def _build(b: _Build, started: float) -> BuildReport:
     warnings: list[str] = []
     t0 = time.perf_counter()
     listed = _list_stage(b)
+    refuse_access_failures(b.dataset, listed.refused)
     wall["list"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     selection, refs = _select_stage(b, listed, warnings)
@@ -323,8 +332,10 @@ class _ChunkSink:
         dataset = self.b.dataset
         for key, value in result.timings.items():
             self.worker_seconds[key] = self.worker_seconds.get(key, 0.0) + value
-        for sample_id, path, reason, detail in result.rejected:
-            self.skipped.append(BadInput(sample_id, _location(dataset, path), reason, detail))
+        rejected = [BadInput(sample_id, _location(dataset, path), reason, detail)
+                    for sample_id, path, reason, detail in result.rejected]
+        refuse_access_failures(dataset, rejected)
+        self.skipped.extend(rejected)
         for ids, arrays in result.groups:
             signature = _signature_rows(arrays)
             if self.expected is None:

@@ -9,8 +9,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from trtcal._secrets import driver_env, forwarded_env
 from trtcal.config import BatchConfig
-from trtcal.errors import TrtcalError, WorkerError
+from trtcal.errors import StorageError, TrtcalError, WorkerError
 from trtcal.progress import ProgressCallback
 from trtcal.workers.sources import Dataset
 from trtcal.workers.tasks import _list_task, _process_task, _resolve_task
@@ -90,22 +91,48 @@ class BuildReport:
         }
 
 
+def _with_env(env: Mapping[str, str], body: Callable[..., Any], *args: Any) -> Any:
+    """The remote function of every build task: `body(*args)` with the driver's credentials set."""
+    with forwarded_env(env):
+        return body(*args)
+
+
+class _Task:
+    """`task.remote(*args)` runs `body(*args)` on Ray with the driver's credentials (`driver_env`)."""
+
+    def __init__(self, ray: Any, body: Callable[..., Any], env: Mapping[str, str], options: Mapping[str, Any]) -> None:
+        self._remote = ray.remote(_with_env).options(name=body.__name__, **options)
+        self._body = body
+        self._env = dict(env)
+
+    def remote(self, *args: Any) -> Any:
+        return self._remote.remote(self._env, self._body, *args)
+
+
 class _Runner:
-    """Runs task bodies on Ray with at most `workers` in flight, results consumed as they finish."""
+    """Runs task bodies on Ray with at most `workers` in flight, results consumed as they finish.
+
+    The driver's storage credentials from its environment (`trtcal._secrets.driver_env`) go with every
+    task as an argument, so workers on other nodes read what the driver can read.
+    """
 
     def __init__(self, ray: Any, workers: int, max_retries: int, runtime_env: Mapping[str, Any] | None) -> None:
         self.ray = ray
         self.workers = workers
-        options: dict[str, Any] = {"num_cpus": 1, "max_retries": max_retries, "retry_exceptions": False}
+        self.options: dict[str, Any] = {"num_cpus": 1, "max_retries": max_retries, "retry_exceptions": False}
         if runtime_env:
-            options["runtime_env"] = dict(runtime_env)
-        self.list_task = ray.remote(_list_task).options(num_returns=2, **options)
-        self.resolve_task = ray.remote(_resolve_task).options(**options)
-        self.process_task = ray.remote(_process_task).options(**options)
+            self.options["runtime_env"] = dict(runtime_env)
+        self.env = driver_env()
+        self.list_task = self.task(_list_task, num_returns=2)
+        self.resolve_task = self.task(_resolve_task)
+        self.process_task = self.task(_process_task)
         try:
             self.node_id: str | None = ray.get_runtime_context().get_node_id()
         except Exception:  # pragma: no cover - a driver outside any node: rows travel back
             self.node_id = None
+
+    def task(self, body: Callable[..., Any], **options: Any) -> _Task:
+        return _Task(self.ray, body, self.env, {**self.options, **options})
 
     def map_unordered(
         self, submit: Callable[[Any], Any], items: Iterable[Any], on_result: Callable[[Any, Any], None],
@@ -165,6 +192,31 @@ def _location(dataset: Dataset, path_or_rel: str) -> str:
         return path_or_rel if os.path.isabs(path_or_rel) else os.path.join(dataset.root, path_or_rel)
     full = path_or_rel if path_or_rel.startswith(dataset.root) else dataset.join(path_or_rel)
     return f"{dataset.protocol}://{full}"
+
+
+# What an object store answers a reader whose credentials are missing or refused (botocore, gcsfs, adlfs).
+_ACCESS_ERRORS = (
+    "NoCredentialsError", "PartialCredentialsError", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "Forbidden", "AuthorizationFailure", "AuthenticationFailed",
+)
+
+
+def refuse_access_failures(dataset: Dataset, bad: Iterable[BadInput]) -> None:
+    """One StorageError when a worker could not read the dataset for want of credentials.
+
+    That is never a bad input to skip: the nodes without credentials would leave out every sample
+    they drew, silently. Names the dataset URL, never a credential.
+    """
+    for item in bad:
+        if item.reason == "unreadable" and any(name in item.detail for name in _ACCESS_ERRORS):
+            raise StorageError(
+                f"Ray workers cannot read {dataset.display_url} ({item.detail.splitlines()[0][:200]}): the credentials "
+                "they read it with are missing or refused on their node. Give them to the driver's environment "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN: trtcal hands them to its Ray "
+                "tasks) or as --storage-option key=... secret=..., or to the cluster's nodes (an instance role, "
+                "a Kubernetes Secret). Nothing was published.",
+                url=dataset.display_url,
+            )
 
 
 def _bad_input_message(what: str, bad: Sequence[BadInput], advice: str) -> str:

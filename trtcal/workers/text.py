@@ -368,8 +368,6 @@ def _select_text_refs(b: _Build, tokenizer: Any, wall: dict[str, float]) -> tupl
 
 def build_text(b: _Build, started: float) -> BuildReport:
     """`build_batch` for text/token data: count, draw, encode in Ray tasks, write sorted by id."""
-    import ray
-
     from trtcal.batch import write_batch
     from trtcal.workers.build_base import BadInput, BuildReport, _bad_input_message, _location
 
@@ -384,7 +382,7 @@ def build_text(b: _Build, started: float) -> BuildReport:
     tokenizer = tokenizer_ref(config.tokenizer)
     refs, selection, warnings = _select_text_refs(b, tokenizer, wall)
     t0 = time.perf_counter()
-    task = ray.remote(_text_task).options(num_cpus=1, max_retries=config.max_retries, retry_exceptions=False)
+    task = b.run.task(_text_task)
     size = config.chunk_size or _ROWS_PER_TASK
     chunks = [refs[i : i + size] for i in range(0, len(refs), size)]
     encoded: list[tuple[str, dict[str, npt.NDArray[Any]]]] = []
