@@ -369,7 +369,13 @@ def _select_text_refs(b: _Build, tokenizer: Any, wall: dict[str, float]) -> tupl
 def build_text(b: _Build, started: float) -> BuildReport:
     """`build_batch` for text/token data: count, draw, encode in Ray tasks, write sorted by id."""
     from trtcal.batch import write_batch
-    from trtcal.workers.build_base import BadInput, BuildReport, _bad_input_message, _location
+    from trtcal.workers.build_base import (
+        BadInput,
+        BuildReport,
+        _bad_input_message,
+        _location,
+        refuse_access_failures,
+    )
 
     config, dataset = b.config, b.dataset
     specs = config.inputs
@@ -393,7 +399,9 @@ def build_text(b: _Build, started: float) -> BuildReport:
     def on_result(chunk: list[_TextRef], result: Any) -> None:
         rows, rejected, spent = result
         encoded.extend(rows)
-        bad.extend(BadInput(s, _location(dataset, p), reason, detail) for s, p, reason, detail in rejected)
+        rejected_inputs = [BadInput(s, _location(dataset, p), reason, detail) for s, p, reason, detail in rejected]
+        refuse_access_failures(dataset, rejected_inputs)  # missing credentials: one error, never skipped rows
+        bad.extend(rejected_inputs)
         seconds["transform"] += spent
         b.progress.advance("preprocess", len(chunk))
 
