@@ -522,6 +522,7 @@ def open_any(
     *,
     verify: bool = True,
     filesystem: Any = None,
+    spec: Mapping[str, Any] | None = None,
     **storage_options: Any,
 ) -> CalibrationBatch:
     """A CalibrationBatch from whatever a user may hand over: the one batch opener.
@@ -534,6 +535,8 @@ def open_any(
         input_names: the model's fed inputs, or a function giving them (called only when a
             ``.npy`` file or an ndarray must be assigned to the model's one input).
         verify: check an .arrow batch's fingerprint on open.
+        spec: the batch spec of a ``.npy``/``.npz`` file (e.g. ``{"inputs": ...}``, the declared
+            input specs); an .arrow batch carries its own.
 
     Raises:
         DataError: unreadable data, or an unnamed array for a model with several inputs.
@@ -553,9 +556,9 @@ def open_any(
         if "://" in text:
             raise ConfigError(f"{text}: .npy/.npz data must be a local file; use an .arrow batch for URLs")
         if suffix == ".npz":
-            return batch_from_numpy(text)
+            return batch_from_numpy(text, spec=spec)
         names = _only_input(input_names, f"{text} holds one unnamed array", "use an .npz with one array per input name")
-        return batch_from_numpy(text, input_name=names[0])
+        return batch_from_numpy(text, input_name=names[0], spec=spec)
     raise ConfigError(f"batch must be a CalibrationBatch, a path/URL or a mapping of arrays, got {type(source).__name__}")
 
 

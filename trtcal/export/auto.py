@@ -36,7 +36,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -301,6 +301,30 @@ def _num_rows(inputs: Mapping[str, npt.NDArray[Any]]) -> int:
     return int(next(iter(inputs.values())).shape[0])
 
 
+class FeedLayout(Protocol):
+    """What the simulator needs of `trtcal.runners.base.BatchLayout`."""
+
+    batch_axes: tuple[tuple[str, int], ...]
+
+    def feed(self, chunk: dict[str, npt.NDArray[Any]], rows: int) -> Mapping[str, npt.NDArray[Any]]: ...
+
+
+def output_batch_axes(model: onnx.ModelProto, input_axes: Mapping[str, int]) -> dict[str, int]:
+    """Output name -> its batch axis: where it has the symbolic dim that the fed inputs have on their
+    batch axis (axis 0 unless declared); 0 when the shapes do not say."""
+    names = set()
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        axis = input_axes.get(vi.name, 0)
+        if axis < len(dims) and dims[axis].dim_param:
+            names.add(dims[axis].dim_param)
+    axes = {}
+    for vi in model.graph.output:
+        params = [d.dim_param for d in vi.type.tensor_type.shape.dim]
+        axes[vi.name] = next((k for k, p in enumerate(params) if p and p in names), 0)
+    return axes
+
+
 def _scale_feed(scale_names: Mapping[str, str], amax: Mapping[str, float]) -> Feed:
     scales = activation_scales({t: amax[t] for t in scale_names})
     return {scale_names[t]: np.array(scales[t], dtype=np.float32) for t in scale_names}
@@ -310,8 +334,12 @@ class AutoSimulator:
     """The sessions of one search: FP32 reference, exact Q/DQ model with scale inputs, side branches."""
 
     def __init__(self, model: ModelLike, tensors: Sequence[str], qdq_config: QdqConfig | None = None, *,
-                 micro_batch: int = 8, intra_op_threads: int = 0) -> None:
+                 micro_batch: int = 8, intra_op_threads: int = 0, feed: FeedLayout | None = None) -> None:
+        """`feed` turns a micro-batch of batch rows into the model feed (declared batch axes moved,
+        constants added: `trtcal.runners.base.BatchLayout.feed`); None feeds the rows as they are."""
         fp32, _ = _upgrade_opset(load_model(model))
+        self._feed = feed
+        self._output_axes = output_batch_axes(fp32, dict(feed.batch_axes) if feed is not None else {})
         placeholder = {t: 1.0 for t in tensors}
         self.plan = plan_qdq(fp32, activation_scales(placeholder), qdq_config or QdqConfig())
         self.searched = tuple(dict.fromkeys(q.tensor for q in self.plan.inputs if q.kind == "activation"))
@@ -336,10 +364,16 @@ class AutoSimulator:
         n = _num_rows(inputs)
         parts: list[list[npt.NDArray[Any]]] = [[] for _ in wanted]
         for start in range(0, n, self.micro_batch):
-            result = session.run(wanted, {**_rows(inputs, start, start + self.micro_batch), **(extra or {})})
+            result = session.run(wanted, {**self._rows(inputs, start), **(extra or {})})
             for k, value in enumerate(result):
                 parts[k].append(np.asarray(value))
-        return [np.concatenate(p, axis=0) for p in parts]
+        # Batch-first whatever the model's layout (a recurrent state output [2, batch, 128]).
+        axes = [self._output_axes.get(name, 0) for name in wanted]
+        return [np.moveaxis(np.concatenate(p, axis=a), a, 0) for p, a in zip(parts, axes)]
+
+    def _rows(self, inputs: Mapping[str, npt.NDArray[Any]], start: int) -> Feed:
+        rows = _rows(inputs, start, start + self.micro_batch)
+        return rows if self._feed is None else dict(self._feed.feed(rows, _num_rows(rows)))
 
     def reference(self, inputs: Mapping[str, npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
         return self.outputs(self.fp32_session, inputs)
@@ -369,7 +403,7 @@ class AutoSimulator:
         n = _num_rows(inputs)
         feed_scales = _scale_feed(scale_inputs, amax)
         for start in range(0, n, self.micro_batch):
-            result = session.run(names, {**_rows(inputs, start, start + self.micro_batch), **feed_scales})
+            result = session.run(names, {**self._rows(inputs, start), **feed_scales})
             for name, value in zip(names, result):
                 per_sample[name].append(np.asarray(value, dtype=np.float64).reshape(-1))
         totals = {name: math.fsum(np.concatenate(parts).tolist()) for name, parts in per_sample.items()}

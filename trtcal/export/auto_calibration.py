@@ -27,7 +27,7 @@ from trtcal.core.auto_search import CANDIDATES, candidate_amax, search_slices
 from trtcal.core.histogram import Histogram
 from trtcal.core.ranges import apply_manual_ranges
 from trtcal.errors import ModelError, TrtcalError
-from trtcal.export.auto import AutoConfig, AutoResult, AutoSimulator, search_auto, verdict
+from trtcal.export.auto import AutoConfig, AutoResult, AutoSimulator, FeedLayout, search_auto, verdict
 from trtcal.export.qdq import QdqConfig
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 
@@ -96,6 +96,7 @@ def auto_and_verdict(
     config: AutoConfig | None = None,
     qdq_config: QdqConfig | None = None,
     progress: ProgressCallback = NO_PROGRESS,
+    feed: FeedLayout | None = None,
 ) -> AutoOutcome:
     """Run auto (when `run_auto`) and the verdict over the requested methods, the candidates and auto.
 
@@ -105,6 +106,7 @@ def auto_and_verdict(
         requested: method -> tensor -> amax of the explicitly requested methods (auto excluded).
         default: the label written as calibration.cache ("auto" or a requested method).
         judge: run the verdict (False: auto alone; `AutoOutcome.verdict` is None).
+        feed: the batch's layout (declared batch axes, constant inputs); None feeds the rows as they are.
     """
     config = config or AutoConfig()
     timings: dict[str, float] = {}
@@ -116,7 +118,9 @@ def auto_and_verdict(
     candidates = candidate_tables(tensor_names, histograms, manual_ranges or {}) if have_histograms else {}
     search_rows, verdict_rows = search_slices(sample_ids, config.slice_size)
     try:
-        simulator = AutoSimulator(model, tensor_names, qdq_config, micro_batch=config.micro_batch, intra_op_threads=config.intra_op_threads)
+        simulator = AutoSimulator(
+            model, tensor_names, qdq_config, micro_batch=config.micro_batch, intra_op_threads=config.intra_op_threads, feed=feed
+        )
     except ModelError as exc:  # e.g. no float output, or ONNX Runtime cannot run the Q/DQ model (custom ops)
         return _unjudged(str(exc), candidates, run_auto=run_auto, judge=judge, default=default)
     timings["auto_setup"] = time.perf_counter() - t0

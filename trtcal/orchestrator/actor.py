@@ -9,6 +9,7 @@ log the driver polls (`follow`), and `run_actor` turns Ray's failures into trtca
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trtcal.config import CalibrationConfig
-from trtcal.errors import BackendUnavailableError, InternalError, TrtcalError, WorkerError
+from trtcal.errors import BackendUnavailableError, ConfigError, InternalError, TrtcalError, WorkerError
 from trtcal.export.artifacts import MANIFEST
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 
@@ -55,6 +56,7 @@ class ActorRequest:
     model_label: str = ""  # the user's path or URL of the model: errors name it, not the actor's temp copy
     # The driver's storage credentials (`trtcal._secrets.driver_env`), set while the actor calibrates.
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    inputs: Mapping[str, Any] = field(default_factory=dict)  # declared input specs (JSON form) for a .npy/.npz batch
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,7 @@ def run_calibration(
             shipped = Path(tmp) / Path(batch_url.split("?")[0]).name
             shipped.write_bytes(batch_bytes)
             batch_url = str(shipped)
-        batch = open_given_batch(batch_url, request.model_bytes, request.storage_options)
+        batch = open_given_batch(batch_url, request.model_bytes, request.storage_options, request.inputs)
         if request.backend == "tensorrt":
             return _run_tensorrt(model_path, batch, request, progress)
         try:
@@ -299,11 +301,25 @@ def model_inputs(model_bytes: bytes) -> list[str]:
     return input_names(model_bytes)
 
 
-def open_given_batch(url: str, model_bytes: bytes, storage_options: Mapping[str, Any]) -> Any:
-    """An .arrow batch (any fsspec URL) or a local .npy/.npz as a CalibrationBatch."""
+def open_given_batch(
+    url: str, model_bytes: bytes, storage_options: Mapping[str, Any], inputs: Mapping[str, Any] | None = None
+) -> Any:
+    """An .arrow batch (any fsspec URL) or a local .npy/.npz as a CalibrationBatch.
+
+    `inputs` (declared input specs, JSON form) go into a .npy/.npz batch's spec, so the runners feed
+    its arrays as declared (batch axes, constants, masks); an .arrow batch carries the specs it was
+    built with, and different ones are a ConfigError (rebuild it with them)."""
     from trtcal.batch import open_any
 
-    return open_any(url, lambda: model_inputs(model_bytes), **dict(storage_options))
+    spec = {"inputs": dict(inputs)} if inputs else None
+    batch = open_any(url, lambda: model_inputs(model_bytes), spec=spec, **dict(storage_options))
+    if inputs and dict(batch.spec.get("inputs") or {}) != dict(inputs):
+        raise ConfigError(
+            f"--inputs {json.dumps(dict(inputs), sort_keys=True)} differ from the input specs batch {url!r} was built with "
+            f"({json.dumps(batch.spec.get('inputs') or {}, sort_keys=True)}); a built batch keeps its own: rebuild it "
+            "with these --inputs, or leave --inputs out"
+        )
+    return batch
 
 
 # --- the actor and its driver side ----------------------------------------------------------------

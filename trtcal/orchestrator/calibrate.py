@@ -172,13 +172,19 @@ def _auto_and_verdict(
         return None
     from trtcal.export.auto import AutoConfig
     from trtcal.export.auto_calibration import auto_and_verdict, check_min_sqnr
+    from trtcal.model import model_inputs
+    from trtcal.runners.base import batch_layout
 
+    # Declared batch axes and constant inputs: the simulator feeds the rows as the runner does.
+    layout = batch_layout(model_inputs(loaded.proto), cal_batch, cal_batch.source)
+    plain = layout.stacked and not layout.batch_axes and not layout.constants
+    micro_batch = layout.micro_batch(min(AutoConfig().micro_batch, cfg.micro_batch))  # a model may fix its batch size
     outcome = auto_and_verdict(
         loaded.proto, tensor_names, histograms, cal_batch.sample_ids,
         {name: cal_batch.array(name) for name in cal_batch.input_names},
         {m: amax[m] for m in cfg.algorithms if m != AUTO}, manual_ranges=cfg.manual_ranges,
         run_auto=AUTO in cfg.algorithms, default=cfg.algorithms[0], judge=cfg.verdict, progress=progress,
-        config=AutoConfig(micro_batch=min(AutoConfig().micro_batch, cfg.micro_batch)),  # a model may fix its batch size
+        config=AutoConfig(micro_batch=micro_batch), feed=None if plain else layout,
     )
     if outcome.auto_amax is not None:
         amax[AUTO] = apply_manual_ranges(outcome.auto_amax, cfg.manual_ranges)

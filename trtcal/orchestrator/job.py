@@ -239,7 +239,7 @@ class Job:
         job = cls(cfg, model_bytes, os.fspath(data), store, model_sha)
         job.model_label = os.fspath(model)
         if job.given_batch:
-            batch = open_given_batch(job.data, job.model_bytes, cfg.storage_options)
+            batch = open_given_batch(job.data, job.model_bytes, cfg.storage_options, job.declared_inputs())
             job.spec, job.batch_key, job.fingerprint = dict(batch.spec), batch.fingerprint, batch.fingerprint
         else:
             from trtcal.config import BatchConfig
@@ -338,8 +338,14 @@ class Job:
         return ActorRequest(
             model_bytes=self.model_bytes, batch_url="", calibration=cfg.calibration,
             storage_options=dict(cfg.storage_options), export_qdq=cfg.export_qdq, backend=cfg.backend,
-            model_label=self.model_label,
+            model_label=self.model_label, inputs=self.declared_inputs(),
         )
+
+    def declared_inputs(self) -> dict[str, Any]:
+        """--inputs in JSON form ({} when none): a given .npy/.npz batch is fed as they declare."""
+        from trtcal.config import input_specs_to_dict
+
+        return input_specs_to_dict(self.cfg.batch.inputs) if self.cfg.batch.inputs else {}
 
     def publish(self, result: ActorResult, runner: tuple[str, str], progress: ProgressCallback) -> _Hit:
         """Store the actor's artifacts under their key (TensorRT: keyed by the version that really ran)."""
