@@ -22,6 +22,7 @@ Runtime, except on a CUDA device where onnxruntime lacks its CUDA provider and P
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -134,7 +135,8 @@ def batch_layout(inputs: Mapping[str, ModelInput], batch: CalibrationBatch, sour
         raise DataError(
             f"calibration batch {batch.source!r} does not match model {source!r}: {'; '.join(parts)}. "
             f"The model's inputs are {sorted(inputs)}; the batch holds {sorted(got)}"
-            + ("; declare constant inputs (value) with --inputs" if missing else "")
+            + (f"; declare constant inputs (value) with --inputs '{_spec_hint(_missing_hint(missing, fed, got, specs))}'"
+               " (VALUE: the input's constant, e.g. a sample rate); see docs/inputs.md" if missing else "")
         )
     modes: dict[str, tuple[bool, int | None]] = {}
     axes: list[tuple[str, int]] = []
@@ -154,15 +156,51 @@ def batch_layout(inputs: Mapping[str, ModelInput], batch: CalibrationBatch, sour
             + (f"stacked, batch dim {'?' if lead is None else lead}" if stacked else "one whole feed per row")
             for n, (stacked, lead) in sorted(modes.items())
         )
+        hint = _suggested_specs({n: fed[n] for n in modes if n not in specs}, got)
         raise DataError(
-            f"inputs disagree on the batch axis: {described}. Declare each input's batch axis "
-            "(e.g. --inputs '{\"state\": {\"batch_axis\": 1}}'), or its value if it is a constant; see docs/inputs.md"
+            f"inputs disagree on the batch axis: {described}. Declare each input's batch axis, or its value if it is "
+            "a constant"
+            + (f": --inputs '{_spec_hint(hint)}'" if hint else " (--inputs '{\"NAME\": {\"batch_axis\": K}}')")
+            + "; see docs/inputs.md"
         )
     stacked, lead = next(iter(modes.values()))
     constants = tuple(_constant_feed(specs[n], inputs[n], stacked) for n in sorted(inputs) if n in specs and specs[n].is_constant)
     masks = [n for n, s in specs.items() if s.mask]
     return BatchLayout(stacked=stacked, fixed_batch=lead, batch_axes=tuple(axes), constants=constants,
                        mask_input=masks[0] if masks else None)
+
+
+_VALUE = "VALUE"  # placeholder in a suggested spec: the user's constant
+
+
+def _spec_hint(specs: Mapping[str, Any]) -> str:
+    """The --inputs JSON of suggested specs, VALUE left as a bare placeholder."""
+    text = json.dumps(dict(sorted(specs.items())), separators=(", ", ": "))
+    return text.replace(f'"{_VALUE}"', _VALUE)
+
+
+def _missing_hint(missing: list[str], fed: Mapping[str, ModelInput], got: Mapping[str, Any], specs: Mapping[str, Any]) -> dict[str, Any]:
+    """Constants for the missing inputs, plus the batch axes the present ones will need."""
+    present = {n: m for n, m in fed.items() if n in got and n not in specs}
+    return {**_suggested_specs(present, got), **{n: {"value": _VALUE} for n in missing}}
+
+
+def _suggested_specs(undeclared: Mapping[str, ModelInput], got: Mapping[str, Any]) -> dict[str, Any]:
+    """Specs that would make the undeclared inputs agree: a scalar is a constant; an input whose
+    samples fit its model shape only with the batch on one axis k != 0 gets batch_axis k."""
+    hint: dict[str, Any] = {}
+    for name, expected in undeclared.items():
+        dims, sample = expected.dims, tuple(got[name].shape)
+        if not dims:
+            hint[name] = {"value": _VALUE}
+            continue
+        if len(sample) != len(dims) - 1:
+            continue
+        fits = [k for k in range(len(dims)) if dims[k] is None
+                and all(w is None or w == h for w, h in zip(dims[:k] + dims[k + 1 :], sample))]
+        if len(fits) == 1 and fits[0] != 0:
+            hint[name] = {"batch_axis": fits[0]}
+    return hint
 
 
 def _constant_feed(spec: Any, expected: ModelInput, stacked: bool) -> tuple[str, Any, int | None]:

@@ -74,3 +74,28 @@ def test_a_constant_zero_state_per_sample_is_repeated_along_its_batch_axis():
     stats = runner.collect_stats(batch, micro_batch=3)
     w = np.linspace(-1.0, 1.0, 16 * 8, dtype=np.float32).reshape(16, 8)
     assert stats["y"].amax == pytest.approx(float(np.abs(data["x"] @ w).max()), rel=1e-6)
+
+
+def test_the_refusal_suggests_the_specs_that_fit_the_model():
+    batch = batch_from_arrays(_data(), source="/tmp/tmpabc.npz")
+    runner = make_runner(vad_like_model(), kind="onnxruntime")
+    # sr missing: the constant and, in the same message, the state's batch axis it will need next.
+    with pytest.raises(DataError, match=r"""--inputs '\{"sr": \{"value": VALUE\}, "state": \{"batch_axis": 1\}\}'"""):
+        runner.collect_stats(batch)
+    with_sr = batch_from_arrays({**_data(), "sr": np.full(10, 16000, dtype=np.int64)}, source="/tmp/tmpabc.npz")
+    with pytest.raises(DataError, match=r"""disagree on the batch axis.*--inputs '\{"sr": \{"value": VALUE\}, "state": \{"batch_axis": 1\}\}'"""):
+        runner.collect_stats(with_sr)
+
+
+def test_auto_and_the_verdict_feed_the_declared_layout():
+    """auto's search and the verdict run the model themselves: they must feed the state on axis 1 and
+    the sr constant as the runners do (they fed the raw columns: ONNX Runtime refused the feed)."""
+    import trtcal
+
+    specs = parse_input_specs({"sr": {"value": 16000}, "state": {"batch_axis": 1}})
+    batch = batch_from_arrays(_data(40), spec={"inputs": input_specs_to_dict(specs)})
+    result = trtcal.calibrate(vad_like_model(), batch, micro_batch=3)
+    assert result.algorithms[0] == "auto"
+    verdict = result.manifest["verdict"]
+    assert not verdict.get("skipped"), verdict
+    assert verdict["rows"]["auto"]["outputs"]["y"]["sqnr_db"] > 20
