@@ -40,6 +40,7 @@ __all__ = [
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 WEIGHTED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # also TensorRT's "smoothing" layers
+_RECURRENT = frozenset({"LSTM", "GRU", "RNN"})  # never given Q/DQ; reported when inside a body
 
 # Ops that only move or reshape data (the data input passes through unchanged in value).
 _SHAPE_ONLY = frozenset(
@@ -381,7 +382,7 @@ def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
 
 
 def subgraph_weighted_inputs(graph: onnx.GraphProto) -> list[str]:
-    """One line per activation input of a weighted layer inside a subgraph, which stays float."""
+    """One line per activation input of a weighted or recurrent layer inside a subgraph, which stays float."""
     lines: list[str] = []
     for label, body in iter_subgraphs(graph):
         local_constants = {t.name for t in body.initializer} | {
@@ -389,9 +390,11 @@ def subgraph_weighted_inputs(graph: onnx.GraphProto) -> list[str]:
         }
         outer_constants = {t.name for t in graph.initializer}
         for k, node in enumerate(body.node):
-            if node.op_type not in WEIGHTED_OP_TYPES or not _default(node):
+            if not _default(node):
                 continue
-            for name in node.input[:2]:
+            # A recurrent layer's data input (X) is reported too: it stays float like everything in a body.
+            inputs = node.input[:2] if node.op_type in WEIGHTED_OP_TYPES else node.input[:1] if node.op_type in _RECURRENT else []
+            for name in inputs:
                 if name and name not in local_constants and name not in outer_constants:
                     lines.append(
                         f"{name} (input of {node.op_type} '{node.name or f'{node.op_type}_{k}'}' in {label}): kept "
