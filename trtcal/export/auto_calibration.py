@@ -105,8 +105,8 @@ def auto_and_verdict(
             slices' rows are read).
         requested: method -> tensor -> amax of the explicitly requested methods (auto excluded).
         default: the label written as calibration.cache ("auto" or a requested method).
-        judge: run the verdict (False: auto alone; `AutoOutcome.verdict` is None).
-        feed: the batch's layout (declared batch axes, constant inputs); None feeds the rows as they are.
+        judge: run the verdict (False: auto alone; `AutoOutcome.verdict` is None). feed: the batch's
+            layout (declared batch axes, constant inputs); None feeds the rows as they are.
     """
     config = config or AutoConfig()
     timings: dict[str, float] = {}
@@ -118,9 +118,7 @@ def auto_and_verdict(
     candidates = candidate_tables(tensor_names, histograms, manual_ranges or {}) if have_histograms else {}
     search_rows, verdict_rows = search_slices(sample_ids, config.slice_size)
     try:
-        simulator = AutoSimulator(
-            model, tensor_names, qdq_config, micro_batch=config.micro_batch, intra_op_threads=config.intra_op_threads, feed=feed
-        )
+        simulator = AutoSimulator(model, tensor_names, qdq_config, micro_batch=config.micro_batch, intra_op_threads=config.intra_op_threads, feed=feed)
     except ModelError as exc:  # e.g. no float output, or ONNX Runtime cannot run the Q/DQ model (custom ops)
         return _unjudged(str(exc), candidates, run_auto=run_auto, judge=judge, default=default)
     timings["auto_setup"] = time.perf_counter() - t0
