@@ -99,3 +99,23 @@ def test_auto_and_the_verdict_feed_the_declared_layout():
     verdict = result.manifest["verdict"]
     assert not verdict.get("skipped"), verdict
     assert verdict["rows"]["auto"]["outputs"]["y"]["sqnr_db"] > 20
+
+
+def test_declared_inputs_reach_a_given_npz_and_must_match_a_built_arrow(tmp_path):
+    """`trtcal calibrate --data x.npz --inputs ...`: the specs go into the .npz batch (they were
+    silently ignored); an .arrow batch built with other specs is refused, naming both."""
+    from trtcal.batch import write_batch
+    from trtcal.errors import ConfigError
+    from trtcal.orchestrator.actor import open_given_batch
+
+    model = vad_like_model().SerializeToString()
+    declared = input_specs_to_dict(parse_input_specs({"sr": {"value": 8000}, "state": {"batch_axis": 1}}))
+    np.savez(tmp_path / "b.npz", **_data())
+    batch = open_given_batch(str(tmp_path / "b.npz"), model, {}, declared)
+    assert batch.spec["inputs"] == declared
+    stats = make_runner(vad_like_model(), kind="onnxruntime", tensors=["y"]).collect_stats(batch, micro_batch=4)
+    assert stats["y"].count == 10 * 8
+    write_batch(tmp_path / "b.arrow", _data(), [f"r{i}" for i in range(10)], spec={})
+    with pytest.raises(ConfigError, match=r"--inputs .*differ from the input specs batch .*b\.arrow.* was built with"):
+        open_given_batch(str(tmp_path / "b.arrow"), model, {}, declared)
+    assert open_given_batch(str(tmp_path / "b.arrow"), model, {}, {}).num_rows == 10
