@@ -20,7 +20,8 @@ Run (torch, transformers and the weights package are bench-only dependencies):
     python bench/bench_transformer.py [--calibration 256] [--evaluation 128] [--max-length 128] [--smooth ALPHA]
 
 `--smooth ALPHA` measures SmoothQuant-style smoothing (bench-side, not in trtcal yet): the per-channel
-outliers of every MatMul activation input move into the weights before trtcal calibrates the copy.
+outliers of the LayerNorm outputs move into the Q/K/V and FFN-input weights before trtcal calibrates
+the copy (defaults of trtcal unchanged).
 """
 
 from __future__ import annotations
@@ -135,10 +136,12 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int, pad_to: int | No
 
 
 def smoothed_model(model_path: Path, batch: dict[str, np.ndarray], alpha: float) -> Path:
-    """SmoothQuant-style migration (Xiao et al. 2023; ModelOpt's INT8 SmoothQuant): for each activation
-    read by MatMuls with constant 2-D weights W [K, N], s_k = max|x_k|^alpha / max_n|W_kn|^(1-alpha)
-    over the calibration batch's real tokens; the MatMuls read Mul(x, 1/s) and use W * s[:, None]
-    (the same function in FP32). The Mul is a pointwise op that TensorRT fuses with the producer."""
+    """SmoothQuant-style migration (Xiao et al. 2023; ModelOpt's INT8 SmoothQuant) where the paper
+    applies it: the LayerNorm outputs read by MatMuls with constant 2-D weights W [K, N] (the Q/K/V and
+    FFN-input denses). s_k = max|x_k|^alpha / max_n|W_kn|^(1-alpha) over the calibration batch's real
+    tokens; those MatMuls read Mul(x, 1/s) and use W * s[:, None] (the same function in FP32). In this
+    post-LN encoder the LayerNorm output also feeds the residual Add, so 1/s is an explicit Mul (a
+    pre-LN model folds it into the LayerNorm's gamma and beta)."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
@@ -149,9 +152,10 @@ def smoothed_model(model_path: Path, batch: dict[str, np.ndarray], alpha: float)
     model = onnx.load(str(model_path))
     graph = model.graph
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    normalized = {o for n in graph.node if n.op_type == "LayerNormalization" for o in n.output}
     groups: dict[str, list[int]] = {}
     for i, node in enumerate(graph.node):
-        if node.op_type == "MatMul" and node.input[1] in weights and weights[node.input[1]].ndim == 2:
+        if node.op_type == "MatMul" and node.input[0] in normalized and weights.get(node.input[1], np.empty(0)).ndim == 2:
             groups.setdefault(node.input[0], []).append(i)
     session = ort.InferenceSession(with_extra_outputs(model, sorted(groups)).SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
