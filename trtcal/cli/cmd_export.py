@@ -79,6 +79,22 @@ def register(subparsers: Any) -> None:
         help="write the model even when nothing gets quantized (otherwise an error naming why)",
     )
     qdq.set_defaults(func=run_qdq)
+    smooth = actions.add_parser(
+        "smooth",
+        help="a SmoothQuant-smoothed FP32 copy of a transformer (calibrate and deploy it instead)",
+        description=(
+            "Move the per-channel outliers of LayerNorm outputs read by MatMuls into those MatMuls' weights "
+            "(s = max|x|^alpha / max|W|^(1-alpha), per input channel, over the calibration data); the same "
+            "FP32 function. docs/qdq.md, 'Smoothing'."
+        ),
+    )
+    smooth.add_argument("model", help="the FP32 ONNX model")
+    smooth.add_argument("--data", required=True, metavar="FILE", help="calibration data: .npz (one array per input) or .arrow batch")
+    smooth.add_argument("--alpha", type=float, default=0.5, help="migration strength in [0, 1] (default 0.5)")
+    smooth.add_argument("--mask-input", metavar="NAME", help="attention-mask input (0 = padding): padded positions do not count")
+    smooth.add_argument("--micro-batch", type=int, default=32, metavar="N", help="rows per ONNX Runtime run (default 32)")
+    smooth.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the smoothed model")
+    smooth.set_defaults(func=run_smooth)
 
 
 def qdq_config_from_args(args: argparse.Namespace) -> Any:
@@ -141,4 +157,25 @@ def run_qdq(args: argparse.Namespace) -> int:
         f"{len(report.float_in_subgraphs)} input(s) inside If/Loop/Scan bodies; {len(report.mask_adds)} mask Adds float",
         file=sys.stderr,
     )
+    return 0
+
+
+def run_smooth(args: argparse.Namespace) -> int:
+    from trtcal.batch import open_any
+    from trtcal.export.qdq import load_model, save_model
+    from trtcal.export.smoothing import smooth_model
+    from trtcal.model import model_inputs
+
+    if args.micro_batch < 1:
+        raise ConfigError(f"--micro-batch must be >= 1, got {args.micro_batch}")
+    model = load_model(args.model)
+    batch = open_any(args.data, lambda: sorted(model_inputs(model)))
+    if args.mask_input is not None and args.mask_input not in batch.input_names:
+        raise ConfigError(f"--mask-input {args.mask_input!r} is not in the data (it holds {list(batch.input_names)})")
+    arrays = {name: batch.array(name) for name in batch.input_names}
+    feeds = [{k: v[i : i + args.micro_batch] for k, v in arrays.items()} for i in range(0, batch.num_rows, args.micro_batch)]
+    smoothed, report = smooth_model(model, feeds, alpha=args.alpha, mask_input=args.mask_input)
+    save_model(smoothed, args.output)
+    print(f"smoothed {len(report.smoothed)} tensor(s) read by "
+          f"{sum(len(v) for v in report.smoothed.values())} MatMul(s) (alpha {args.alpha}); wrote {args.output}")
     return 0
