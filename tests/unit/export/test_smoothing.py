@@ -141,3 +141,23 @@ def test_same_bytes_twice_and_nothing_to_smooth_without_layernorm():
     assert smoothing_groups(plain) == {}
     unchanged, report = smooth_model(plain, feeds())
     assert unchanged.SerializeToString() == plain.SerializeToString() and report.smoothed == {}
+
+
+def test_cli_export_smooth_writes_the_same_model_as_the_api(tmp_path, capsys):
+    from trtcal.cli import main
+
+    model = post_ln_block()
+    onnx.save(model, tmp_path / "m.onnx")
+    data = feeds()
+    np.savez(tmp_path / "d.npz", x=np.concatenate([f["x"] for f in data]), mask=np.concatenate([f["mask"] for f in data]))
+    rc = main(["export", "smooth", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--mask-input", "mask",
+               "--micro-batch", "8", "-o", str(tmp_path / "s.onnx")])
+    assert rc == 0
+    assert "smoothed 1 tensor(s) read by 2 MatMul(s)" in capsys.readouterr().out
+    expected, _ = smooth_model(model, data, alpha=0.5, mask_input="mask")
+    from trtcal.export.qdq import serialize_model
+
+    assert (tmp_path / "s.onnx").read_bytes() == serialize_model(expected)
+    assert main(["export", "smooth", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--mask-input", "nope",
+                 "-o", str(tmp_path / "t.onnx")]) == 2
+    assert "--mask-input 'nope' is not in the data" in capsys.readouterr().err
