@@ -156,6 +156,21 @@ def test_micro_batch_size_does_not_change_the_artifacts(first_run: Any, efficien
     assert different == [], f"micro-batch 5 vs 32 changed {different}"
 
 
+def test_activation_budget_changes_samples_per_run_not_the_artifacts(first_run: Any, efficientnet_path: Path,
+                                                                    photo_batch_path: Path, tmp_path: Path) -> None:
+    """The default budget runs EfficientNet-Lite0 (~50 MB of tensors per image) a few images at a time;
+    1 MiB runs one image at a time, 0 (no limit) 32: the same bytes (the default is the first run)."""
+    result, out = first_run
+    default = result.manifest["runner"]["samples_per_run"]
+    assert 1 < default < 32 and result.manifest["runner"]["micro_batch"] == 32
+    for budget, expected in ((1, 1), (0, 32)):
+        run = calibrate(efficientnet_path, photo_batch_path, algorithms=METHODS, output_dir=tmp_path / str(budget),
+                        activation_budget_mib=budget)
+        assert run.manifest["runner"]["samples_per_run"] == expected
+        different = [name for name in HASHED if _artifacts(out)[name] != _artifacts(tmp_path / str(budget))[name]]
+        assert different == [], f"activation budget {budget} MiB changed {different}"
+
+
 def test_cli_end_to_end(efficientnet_path: Path, photo_batch_path: Path, first_run: Any, tmp_path: Path) -> None:
     _result, out = first_run
     rc = cli_main(["-q", "calibrate", str(efficientnet_path), "--data", str(photo_batch_path), "--algorithm",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import mmap
 import os
 import tempfile
@@ -432,34 +431,65 @@ def batch_from_arrays(
 
 
 def _npy_mapping(path: str) -> tuple[_FileMapping, npt.NDArray[Any]]:
-    mapping = _FileMapping(path)
-    header = mapping.mmap[:8192]
-    import io
+    from trtcal.batch._numpy_files import map_npy
 
-    stream = io.BytesIO(header)
+    return map_npy(path)
+
+
+def _mapped_batch(
+    arrays: Mapping[str, npt.NDArray[Any]], sample_ids: Sequence[str] | None, mapping: Any, spec: Mapping[str, Any] | None,
+    source: str,
+) -> CalibrationBatch:
+    """A batch of memory-mapped arrays (rows in file order, ids absent or sorted), fingerprinted with
+    the mapped pages handed back as they are hashed."""
+    if not arrays:
+        raise DataError(f"{source}: no input arrays")
+    columns = {}
+    for name, arr in arrays.items():
+        arr = _check_array(name, arr, None)
+        if arr.dtype.byteorder == ">" or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("=")))
+        columns[_check_input_name(name)] = arr
+    counts = {a.shape[0] for a in columns.values()}
+    if len(counts) != 1:
+        raise DataError(f"{source}: inputs have different numbers of rows: { {n: a.shape[0] for n, a in columns.items()} }")
+    n = counts.pop()
+    ids = validate_sample_ids(sample_ids) if sample_ids is not None else _numbered_ids(n)
+    if len(ids) != n:
+        raise DataError(f"{source}: {n} rows but {len(ids)} sample ids")
+    return CalibrationBatch(
+        columns=columns, sample_ids=ids, fingerprint=compute_fingerprint(ids, columns, _release=mapping.release),
+        spec=json.loads(canonical_spec_json(spec or {})), source=source, mapping=mapping,
+    )
+
+
+def _npz_batch(path: str, spec: Mapping[str, Any] | None) -> CalibrationBatch:
+    """An .npz batch, memory-mapped (`trtcal.batch._numpy_files.map_npz`); ids out of order are sorted
+    in memory (a copy of the data)."""
+    import zipfile
+
+    from trtcal.batch._numpy_files import map_npz
+
     try:
-        major, _minor = np.lib.format.read_magic(stream)
-        if major == 1:
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-    except ValueError as exc:
+        arrays, ids_array, mapping = map_npz(path, SAMPLE_ID_COLUMN)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path} is not a readable .npz file without pickled objects ({exc})") from None
+    try:
+        sample_ids = None
+        if ids_array is not None:
+            if ids_array.dtype.kind != "U" or ids_array.ndim != 1:
+                raise DataError(f"{path}: {SAMPLE_ID_COLUMN!r} must be a 1-D array of strings, got {ids_array.dtype}")
+            sample_ids = [str(s) for s in ids_array]
+            if any(not a < b for a, b in zip(sample_ids, sample_ids[1:])):
+                logger.info("%s: sample ids are not in ascending order; sorting the rows in memory", path)
+                try:
+                    return batch_from_arrays(arrays, sample_ids, spec=spec, source=path)
+                finally:
+                    mapping.close()  # the sorted copy owns its data
+        return _mapped_batch(arrays, sample_ids, mapping, spec, path)
+    except BaseException:
         mapping.close()
-        raise DataError(f"{path} is not a valid .npy file ({exc})") from None
-    if dtype.hasobject:
-        mapping.close()
-        raise DataError(f"{path} holds Python objects; calibration data must be a numeric array")
-    offset = stream.tell()
-    count = math.prod(int(d) for d in shape)  # Python ints: no int64 wrap-around on hostile headers
-    if offset + count * dtype.itemsize > mapping.size:
-        mapping.close()
-        raise DataError(f"{path} is truncated: its header promises {shape} {dtype} but the file is shorter")
-    if count == 0 or any(int(d) > np.iinfo(np.intp).max for d in shape):
-        mapping.close()
-        raise DataError(f"{path} holds no rows with values (shape {shape}); calibration needs at least one sample")
-    arr = np.frombuffer(mapping.mmap, dtype=dtype, count=count, offset=offset)
-    arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
-    return mapping, arr
+        raise
 
 
 def batch_from_numpy(
@@ -471,8 +501,9 @@ def batch_from_numpy(
     """A calibration batch from a `.npy` file (one input), a `.npz` file (one array per input, keyed
     by input name; an optional string array ``sample_id`` gives the ids) or an ndarray.
 
-    `.npy` files are memory-mapped; `.npz` members are read into memory (use `.npy` or `.arrow`
-    for sets larger than memory). Rows without ids are numbered in file order.
+    `.npy` files and `.npz` members are memory-mapped (a compressed member is first decompressed
+    into an unlinked temp file): memory does not grow with the rows. An `.npz` whose ids are not in
+    ascending order is sorted in memory. Rows without ids are numbered in file order.
 
     Raises:
         DataError: unreadable file, object arrays, inconsistent row counts, bad ids.
@@ -490,29 +521,13 @@ def batch_from_numpy(
         if input_name is None:
             raise ConfigError(f"{path} holds one unnamed array: pass input_name (the model input it feeds)")
         mapping, arr = _npy_mapping(path)
-        arr = _check_array(input_name, arr, None)
-        if arr.dtype.byteorder == ">" or not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("=")))
-        ids = _numbered_ids(arr.shape[0])
-        columns = {_check_input_name(input_name): arr}
-        return CalibrationBatch(
-            columns=columns, sample_ids=ids,
-            fingerprint=compute_fingerprint(ids, columns, _release=mapping.release),
-            spec=json.loads(canonical_spec_json(spec or {})), source=path, mapping=mapping,
-        )
-    if suffix == ".npz":
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except (ValueError, OSError, EOFError) as exc:
-            raise DataError(f"{path} is not a readable .npz file without pickled objects ({exc})") from None
-        ids_array = arrays.pop(SAMPLE_ID_COLUMN, None)
-        sample_ids = None
-        if ids_array is not None:
-            if ids_array.dtype.kind != "U" or ids_array.ndim != 1:
-                raise DataError(f"{path}: {SAMPLE_ID_COLUMN!r} must be a 1-D array of strings, got {ids_array.dtype}")
-            sample_ids = [str(s) for s in ids_array]
-        return batch_from_arrays(arrays, sample_ids, spec=spec, source=path)
+            return _mapped_batch({input_name: arr}, None, mapping, spec, path)
+        except BaseException:
+            mapping.close()
+            raise
+    if suffix == ".npz":
+        return _npz_batch(path, spec)
     raise DataError(f"{path}: unsupported calibration data file type {suffix!r}; use .arrow, .npy or .npz")
 
 

@@ -55,6 +55,11 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--trt-version", default=None, metavar="X.Y.Z", help="TensorRT version for the cache header")
     group.add_argument("--micro-batch", type=int, default=None, metavar="N", help="samples per ONNX Runtime run")
+    group.add_argument(
+        "--activation-budget", type=int, default=None, metavar="MIB", dest="activation_budget_mib",
+        help="most MiB of calibrated tensor values one run holds (fewer samples per run; same results; "
+        "default 256, 0: no limit)",
+    )
     group.add_argument("--num-bins", type=int, default=None, metavar="N", help="histogram bins per tensor")
     group.add_argument(
         "--processes", type=int, default=None, metavar="N",
@@ -89,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     values: dict[str, Any] = {}
     if args.algorithms:
         values["algorithms"] = tuple(args.algorithms)
-    for option in ("trt_version", "micro_batch", "num_bins", "nonfinite", "processes", "allow_empty", "min_sqnr", "verdict"):
+    for option in ("trt_version", "micro_batch", "activation_budget_mib", "num_bins", "nonfinite", "processes", "allow_empty", "min_sqnr", "verdict"):
         value = getattr(args, option, None)
         if value is not None:
             values[option] = value

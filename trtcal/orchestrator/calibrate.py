@@ -353,10 +353,11 @@ def _calibrate_open_batch(
         raise DataError(f"calibration batch {cal_batch.source!r} holds no rows; calibration needs at least one sample")
     layout = runner.layout(cal_batch)
     timings["open_batch"] = time.perf_counter() - t0
+    # Samples per run: the micro-batch, fewer when the selected tensors would exceed the activation budget.
+    micro_batch = runner.budgeted_micro_batch(cal_batch, cfg.micro_batch, cfg.activation_budget_mib << 20)
     logger.info(
         "calibrating %d tensors of %s on %d samples (%s), micro-batch %d",
-        len(runner.tensor_names), loaded.source, cal_batch.num_rows, cal_batch.fingerprint,
-        layout.micro_batch(cfg.micro_batch),
+        len(runner.tensor_names), loaded.source, cal_batch.num_rows, cal_batch.fingerprint, micro_batch,
     )
 
     need_histograms = needs_histograms(cfg)
@@ -371,21 +372,21 @@ def _calibrate_open_batch(
     if source is not None:
         t0 = time.perf_counter()
         stats, counts = _collect_in_workers(
-            cfg, loaded, runner, source, cal_batch.num_rows, layout.micro_batch(cfg.micro_batch), workers,
+            cfg, loaded, runner, source, cal_batch.num_rows, micro_batch, workers,
             need_histograms, progress,
         )
         timings["statistics+histograms" if need_histograms else "statistics"] = time.perf_counter() - t0
     else:
         t0 = time.perf_counter()
         stats = runner.collect_stats(
-            cal_batch, micro_batch=cfg.micro_batch, nonfinite=cfg.nonfinite, progress=progress  # type: ignore[arg-type]
+            cal_batch, micro_batch=micro_batch, nonfinite=cfg.nonfinite, progress=progress  # type: ignore[arg-type]
         )
         timings["statistics"] = time.perf_counter() - t0
         if need_histograms:
             t0 = time.perf_counter()
             counts = runner.collect_counts(
                 cal_batch, {n: stats[n].amax for n in runner.tensor_names}, num_bins=cfg.num_bins,
-                micro_batch=cfg.micro_batch, nonfinite=cfg.nonfinite, progress=progress,  # type: ignore[arg-type]
+                micro_batch=micro_batch, nonfinite=cfg.nonfinite, progress=progress,  # type: ignore[arg-type]
             )
             timings["histograms"] = time.perf_counter() - t0
     if need_histograms:
@@ -397,7 +398,8 @@ def _calibrate_open_batch(
     amax, caches, files, outcome = _scales_and_artifacts(cfg, loaded, cal_batch, tensor_names, stats, histograms, progress, timings)
     manifest = build_manifest(
         model_sha256=loaded.sha256, model_source=loaded.source, batch=cal_batch, config=cfg,
-        runner={**runner.info, "micro_batch": layout.micro_batch(cfg.micro_batch), "processes": workers if source else 1},
+        runner={**runner.info, "micro_batch": layout.micro_batch(cfg.micro_batch), "samples_per_run": micro_batch,
+                "processes": workers if source else 1},
         num_tensors=len(tensor_names), files=files, verdict=None if outcome is None else outcome.verdict,
     )
     # The manifest's own timing of the write is measured up to the rename, not included.

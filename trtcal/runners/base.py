@@ -442,6 +442,38 @@ class BaseRunner:
         finally:
             progress.finish(stage)
 
+    def activation_bytes_per_sample(self, batch: CalibrationBatch) -> int:
+        """Bytes of the selected tensors' values for one sample: a one-row probe run, cached per input
+        shape. What one run holds grows with this times its samples (the values are outputs)."""
+        layout = self.layout(batch)
+        cache = self.__dict__.setdefault("_probe_cache", {})
+        key = tuple(sorted((n, tuple(i.shape), str(i.dtype)) for n, i in batch.inputs.items()))
+        if key not in cache:
+            with self._pass_context():
+                feed = self._uploader()(layout.feed(batch.rows(0, 1), 1))
+                cache[key] = sum(int(getattr(value, "nbytes", 0)) for _, value in self.infer_impl(feed))
+            release = getattr(self, "release_buffers", None)
+            if release is not None:
+                release()  # the next run holds several samples: no one-row buffers to keep
+        return int(cache[key])
+
+    def budgeted_micro_batch(self, batch: CalibrationBatch, requested: int, budget_bytes: int) -> int:
+        """The samples per run: `requested` (or the model's fixed batch), fewer when the selected tensors
+        of that many samples would exceed `budget_bytes` (at least 1; 0 means no budget). Results do
+        not depend on it: statistics and counts merge exactly over micro-batches."""
+        layout = self.layout(batch)
+        size = layout.micro_batch(requested)
+        if budget_bytes <= 0 or size <= 1 or layout.fixed_batch is not None or batch.num_rows <= 1:
+            return size
+        per_sample = self.activation_bytes_per_sample(batch)
+        fit = max(1, budget_bytes // max(per_sample, 1))
+        if fit < size:
+            logger.info(
+                "%d selected tensors take %.1f MiB per sample: %d samples per run instead of %d keep them under %.0f MiB",
+                len(self.tensor_names), per_sample / 2**20, fit, size, budget_bytes / 2**20,
+            )
+        return min(size, fit)
+
     def _mask_rules(self, mask_input: str | None) -> tuple[frozenset[str], dict[str, tuple[bool, tuple[int, ...]]]]:
         """(masked activations, token axes per tensor when a mask input is declared), cached."""
         from trtcal.model import mask_tensors, token_axes

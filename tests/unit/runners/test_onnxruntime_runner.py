@@ -203,3 +203,28 @@ def test_outputs_without_a_leading_batch_axis_survive_a_short_last_micro_batch()
         # The Gram output is per micro-batch: the merge of its blocks.
         blocks = [x[i : i + micro_batch] @ x[i : i + micro_batch].T for i in range(0, 10, micro_batch)]
         assert stats["g"] == merge_stats(reduce_stats(b) for b in blocks), micro_batch
+
+
+# -- the activation budget -------------------------------------------------------------------------
+
+
+def test_the_probe_measures_one_samples_tensors_and_the_budget_picks_samples_per_run() -> None:
+    x = np.random.default_rng(3).standard_normal((10, 1, 6, 6)).astype(np.float32)
+    batch = _batch(x)
+    runner = OnnxRuntimeRunner(tiny_models.conv())
+    one = runner.run({"x": x[:1]})
+    per_sample = sum(v.nbytes for v in one.values())
+    assert runner.activation_bytes_per_sample(batch) == per_sample
+    assert runner.budgeted_micro_batch(batch, 32, 0) == 32  # no budget
+    assert runner.budgeted_micro_batch(batch, 32, 3 * per_sample + 1) == 3
+    assert runner.budgeted_micro_batch(batch, 2, 3 * per_sample) == 2  # never more than asked
+    assert runner.budgeted_micro_batch(batch, 32, 1) == 1  # at least one sample
+    reference = runner.collect_stats(batch, micro_batch=10)
+    assert runner.collect_stats(batch, micro_batch=runner.budgeted_micro_batch(batch, 32, 3 * per_sample)) == reference
+
+
+def test_a_fixed_batch_model_keeps_its_batch_whatever_the_budget() -> None:
+    x = tiny_models.small_int_inputs(8, [4], seed=4)
+    assert OnnxRuntimeRunner(tiny_models.mlp(1)).budgeted_micro_batch(_batch(x), 32, 1) == 1
+    assert OnnxRuntimeRunner(tiny_models.mlp(None)).budgeted_micro_batch(_batch(x), 32, 1) == 1  # one sample per run
+    assert OnnxRuntimeRunner(tiny_models.mlp(4)).budgeted_micro_batch(_batch(x), 32, 1) == 4
