@@ -133,20 +133,24 @@ def _views(n: int) -> np.ndarray:
     return photo_views(n)[0]
 
 
-def make_npy(root: Path, n: int) -> Path:
-    path = root / f"photos-{n}.npy"
+def _save(path: Path, write: Any) -> Path:
+    """Write through a temp name then rename: a concurrent run never reads half a file."""
     if not path.exists():
-        np.save(path, _views(n))
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")
+        write(tmp)
+        os.replace(tmp, path)
     return path
+
+
+def make_npy(root: Path, n: int) -> Path:
+    return _save(root / f"photos-{n}.npy", lambda tmp: np.save(tmp, _views(n)))
 
 
 def make_npz(root: Path, n: int, compressed: bool = False) -> Path:
-    path = root / f"photos-{n}{'-z' if compressed else ''}.npz"
-    if not path.exists():
-        from tests.fixtures.data import INPUT_NAME
+    from tests.fixtures.data import INPUT_NAME
 
-        (np.savez_compressed if compressed else np.savez)(path, **{INPUT_NAME: _views(n)})
-    return path
+    writer = np.savez_compressed if compressed else np.savez
+    return _save(root / f"photos-{n}{'-z' if compressed else ''}.npz", lambda tmp: writer(tmp, **{INPUT_NAME: _views(n)}))
 
 
 def make_folder(root: Path, n: int) -> Path:
@@ -177,10 +181,7 @@ def make_ocr(root: Path, n: int) -> tuple[Path, Path]:
     import zoo_data
 
     model, _ = bench_zoo.fetch(bench_zoo.MODELS["ocr_rec"])
-    path = root / f"ocr-lines-{n}.npy"
-    if not path.exists():
-        np.save(path, zoo_data.line_batch("calib", n, 48, 320, seed=1))
-    return model, path
+    return model, _save(root / f"ocr-lines-{n}.npy", lambda tmp: np.save(tmp, zoo_data.line_batch("calib", n, 48, 320, seed=1)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-""".npy and .npz files as memory-mapped arrays, so that reading a calibration set never holds it whole.
+""".npy and .npz files as memory-mapped arrays (`_FileMapping`), so that reading a calibration set never holds
+it whole.
 
 A `.npy` file is mapped as is. An `.npz` is a zip archive of `.npy` members: a member stored
 without compression whose data is aligned for its dtype is mapped in place (offset of its data in
@@ -12,24 +13,60 @@ from __future__ import annotations
 
 import io
 import math
+import mmap
 import os
 import shutil
 import struct
 import tempfile
 import zipfile
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from trtcal.errors import DataError
 
-if TYPE_CHECKING:
-    from trtcal.batch.reader import _FileMapping
-
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a zip local file header (30 bytes)
 _COPY_CHUNK = 1 << 20
+
+
+class _FileMapping:
+    """A read-only memory map of a local file; can hand its pages back to the OS after use.
+
+    Released pages are file-backed, so touching them again just re-reads them (from the page
+    cache): releasing keeps the resident set flat while a batch is streamed, it never loses data.
+    """
+
+    def __init__(self, path: str) -> None:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise DataError(f"calibration batch {path!r} is an empty file")
+            self.mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.size = size
+        self.base = int(np.frombuffer(self.mmap, dtype=np.uint8, count=1).ctypes.data)
+
+    def release(self, arr: npt.NDArray[Any]) -> None:
+        if not hasattr(mmap, "MADV_DONTNEED") or arr.size == 0:
+            return
+        start = int(arr.ctypes.data) - self.base
+        end = start + arr.nbytes
+        if start < 0 or end > self.size:
+            return  # not ours (a copy)
+        page = mmap.PAGESIZE
+        start -= start % page
+        try:
+            self.mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):  # pragma: no cover - platform without madvise
+            pass
+
+    def close(self) -> None:
+        try:
+            self.mmap.close()
+        except BufferError:
+            # Views handed out are still alive; the map is unmapped when the last one goes.
+            pass
 
 
 class Mappings:
@@ -78,8 +115,6 @@ def array_at(mapping: _FileMapping, offset: int, path: str, end: int | None = No
 
 def map_npy(path: str) -> tuple[_FileMapping, npt.NDArray[Any]]:
     """A .npy file, memory-mapped: (its mapping, the array as a read-only view of it)."""
-    from trtcal.batch.reader import _FileMapping
-
     mapping = _FileMapping(path)
     try:
         return mapping, array_at(mapping, 0, path)
@@ -105,8 +140,6 @@ def _aligned(mapping: _FileMapping, offset: int, path: str) -> bool:
 
 def _extracted(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> _FileMapping:
     """A member decompressed chunk by chunk into an unlinked temp file, mapped."""
-    from trtcal.batch.reader import _FileMapping
-
     fd, tmp = tempfile.mkstemp(prefix="trtcal-npz-", suffix=".npy")
     try:
         with os.fdopen(fd, "wb") as out, zf.open(info) as member:
@@ -124,8 +157,6 @@ def map_npz(path: str, ids_member: str) -> tuple[dict[str, npt.NDArray[Any]], np
         DataError: not a zip of .npy members, object arrays, truncated or empty members.
         zipfile.BadZipFile / OSError: the caller's to turn into its message.
     """
-    from trtcal.batch.reader import _FileMapping
-
     archive = _FileMapping(path)
     mappings = Mappings([archive])
     arrays: dict[str, npt.NDArray[Any]] = {}

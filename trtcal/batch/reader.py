@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -19,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from trtcal.batch._location import _resolve
+from trtcal.batch._numpy_files import _FileMapping
 from trtcal.batch.format import (
     _SCHEME_OF_FORMAT,
     FINGERPRINT_SCHEME,
@@ -46,44 +46,6 @@ logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Readers
-
-
-class _FileMapping:
-    """A read-only memory map of a local file; can hand its pages back to the OS after use.
-
-    Released pages are file-backed, so touching them again just re-reads them (from the page
-    cache): releasing keeps the resident set flat while a batch is streamed, it never loses data.
-    """
-
-    def __init__(self, path: str) -> None:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise DataError(f"calibration batch {path!r} is an empty file")
-            self.mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self.size = size
-        self.base = int(np.frombuffer(self.mmap, dtype=np.uint8, count=1).ctypes.data)
-
-    def release(self, arr: npt.NDArray[Any]) -> None:
-        if not hasattr(mmap, "MADV_DONTNEED") or arr.size == 0:
-            return
-        start = int(arr.ctypes.data) - self.base
-        end = start + arr.nbytes
-        if start < 0 or end > self.size:
-            return  # not ours (a copy)
-        page = mmap.PAGESIZE
-        start -= start % page
-        try:
-            self.mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
-        except (OSError, ValueError):  # pragma: no cover - platform without madvise
-            pass
-
-    def close(self) -> None:
-        try:
-            self.mmap.close()
-        except BufferError:
-            # Views handed out are still alive; the map is unmapped when the last one goes.
-            pass
 
 
 def _readonly(view: npt.NDArray[Any]) -> npt.NDArray[Any]:
