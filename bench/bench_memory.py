@@ -108,7 +108,7 @@ def run_and_sample(command: list[str], env: dict[str, str], interval: float = 0.
             total_pss += pss
             if pss > biggest.get(pid, 0):
                 biggest[pid] = pss
-                names.setdefault(pid, _cmdline(pid))
+                names[pid] = _cmdline(pid)  # Ray workers rename themselves (ray::CalibrationActor)
         peak_rss, peak_pss = max(peak_rss, total_rss), max(peak_pss, total_pss)
         time.sleep(interval)
     stdout, stderr = proc.communicate()
