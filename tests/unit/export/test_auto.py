@@ -117,3 +117,19 @@ def test_verdict_ranks_and_warns_on_the_held_out_slice(searched) -> None:
     assert v["rows"]["auto"]["outputs"]["y1"]["argmax_agreement"] is not None
     quiet = verdict(sim, tables, rows, default="auto")
     assert quiet["warning"] is None and quiet["default_below_best_db"] == 0.0
+
+
+def test_output_energies_are_summed_in_chunks_to_the_same_exact_float(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_squares` feeds math.fsum 1 M values at a time (bounded memory): the sums are those of one list."""
+    import math
+
+    from trtcal.export import auto as auto_module
+
+    monkeypatch.setattr(auto_module, "_SUM_CHUNK", 1000)
+    rng = np.random.default_rng(5)
+    for shape in [(3, 7, 500), (1,), (2, 3001)]:
+        ref = rng.standard_normal(shape).astype(np.float32)
+        out = (ref + 1e-3 * rng.standard_normal(shape)).astype(np.float32)
+        r, o = ref.astype(np.float64), out.astype(np.float64)
+        assert math.fsum(auto_module._squares(ref)) == math.fsum((r * r).ravel().tolist())
+        assert math.fsum(auto_module._squares(ref, out)) == math.fsum(((r - o) ** 2).ravel().tolist())
