@@ -372,7 +372,7 @@ class AutoSimulator:
         self._side: tuple[onnxruntime.InferenceSession, dict[str, str], dict[str, list[tuple[str, str]]]] | None = None
 
     def _session(self, model: onnx.ModelProto) -> onnxruntime.InferenceSession:
-        return simulation_session(model, intra_op_threads=self._threads)
+        return simulation_session(model, intra_op_threads=self._threads, low_memory=True)
 
     def outputs(self, session: onnxruntime.InferenceSession, inputs: Mapping[str, npt.NDArray[Any]],
                 extra: Feed | None = None, names: Sequence[str] | None = None) -> list[npt.NDArray[Any]]:

@@ -304,12 +304,19 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 
 
 def simulation_session(
-    model: ModelLike, *, fused_int8: bool = False, intra_op_threads: int = 0
+    model: ModelLike, *, fused_int8: bool = False, intra_op_threads: int = 0, low_memory: bool = False
 ) -> onnxruntime.InferenceSession:
-    """An ONNX Runtime CPU session; optimisations off unless `fused_int8` (then all on)."""
+    """An ONNX Runtime CPU session; optimisations off unless `fused_int8` (then all on).
+
+    `low_memory`: no memory arena and no memory pattern, so a session's intermediates are freed after
+    each run instead of being kept at its peak (the auto search holds three sessions: 1.39 -> 1.08 GiB
+    peak RSS on the OCR recogniser in one measurement; the same values)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if low_memory:
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fused_int8 else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
