@@ -389,9 +389,9 @@ def _calibrate_open_batch(
                 micro_batch=micro_batch, nonfinite=cfg.nonfinite, progress=progress,  # type: ignore[arg-type]
             )
             timings["histograms"] = time.perf_counter() - t0
-    release = getattr(runner, "release_buffers", None)
-    if release is not None:
-        release()  # the last micro-batch's tensors: not needed by the search that follows
+    close = getattr(runner, "close", None)
+    if close is not None:
+        close()  # its session and last micro-batch: not needed by the search that follows
     if need_histograms:
         histograms = {
             n: Histogram(counts=counts[n], hist_amax=stats[n].amax, stats=stats[n]) for n in runner.tensor_names

@@ -260,3 +260,8 @@ class OnnxRuntimeRunner(BaseRunner):
     def release_buffers(self) -> None:
         """Free the reused output buffers (about one micro-batch of activations)."""
         self._reuse = None
+
+    def close(self) -> None:
+        """Free the session too (its allocator keeps its peak); the runner cannot run afterwards."""
+        self._reuse = None
+        self._session = None
