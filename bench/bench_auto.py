@@ -46,7 +46,7 @@ def main() -> None:
     from bench_accuracy import CALIBRATION_PHOTOS, EVALUATION_PHOTOS, views
 
     from trtcal.batch import open_batch, write_batch
-    from trtcal.core.auto_search import output_quality
+    from trtcal.core.output_metrics import compare_output
     from trtcal.export.auto import AutoSimulator
     from trtcal.export.auto_calibration import auto_and_verdict, candidate_tables, verdict_lines
     from trtcal.orchestrator.calibrate import calibrate
@@ -81,7 +81,8 @@ def main() -> None:
     reference = sim.reference({"input": evalset})
     rows = []
     for label, amax in tables.items():
-        q = output_quality(reference[0], sim.quantized({"input": evalset}, amax)[0])
+        m = compare_output(reference[0], sim.quantized({"input": evalset}, amax)[0])
+        q = {"sqnr_db": m.sqnr_db, "cosine": m.cosine, "argmax_agreement": m.top1_agreement}
         rows.append((label, q))
         print(f"held-out (other photos) {label}: SQNR {q['sqnr_db']:.2f} dB, cosine {q['cosine']:.4f}, "
               f"top-1 agreement {q['argmax_agreement']:.3f}", flush=True)

@@ -9,8 +9,9 @@ a pure function of numbers, so the decision is the same bytes for the same measu
 * `local_choice`: the candidate with the least noise on the consumers' outputs (layer-wise
   output matching), ties to the earlier candidate;
 * `coordinate_descent`: bounded, deterministic refinement of the assignment with a callback that
-  measures the whole model's output noise;
-* `output_quality`: SQNR, cosine and (along a class axis only) argmax agreement of one output.
+  measures the whole model's output noise, taking a change only when it `improves` the search
+  slice and each of its halves (`SplitNoise`).
+The verdict's per-output metrics are trtcal.core.output_metrics' (the same as `trtcal eval`).
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ __all__ = [
     "CANDIDATES",
     "Candidate",
     "DescentStep",
+    "SplitNoise",
     "candidate_amax",
     "coordinate_descent",
     "descent_plan",
     "distinct_candidates",
+    "improves",
     "local_choice",
     "noise_ratio",
     "noise_to_db",
-    "output_quality",
     "search_slices",
     "SLICE_SALT",
 ]
@@ -131,34 +133,60 @@ def local_choice(noise_by_candidate: Mapping[str, float]) -> str:
 
 
 @dataclass(frozen=True)
+class SplitNoise:
+    """The search objective on the whole search slice (`total`) and on each of its halves (`halves`).
+
+    The halves split the slice by sample id; a choice that helps one half only is fitted to a few
+    samples and is not taken (see `improves`). No halves: the total alone decides.
+    """
+
+    total: float
+    halves: tuple[float, ...] = ()
+
+
+def improves(new: SplitNoise, old: SplitNoise, min_relative_gain: float) -> bool:
+    """Whether `new` is worth taking over `old`: the total noise drops by more than `min_relative_gain`
+    (relative) and every half's noise drops too (strictly), so the gain is not fitted to half the slice."""
+    if not new.total < old.total * (1.0 - min_relative_gain):
+        return False
+    return all(n < o for n, o in zip(new.halves, old.halves, strict=True))
+
+
+@dataclass(frozen=True)
 class DescentStep:
     tensor: str
     candidate: str
-    noise: float  # the objective with this one change
+    noise: float  # the objective (total) with this one change
     accepted: bool
+    halves: tuple[float, ...] = ()
+
+
+def _as_split(value: float | SplitNoise) -> SplitNoise:
+    return value if isinstance(value, SplitNoise) else SplitNoise(float(value))
 
 
 def coordinate_descent(
     start: Mapping[str, str],
     order: Sequence[str],
     alternatives: Mapping[str, Sequence[str]],
-    objective: Callable[[Mapping[str, str]], float],
+    objective: Callable[[Mapping[str, str]], float | SplitNoise],
     *,
-    start_noise: float,
+    start_noise: float | SplitNoise,
     max_evals: int,
     min_relative_gain: float,
 ) -> tuple[dict[str, str], float, list[DescentStep]]:
     """One sweep over `order`: for each tensor, try its alternatives with every other choice fixed and
-    keep the best if it lowers the objective by more than `min_relative_gain` (relative).
+    keep, among those that `improves` on the current assignment, the one with the least total noise.
 
-    Bounded by `max_evals` objective calls (the sweep stops there). Deterministic: the order, the
-    alternatives' order and strict comparisons fix every decision.
-    Returns (assignment, its objective, every step tried).
+    The objective returns a float (total only) or a `SplitNoise` (total and halves: a change must then
+    lower every half's noise as well). Bounded by `max_evals` objective calls (the sweep stops there).
+    Deterministic: the order, the alternatives' order and strict comparisons fix every decision.
+    Returns (assignment, its total objective, every step tried).
     """
     if max_evals < 0:
         raise ConfigError(f"max_evals must be >= 0, got {max_evals}")
     current = dict(start)
-    current_noise = float(start_noise)
+    current_noise = _as_split(start_noise)
     steps: list[DescentStep] = []
     evals = 0
     for tensor in order:
@@ -169,21 +197,20 @@ def coordinate_descent(
             if evals >= max_evals:
                 break
             evals += 1
-            trial = {**current, tensor: name}
-            noise = float(objective(trial))
-            steps.append(DescentStep(tensor, name, noise, False))
-            if noise < best_noise:
+            noise = _as_split(objective({**current, tensor: name}))
+            steps.append(DescentStep(tensor, name, noise.total, False, noise.halves))
+            if noise.total < best_noise.total and improves(noise, current_noise, min_relative_gain):
                 best_name, best_noise = name, noise
-        if best_name != current[tensor] and best_noise < current_noise * (1.0 - min_relative_gain):
+        if best_name != current[tensor]:
             current[tensor] = best_name
             current_noise = best_noise
             steps = [
-                DescentStep(s.tensor, s.candidate, s.noise, True) if (s.tensor == tensor and s.candidate == best_name) else s
+                DescentStep(s.tensor, s.candidate, s.noise, True, s.halves) if (s.tensor == tensor and s.candidate == best_name) else s
                 for s in steps
             ]
         if evals >= max_evals:
             break
-    return current, current_noise, steps
+    return current, current_noise.total, steps
 
 
 def descent_plan(
@@ -209,29 +236,3 @@ def descent_plan(
         near.sort(key=lambda c: (local[t][c], list(distinct[t]).index(c)))
         alternatives[t] = near[:max_alternatives]
     return order, alternatives
-
-
-def _class_axis_agreement(ref: npt.NDArray[np.float64], out: npt.NDArray[np.float64]) -> float | None:
-    """Argmax agreement along the last axis of [N, C] or per position of [N, T, C] (C >= 2); None otherwise."""
-    if ref.ndim not in (2, 3) or ref.shape[-1] < 2:
-        return None
-    return float(np.mean(np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)))
-
-
-def output_quality(reference: npt.ArrayLike, quantized: npt.ArrayLike) -> dict[str, float | None]:
-    """SQNR (dB), cosine similarity of the flattened outputs, max |error|, argmax agreement (class axis only)."""
-    ref = np.asarray(reference, dtype=np.float64)
-    out = np.asarray(quantized, dtype=np.float64)
-    if ref.shape != out.shape:
-        raise ConfigError(f"reference {ref.shape} and quantized {out.shape} outputs differ in shape")
-    diff = ref - out
-    signal = float(np.sum(ref * ref))
-    noise = float(np.sum(diff * diff))
-    norm = math.sqrt(signal) * math.sqrt(float(np.sum(out * out)))
-    cosine = float(np.sum(ref * out) / norm) if norm > 0 else (1.0 if noise == 0.0 else 0.0)
-    return {
-        "sqnr_db": noise_to_db(noise_ratio(signal, noise)),
-        "cosine": cosine,
-        "max_abs_error": float(np.max(np.abs(diff))) if diff.size else 0.0,
-        "argmax_agreement": _class_axis_agreement(ref, out),
-    }
