@@ -9,10 +9,10 @@ import pytest
 
 from trtcal.core.auto_search import (
     CANDIDATES,
+    SplitNoise,
     candidate_amax,
     coordinate_descent,
     distinct_candidates,
-    SplitNoise,
     improves,
     local_choice,
     noise_to_db,
