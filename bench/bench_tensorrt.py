@@ -42,18 +42,17 @@ def to_input(views_u8: np.ndarray) -> np.ndarray:
 
 
 def crop_u8(image: np.ndarray, index: int, seed: int) -> np.ndarray:
-    """View `index` of a photo: a seeded random-resized crop (view 0: the centre crop), uint8 CHW."""
+    """View `index` of a photo: a seeded random-resized crop (view 0: the centre crop), uint8 CHW.
+
+    tests/fixtures/data.preprocess does the resize and crop; its (x - 127) / 128 is exact in float32,
+    so the uint8 pixels come back exactly.
+    """
     from PIL import Image
 
-    from tests.fixtures.data import augmented_view
+    from tests.fixtures.data import augmented_view, preprocess
 
     img = Image.fromarray(image) if index == 0 else augmented_view(image, np.random.default_rng([seed, index]))
-    w, h = img.size
-    scale = 256 / min(w, h)
-    size = (max(256, round(w * scale)), max(256, round(h * scale)))
-    img = img.resize(size, Image.BICUBIC)
-    left, top = (size[0] - 224) // 2, (size[1] - 224) // 2
-    return np.ascontiguousarray(np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.uint8).transpose(2, 0, 1))
+    return np.rint(preprocess(img) * np.float32(128.0) + np.float32(127.0)).astype(np.uint8)
 
 
 def photo_views_u8(photos: dict[str, np.ndarray], names: list[str], per_photo: int, seed: int) -> np.ndarray:

@@ -373,13 +373,7 @@ def batch_from_arrays(
     if not arrays:
         raise DataError(f"{source}: no input arrays")
     columns = {_check_input_name(n): _check_array(n, a, None) for n, a in arrays.items()}
-    counts = {a.shape[0] for a in columns.values()}
-    if len(counts) != 1:
-        raise DataError(f"{source}: inputs have different numbers of rows: { {n: a.shape[0] for n, a in columns.items()} }")
-    n = counts.pop()
-    ids = validate_sample_ids(sample_ids) if sample_ids is not None else _numbered_ids(n)
-    if len(ids) != n:
-        raise DataError(f"{source}: {n} rows but {len(ids)} sample ids")
+    n, ids = _rows_and_ids(columns, sample_ids, source)
     order = sorted(range(n), key=ids.__getitem__)
     if order != list(range(n)):
         index = np.asarray(order, dtype=np.intp)
@@ -390,6 +384,20 @@ def batch_from_arrays(
         columns=columns, sample_ids=ids, fingerprint=compute_fingerprint(ids, columns),
         spec=json.loads(spec_json), source=source,
     )
+
+
+def _rows_and_ids(
+    columns: Mapping[str, npt.NDArray[Any]], sample_ids: Sequence[str] | None, source: str
+) -> tuple[int, list[str]]:
+    """The common row count of the columns and their sample ids (given and checked, or numbered)."""
+    counts = {a.shape[0] for a in columns.values()}
+    if len(counts) != 1:
+        raise DataError(f"{source}: inputs have different numbers of rows: { {n: a.shape[0] for n, a in columns.items()} }")
+    n = counts.pop()
+    ids = validate_sample_ids(sample_ids) if sample_ids is not None else _numbered_ids(n)
+    if len(ids) != n:
+        raise DataError(f"{source}: {n} rows but {len(ids)} sample ids")
+    return n, ids
 
 
 def _npy_mapping(path: str) -> tuple[_FileMapping, npt.NDArray[Any]]:
@@ -412,13 +420,7 @@ def _mapped_batch(
         if arr.dtype.byteorder == ">" or not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("=")))
         columns[_check_input_name(name)] = arr
-    counts = {a.shape[0] for a in columns.values()}
-    if len(counts) != 1:
-        raise DataError(f"{source}: inputs have different numbers of rows: { {n: a.shape[0] for n, a in columns.items()} }")
-    n = counts.pop()
-    ids = validate_sample_ids(sample_ids) if sample_ids is not None else _numbered_ids(n)
-    if len(ids) != n:
-        raise DataError(f"{source}: {n} rows but {len(ids)} sample ids")
+    n, ids = _rows_and_ids(columns, sample_ids, source)
     return CalibrationBatch(
         columns=columns, sample_ids=ids, fingerprint=compute_fingerprint(ids, columns, _release=mapping.release),
         spec=json.loads(canonical_spec_json(spec or {})), source=source, mapping=mapping,
