@@ -58,7 +58,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--activation-budget", type=int, default=None, metavar="MIB", dest="activation_budget_mib",
         help="most MiB of calibrated tensor values one run holds (fewer samples per run; same results; "
-        "default 256, 0: no limit)",
+        "default 256 on the CPU, none on a GPU; 0: no limit)",
     )
     group.add_argument("--num-bins", type=int, default=None, metavar="N", help="histogram bins per tensor")
     group.add_argument(

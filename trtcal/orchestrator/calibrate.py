@@ -354,7 +354,8 @@ def _calibrate_open_batch(
     layout = runner.layout(cal_batch)
     timings["open_batch"] = time.perf_counter() - t0
     # Samples per run: the micro-batch, fewer when the selected tensors would exceed the activation budget.
-    micro_batch = runner.budgeted_micro_batch(cal_batch, cfg.micro_batch, cfg.activation_budget_mib << 20)
+    budget_mib = runner.default_activation_budget_mib if cfg.activation_budget_mib is None else cfg.activation_budget_mib
+    micro_batch = runner.budgeted_micro_batch(cal_batch, cfg.micro_batch, budget_mib << 20)
     logger.info(
         "calibrating %d tensors of %s on %d samples (%s), micro-batch %d",
         len(runner.tensor_names), loaded.source, cal_batch.num_rows, cal_batch.fingerprint, micro_batch,

@@ -384,6 +384,8 @@ class BaseRunner:
     """collect_stats / collect_counts over a row range; subclasses implement `infer_impl`."""
 
     kind = "base"
+    # MiB of selected tensor values one run may hold when the config leaves it open (CPU memory).
+    default_activation_budget_mib = 256
     model: LoadedModel
     inputs: dict[str, ModelInput]
     tensor_names: tuple[str, ...]

@@ -161,6 +161,7 @@ def test_keywords_map_onto_the_config(mlp_path: Path, mlp_data: Path) -> None:
         ({"algorithms": ("entropy3",)}, "unknown method"),
         ({"algorithms": ("minmax", "minmax")}, "twice"),
         ({"micro_batch": 0}, "micro_batch"),
+        ({"activation_budget_mib": -1}, "activation_budget_mib"),
         ({"num_bins": 2.5}, "num_bins"),
         ({"trt_version": "ten"}, "trt_version"),
         ({"method_params": {"percentile": {"percentile": 99.9}}}, "not one of the requested"),
@@ -176,6 +177,18 @@ def test_keywords_map_onto_the_config(mlp_path: Path, mlp_data: Path) -> None:
 def test_config_validation_names_the_field(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         CalibrationConfig(**kwargs)
+
+
+def test_the_default_budget_is_the_runners_cpu_256_mib_gpu_none() -> None:
+    """None leaves the budget to the runner: 256 MiB of host memory on the CPU, none on a GPU runner
+    (small runs made EfficientNet-Lite0 7x slower on an H100; docs/batch-format.md)."""
+    from trtcal.runners.base import BaseRunner
+    from trtcal.runners.onnxruntime import OnnxRuntimeRunner
+
+    assert CalibrationConfig().activation_budget_mib is None
+    assert OnnxRuntimeRunner.default_activation_budget_mib == BaseRunner.default_activation_budget_mib == 256
+    torch_runner = pytest.importorskip("trtcal.runners.torch_runner")
+    assert torch_runner.TorchRunner.default_activation_budget_mib == torch_runner.OrtDeviceRunner.default_activation_budget_mib == 0
 
 
 def test_config_round_trips_through_a_dict() -> None:
