@@ -29,7 +29,7 @@ __all__ = ["write_atomic", "publish_dir", "check_output_dir", "read_url_bytes", 
 # Temp dirs `trtcal-<kind>-<random>` holding an owner file with their pid: a run killed with SIGKILL
 # cannot remove them, so the next run removes those whose process is gone and that no live process names (Ray's own
 # processes of a killed run outlive it by a minute or two and are left alone until they exit).
-_OWNED_TEMP = re.compile(r"trtcal-(ray|job|actor)-[A-Za-z0-9_]+")
+_OWNED_TEMP = re.compile(r"trtcal-(ray|job|actor|smooth)-[A-Za-z0-9_]+")
 _OWNER_FILE = ".trtcal-owner"  # the pid that made the dir (not in the name: Ray's socket paths must stay short)
 
 

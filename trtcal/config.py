@@ -29,7 +29,7 @@ from trtcal.workers.preprocess import DEFAULT_MAX_IMAGE_PIXELS, PreprocessSpec, 
 
 __all__ = [
     "AUTO", "BatchConfig", "CalibrationConfig", "ClusterConfig", "JobConfig", "StoreSettings", "MAX_NUM_BINS",
-    "Backend", "ActorDevice", "Nonfinite", "OnBadInput", "TensorSelection", "TENSORRT_ALGORITHMS",
+    "Backend", "ActorDevice", "SmoothMode", "Nonfinite", "OnBadInput", "TensorSelection", "TENSORRT_ALGORITHMS",
     "choices", "default_store_url", "parse_num_samples", "check_seed", "InputSpec", "INPUT_DTYPES",
     "parse_input_specs", "input_specs_to_dict",
 ]
@@ -41,6 +41,7 @@ Nonfinite = Literal["error", "ignore"]
 OnBadInput = Literal["fail", "skip"]
 ActorDevice = Literal["auto", "cpu", "gpu"]
 Backend = Literal["onnxruntime", "tensorrt"]
+SmoothMode = Literal["auto", "on", "off"]
 TENSORRT_ALGORITHMS = ("entropy2", "minmax", "entropy", "legacy")  # TensorRT 10's own calibrators
 INPUT_DTYPES = ("int64", "int32", "float32", "float16", "bool")
 
@@ -142,6 +143,13 @@ class CalibrationConfig:
             (manifest, store entry). Not part of any cache key.
         min_sqnr: fail (QualityError, nothing written or published) when the written default's worst
             output SQNR on the verdict slice is below this many dB. None: no bar. Not part of any key.
+        smooth: SmoothQuant-style smoothing before calibration (docs/qdq.md, "Smoothing"): "auto"
+            smooths where the model has the pattern (a normalisation output read by MatMuls with
+            constant 2-D weights: BERT-class encoders) and leaves every other model as it is; "on"
+            requires the pattern (ConfigError without it); "off" never smooths. When it smooths, the
+            caches and the Q/DQ model are of the smoothed copy, which is written too
+            (model.smoothed.onnx). Part of the key only when it smooths.
+        smooth_alpha: the migration strength in [0, 1] (0.5, the SmoothQuant paper's default).
     """
 
     algorithms: tuple[str, ...] = (AUTO,)
@@ -158,6 +166,8 @@ class CalibrationConfig:
     allow_empty: bool = False
     verdict: bool = True
     min_sqnr: float | None = None
+    smooth: SmoothMode = "auto"
+    smooth_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         algorithms = (self.algorithms,) if isinstance(self.algorithms, str) else tuple(self.algorithms)
@@ -214,6 +224,11 @@ class CalibrationConfig:
             if not self.verdict:
                 raise ConfigError("min_sqnr needs the quality verdict; do not turn verdict off")
             object.__setattr__(self, "min_sqnr", float(self.min_sqnr))
+        _check_choice("smooth", self.smooth, SmoothMode)
+        alpha = self.smooth_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"smooth_alpha must be a number in [0, 1], got {alpha!r}")
+        object.__setattr__(self, "smooth_alpha", float(alpha))
 
     def _checked_method_params(self, algorithms: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         params = {str(k): dict(v) for k, v in dict(self.method_params).items()}

@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from trtcal.cli._options import add_storage_option, parse_storage_options
-from trtcal.config import ActorDevice, Backend, Nonfinite, OnBadInput, TensorSelection, choices
+from trtcal.config import ActorDevice, Backend, Nonfinite, OnBadInput, SmoothMode, TensorSelection, choices
 from trtcal.errors import ConfigError, TrtcalError
 
 __all__ = ["register", "add_calibration_arguments", "add_data_arguments", "add_job_arguments", "config_from_args", "job_config_from_args", "run"]
@@ -82,6 +82,15 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
         help="accept a Q/DQ export that quantizes nothing (otherwise an error naming why)",
     )
     group.add_argument(
+        "--smooth", choices=choices(SmoothMode), default=None,
+        help="SmoothQuant-style smoothing of normalisation outputs read by MatMuls (BERT-class encoders): auto "
+        "smooths only models with that pattern, on requires it, off never; a smoothed run also writes "
+        "model.smoothed.onnx, the model its caches and Q/DQ model belong to",
+    )
+    group.add_argument(
+        "--smooth-alpha", type=float, default=None, metavar="A", help="smoothing migration strength in [0, 1]"
+    )
+    group.add_argument(
         "--manual-ranges", default=None, metavar="FILE.json",
         help="JSON object tensor -> amax overriding (or adding to) the calibrated ranges",
     )
@@ -94,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     values: dict[str, Any] = {}
     if args.algorithms:
         values["algorithms"] = tuple(args.algorithms)
-    for option in ("trt_version", "micro_batch", "activation_budget_mib", "num_bins", "nonfinite", "processes", "allow_empty", "min_sqnr", "verdict"):
+    for option in ("trt_version", "micro_batch", "activation_budget_mib", "num_bins", "nonfinite", "processes", "allow_empty", "min_sqnr", "verdict",
+                   "smooth", "smooth_alpha"):
         value = getattr(args, option, None)
         if value is not None:
             values[option] = value
@@ -183,6 +193,7 @@ PROGRESS_LABELS = {
     "store batch": "storing batch",
     "statistics": "pass 1: max |x|",
     "histograms": "pass 2: histograms",
+    "smoothing": "smoothing: channel max",
     "search": "scale search",
     "auto": "auto search",
     "verdict": "quality verdict",
@@ -258,6 +269,8 @@ def _table(result: Any) -> str:
         stage_width = max(len(k) for k in stages)
         lines.append("time per stage")
         lines += [f"  {name.ljust(stage_width)}  {seconds:8.2f} s" for name, seconds in stages.items()]
+    if result.smoothing:
+        lines.append(smoothing_line(result.smoothing, result.output_dir))
     if result.verdict:
         from trtcal.export.auto_calibration import verdict_lines
 
@@ -265,6 +278,16 @@ def _table(result: Any) -> str:
     for w in result.warnings:
         lines.append(f"{'warning'.ljust(width)}  {w}")
     return "\n".join(lines)
+
+
+def smoothing_line(smoothing: Any, output_dir: Any) -> str:
+    """The one line that says which model the cache belongs to (a smoothed run)."""
+    where = f"{output_dir}/{smoothing.get('model')}" if output_dir else f"{smoothing.get('model')} in the store entry"
+    sites = smoothing.get("sites") or {}
+    return (
+        f"smoothed: calibration.cache and model.qdq.onnx belong to {where} (sha256 {str(smoothing.get('model_sha256'))[:12]}…; "
+        f"{len(sites)} normalisation outputs smoothed, alpha {smoothing.get('alpha')}): build engines from it, not from MODEL"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -165,6 +165,21 @@ def open_batch(path: Path, model: Path) -> Any:
     return open_any(path, lambda: input_names(model))
 
 
+def _check_cache_is_for(model: Path, cache: Path) -> None:
+    """A cache of a smoothed copy is refused before TensorRT is loaded, naming the model to use."""
+    from trtcal.core import read_trt_cache
+    from trtcal.errors import CacheFormatError
+    from trtcal.export.model_io import load_model, model_tensor_names
+    from trtcal.export.smoothing import check_not_smoothed_for
+
+    try:
+        names = read_trt_cache(cache.read_bytes()).scale
+    except (CacheFormatError, OSError):
+        return  # the adapter reports an unreadable cache as it always has
+    check_not_smoothed_for(names, model_tensor_names(load_model(str(model))), model=str(model),
+                           what=f"calibration cache {str(cache)!r}", beside=str(cache.parent))
+
+
 def run_build(args: argparse.Namespace) -> int:
     # Cheap checks first: a wrong command line is reported before TensorRT is even looked for.
     if args.calibrate and not args.data:
@@ -193,6 +208,8 @@ def run_build(args: argparse.Namespace) -> int:
     model = Path(args.model)
     if not model.is_file():
         raise ModelError(f"ONNX model {model} does not exist")
+    if args.cache is not None:
+        _check_cache_is_for(model, Path(args.cache))
     input_shapes = parse_shape_options(args.input_shape, "--input-shape", allow_range=True)
     calibration_shapes = parse_shape_options(args.calibration_shape, "--calibration-shape", allow_range=False)
     ranges = read_ranges(Path(args.ranges)) if args.ranges else None

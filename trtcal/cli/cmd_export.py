@@ -139,6 +139,11 @@ def run_qdq(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"cannot read calibration cache {str(path)!r}: {exc}") from None
         scales = read_trt_cache(data).scale
+        from trtcal.export.model_io import load_model, model_tensor_names
+        from trtcal.export.smoothing import check_not_smoothed_for
+
+        check_not_smoothed_for(scales, model_tensor_names(load_model(args.model)), model=str(args.model),
+                               what=f"calibration cache {str(path)!r}", beside=str(path.parent))
     else:
         scales = activation_scales(amax_for_method(read_ranges(args.ranges), args.method, source=args.ranges))
     export = build_qdq(args.model, scales, config)

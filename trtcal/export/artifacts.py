@@ -53,7 +53,7 @@ OWNED_BY = (MANIFEST, DEFAULT_CACHE)
 
 def is_artifact_name(name: str) -> bool:
     """Whether `name` is a file trtcal writes into an output folder (the only names it replaces or removes)."""
-    if name in (*ARTIFACT_NAMES, "model.qdq.onnx", "entry.json"):
+    if name in (*ARTIFACT_NAMES, "model.qdq.onnx", "model.smoothed.onnx", "entry.json"):
         return True
     return name.startswith("calibration.") and name.endswith(".cache") and name.count(".") == 2 and len(name) > len("calibration..cache")
 
@@ -165,9 +165,13 @@ def encode_artifacts(
 def build_manifest(
     *, model_sha256: str, model_source: str, batch: Any, config: CalibrationConfig, runner: Mapping[str, Any],
     num_tensors: int, files: Mapping[str, bytes], verdict: Mapping[str, Any] | None = None,
+    smoothing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The content of manifest.json, without ``timings_s`` (the caller adds it last)."""
-    return {
+    """The content of manifest.json, without ``timings_s`` (the caller adds it last).
+
+    ``smoothing`` (only when the model was smoothed): alpha, the smoothed tensors, and the smoothed
+    model (model.smoothed.onnx) and its sha256: the caches and the Q/DQ model are of that model."""
+    manifest = {
         "trtcal_version": __version__,
         "format_version": FORMAT_VERSION,
         "model": {"sha256": model_sha256, "source": os.path.basename(model_source)},
@@ -187,3 +191,6 @@ def build_manifest(
             name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in sorted(files.items())
         },
     }
+    if smoothing is not None:
+        manifest["smoothing"] = dict(smoothing)
+    return manifest

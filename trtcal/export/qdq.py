@@ -611,10 +611,14 @@ def build_qdq(model: ModelLike, scale_by_tensor: Mapping[str, float], config: Qd
         ModelError: the model cannot be loaded, is already quantized or its opset cannot be raised to 13.
         ConfigError: a scale of a model tensor is zero, denormal, negative or not finite; or the
             ranges cover too little of the model (QdqConfig.min_range_coverage).
+        CacheFormatError: the scales are of the smoothed copy of this model (`check_not_smoothed_for`).
     """
     config = config or QdqConfig()
     fp32, upgraded_from = _upgrade_opset(load_model(model))
     names = model_tensor_names(fp32)
+    from trtcal.export.smoothing import check_not_smoothed_for
+
+    check_not_smoothed_for(scale_by_tensor, names, model=str(model) if isinstance(model, str) else "the model", what="the scales")
     scales = checked_scales(scale_by_tensor, names)
     plan = plan_qdq(fp32, scales, config)
     report = replace(plan.report, upgraded_from_opset=upgraded_from)

@@ -22,20 +22,26 @@ Deterministic: same model, same arrays, same alpha: same bytes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from trtcal.errors import ConfigError, ModelError
+from trtcal.errors import CacheFormatError, ConfigError, ModelError
 from trtcal.export.graph_rules import consumers, producers
 
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["SmoothingReport", "smoothing_groups", "smoothing_scales", "channel_amax", "smooth_model"]
+__all__ = [
+    "SmoothingReport", "smoothing_groups", "smoothing_sites", "smoothing_scales", "channel_amax", "smooth_model",
+    "SMOOTHED_MODEL", "SMOOTHED_SUFFIX", "check_not_smoothed_for",
+]
+
+SMOOTHED_MODEL = "model.smoothed.onnx"  # `trtcal calibrate` writes the smoothed copy under this name
+SMOOTHED_SUFFIX = "_smoothed"  # x -> Mul(x, 1/s) is named x + this: a smoothed model's caches name it
 
 _NORM_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"})
 _MIN = 1e-5  # floor of both maxima: a dead channel or weight row gets a finite scale
@@ -68,6 +74,50 @@ def smoothing_groups(model: onnx.ModelProto) -> dict[str, list[int]]:
     return groups
 
 
+def smoothing_sites(model: onnx.ModelProto, mode: str, *, model_label: str = "the model") -> dict[str, list[int]]:
+    """What `calibrate` smooths under `mode` (CalibrationConfig.smooth): the groups, or {} for none.
+
+    "auto": wherever `smoothing_groups` finds the pattern (nothing for a CNN); "on": the same, and a
+    ConfigError when there is none; "off": nothing."""
+    if mode == "off":
+        return {}
+    groups = smoothing_groups(model)
+    if mode == "on" and not groups:
+        raise ConfigError(
+            f"--smooth on: {model_label} has no normalisation output (LayerNormalization, RMSNormalization) read "
+            "by a MatMul with a constant 2-D weight, so there is nothing to smooth; use --smooth auto (smooths "
+            "only where that pattern is) or off"
+        )
+    return groups
+
+
+def check_not_smoothed_for(names: Iterable[str], tensors: Iterable[str], *, model: str, what: str, beside: str | None = None) -> None:
+    """CacheFormatError when `names` (a cache's or range table's tensors) are of the smoothed copy of a
+    model whose tensors are `tensors`: they name smoothing outputs (x_smoothed) the model lacks while
+    it has x. Such scales would leave the smoothed MatMul inputs without a range and give the
+    original LayerNorm outputs the scale of their unsmoothed use: a wrong engine, built silently.
+
+    `beside`: the folder the cache is in; a model.smoothed.onnx there is named as the one to use."""
+    import os
+
+    present = set(tensors)
+    smoothed = sorted(
+        n for n in names if n.endswith(SMOOTHED_SUFFIX) and n not in present and n[: -len(SMOOTHED_SUFFIX)] in present
+    )
+    if not smoothed:
+        return
+    candidate = os.path.join(beside, SMOOTHED_MODEL) if beside is not None else None
+    use = (
+        f"use {candidate}, the smoothed model it was calibrated on" if candidate and os.path.isfile(candidate)
+        else f"use the smoothed model it was calibrated on ({SMOOTHED_MODEL}, written by `trtcal calibrate` beside the cache)"
+    )
+    raise CacheFormatError(
+        f"{what} belongs to the SmoothQuant-smoothed copy of {model}: it names {len(smoothed)} smoothing tensor(s) "
+        f"(e.g. {smoothed[0]!r}) that {model} does not have. Its scales are wrong for {model}; {use}, or "
+        "recalibrate with --smooth off"
+    )
+
+
 def smoothing_scales(
     channel_max: npt.NDArray[Any], weight_row_max: npt.NDArray[Any], alpha: float
 ) -> npt.NDArray[np.float32]:
@@ -80,7 +130,7 @@ def smoothing_scales(
 
 
 def channel_amax(
-    model: onnx.ModelProto, feeds: list[dict[str, npt.NDArray[Any]]], tensors: list[str], mask_input: str | None = None
+    model: onnx.ModelProto, feeds: Iterable[dict[str, npt.NDArray[Any]]], tensors: list[str], mask_input: str | None = None
 ) -> dict[str, npt.NDArray[np.float64]]:
     """Per last-axis channel max |x| of each tensor over the feeds (FP32, ONNX Runtime, optimisations off).
 
@@ -107,7 +157,7 @@ def channel_amax(
 
 
 def smooth_model(
-    model: onnx.ModelProto, feeds: list[dict[str, npt.NDArray[Any]]], *, alpha: float = 0.5,
+    model: onnx.ModelProto, feeds: Iterable[dict[str, npt.NDArray[Any]]], *, alpha: float = 0.5,
     mask_input: str | None = None,
 ) -> tuple[onnx.ModelProto, SmoothingReport]:
     """A smoothed copy of `model` (see the module docstring) and what was smoothed.

@@ -71,6 +71,7 @@ class ActorResult:
     runner: dict[str, Any]  # at least "kind" and "version"
     warnings: tuple[str, ...] = ()  # for the user: what stayed float and why (subgraphs, empty export)
     verdict: dict[str, Any] | None = None  # held-out quality per method (trtcal.export.auto.verdict)
+    smoothing: dict[str, Any] | None = None  # what calibrate smoothed (CalibrationResult.smoothing); None: nothing
 
     @property
     def runner_id(self) -> tuple[str, str]:
@@ -174,6 +175,11 @@ def run_calibration(
         files[RUN_RECORD] = files.pop(MANIFEST)  # the store's own manifest.json commits an entry
         timings = dict(result.timings)
         warnings: list[str] = []
+        if result.smoothing is not None:  # the scales are of the smoothed copy: so is the Q/DQ model
+            from trtcal.export.smoothing import SMOOTHED_MODEL
+
+            model_path = Path(tmp) / SMOOTHED_MODEL
+            model_path.write_bytes(files[SMOOTHED_MODEL])
         if request.export_qdq:
             t0 = time.perf_counter()
             progress.start("export", None, "")
@@ -185,7 +191,7 @@ def run_calibration(
         return ActorResult(
             files=files, amax=result.amax, num_tensors=len(result.tensor_names), num_samples=batch.num_rows,
             timings=timings, runner=dict(result.manifest.get("runner", {})), warnings=tuple(warnings),
-            verdict=result.manifest.get("verdict"),
+            verdict=result.manifest.get("verdict"), smoothing=result.smoothing,
         )
 
 

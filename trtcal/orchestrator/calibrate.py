@@ -14,6 +14,7 @@ them with ``"source": "zero_range_default"``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -77,6 +78,9 @@ class CalibrationResult:
         stats: tensor -> pass-1 statistics.
         histograms: tensor -> pass-2 histogram (empty when only histogram-free methods ran).
         tensor_names: calibrated tensors in graph order.
+        smoothing: when `config.smooth` smoothed the model (docs/qdq.md, "Smoothing"): alpha, the
+            smoothed tensors and the smoothed model's sha256; the caches, ranges and `amax` are then of
+            the smoothed copy, whose bytes are files["model.smoothed.onnx"]. None: not smoothed.
         output_dir: where the artifacts are (None when nothing was written); paths: name -> path.
         timings: stage -> seconds.  manifest: the manifest's content.
     """
@@ -91,6 +95,7 @@ class CalibrationResult:
     paths: dict[str, Path]
     timings: dict[str, float]
     manifest: dict[str, Any] = field(default_factory=dict)
+    smoothing: dict[str, Any] | None = None  # what was smoothed (the manifest's "smoothing"); None: nothing
 
     @property
     def algorithms(self) -> tuple[str, ...]:
@@ -324,7 +329,8 @@ def calibrate(
     t0 = time.perf_counter()
     cal_batch = open_any(batch, sorted(runner.inputs))
     try:
-        return _calibrate_open_batch(cfg, loaded, runner, cal_batch, out_path, progress, timings, t0)
+        with contextlib.ExitStack() as cleanup:  # a smoothed copy's work folder lives until the passes are done
+            return _calibrate_open_batch(cfg, loaded, runner, cal_batch, out_path, progress, timings, t0, cleanup)
     finally:
         if cal_batch is not batch:
             cal_batch.close()  # opened here: unmap it now rather than at garbage collection
@@ -348,11 +354,21 @@ def _calibrate_open_batch(
     progress: ProgressCallback,
     timings: dict[str, float],
     t0: float,
+    cleanup: contextlib.ExitStack,
 ) -> CalibrationResult:
     if cal_batch.num_rows == 0:
         raise DataError(f"calibration batch {cal_batch.source!r} holds no rows; calibration needs at least one sample")
     layout = runner.layout(cal_batch)
     timings["open_batch"] = time.perf_counter() - t0
+    original = loaded
+    smoothed = _smoothed_copy(cfg, loaded, cal_batch, layout, progress, cleanup)
+    if smoothed is not None:  # from here on everything is of the smoothed copy
+        close_first = getattr(runner, "close", None)
+        if close_first is not None:
+            close_first()
+        loaded, timings["smoothing"] = smoothed.loaded, smoothed.seconds
+        runner = _runner_for(cfg, loaded)
+        layout = runner.layout(cal_batch)
     # Samples per run: the micro-batch, fewer when the selected tensors would exceed the activation budget.
     budget_mib = runner.default_activation_budget_mib if cfg.activation_budget_mib is None else cfg.activation_budget_mib
     micro_batch = runner.budgeted_micro_batch(cal_batch, cfg.micro_batch, budget_mib << 20)
@@ -400,11 +416,16 @@ def _calibrate_open_batch(
 
     tensor_names = runner.tensor_names
     amax, caches, files, outcome = _scales_and_artifacts(cfg, loaded, cal_batch, tensor_names, stats, histograms, progress, timings)
+    if smoothed is not None:
+        from trtcal.export.smoothing import SMOOTHED_MODEL
+
+        files[SMOOTHED_MODEL] = smoothed.model_bytes
     manifest = build_manifest(
-        model_sha256=loaded.sha256, model_source=loaded.source, batch=cal_batch, config=cfg,
+        model_sha256=original.sha256, model_source=original.source, batch=cal_batch, config=cfg,
         runner={**runner.info, "micro_batch": layout.micro_batch(cfg.micro_batch), "samples_per_run": micro_batch,
                 "processes": workers if source else 1},
         num_tensors=len(tensor_names), files=files, verdict=None if outcome is None else outcome.verdict,
+        smoothing=None if smoothed is None else smoothed.record,
     )
     # The manifest's own timing of the write is measured up to the rename, not included.
     manifest["timings_s"] = {k: round(v, 6) for k, v in timings.items()}
@@ -419,4 +440,25 @@ def _calibrate_open_batch(
     return CalibrationResult(
         amax=amax, caches=caches, files=files, stats=stats, histograms=histograms, tensor_names=tensor_names,
         output_dir=out_path, paths=paths, timings=timings, manifest=manifest,
+        smoothing=None if smoothed is None else smoothed.record,
     )
+
+
+def _smoothed_copy(
+    cfg: CalibrationConfig, loaded: LoadedModel, cal_batch: CalibrationBatch, layout: Any,
+    progress: ProgressCallback, cleanup: contextlib.ExitStack,
+) -> Any:
+    """`trtcal.orchestrator.smoothing_pass.smooth_for_calibration` in a temp folder that `cleanup` removes."""
+    if cfg.smooth == "off":
+        return None
+    import shutil
+
+    from trtcal._io import owned_temp_dir
+    from trtcal.export.smoothing import smoothing_sites
+    from trtcal.orchestrator.smoothing_pass import smooth_for_calibration
+
+    if not smoothing_sites(loaded.proto, cfg.smooth, model_label=f"model {loaded.source}"):
+        return None  # no temp folder for a model without the pattern (every CNN)
+    workdir = owned_temp_dir("smooth")
+    cleanup.callback(shutil.rmtree, workdir, True)
+    return smooth_for_calibration(cfg, loaded, cal_batch, layout, Path(workdir), progress)

@@ -46,6 +46,7 @@ from trtcal.orchestrator.keys import (
     hit_runner_devices,
     model_input_spec,
     runner_id,
+    smoothing_key,
 )
 from trtcal.progress import NO_PROGRESS, ProgressCallback
 
@@ -63,6 +64,7 @@ STAGE_LABELS = (
     ("preprocess", "preprocess"),
     ("publish_batch", "store batch"),
     ("calibrate.load_model", "load model"),
+    ("calibrate.smoothing", "smoothing (channel max)"),
     ("calibrate.statistics", "pass 1 (max |x|)"),
     ("calibrate.histograms", "pass 2 (histograms)"),
     ("calibrate.scales", "scale search"),
@@ -101,6 +103,7 @@ class DatasetResult:
     warnings: tuple[str, ...] = ()
     found_in: str = ""
     verdict: Mapping[str, Any] | None = None  # held-out quality per method (trtcal.export.auto.verdict)
+    smoothing: Mapping[str, Any] | None = None  # the manifest's "smoothing": the artifacts are of model.smoothed.onnx
 
     @property
     def stage_seconds(self) -> dict[str, float]:
@@ -127,6 +130,7 @@ class DatasetResult:
             "stages_s": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "warnings": list(self.warnings),
             "verdict": self.verdict,
+            "smoothing": self.smoothing,
         }
 
 
@@ -218,6 +222,7 @@ class Job:
         self.batch_inputs: dict[str, Any] = {}
         self.model_label = ""
         self.model_input: dict[str, Any] = {}
+        self.smoothing: dict[str, Any] | None = None  # the key's smoothing record (orchestrator.keys.smoothing_key)
         self.spec: dict[str, Any]
         self.batch_key: str
         self.fingerprint: str | None
@@ -238,6 +243,7 @@ class Job:
         model_bytes, model_sha = _read_model(model, cfg.storage_options)
         job = cls(cfg, model_bytes, os.fspath(data), store, model_sha)
         job.model_label = os.fspath(model)
+        job.smoothing = smoothing_key(model_bytes, cfg.calibration, cfg.backend, model=job.model_label)
         if job.given_batch:
             batch = open_given_batch(job.data, job.model_bytes, cfg.storage_options, job.declared_inputs())
             job.spec, job.batch_key, job.fingerprint = dict(batch.spec), batch.fingerprint, batch.fingerprint
@@ -267,7 +273,9 @@ class Job:
         return job
 
     def key_inputs(self, runner: tuple[str, str]) -> Any:
-        return calibration_key_inputs(self.model_sha, str(self.fingerprint), self.spec, self.cfg.calibration, runner)
+        return calibration_key_inputs(
+            self.model_sha, str(self.fingerprint), self.spec, self.cfg.calibration, runner, smoothing=self.smoothing
+        )
 
     def lookup(self, runners: list[tuple[str, str]]) -> _Hit | None:
         """The stored calibration of this batch content by one of `runners`, if any (needs no Ray)."""
@@ -363,6 +371,12 @@ class Job:
             "num_tensors": result.num_tensors, "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "batch_key": self.batch_key, "verdict": result.verdict,
         }
+        if (result.smoothing is None) != (self.smoothing is None):  # the key must say what the actor did
+            from trtcal.errors import InternalError
+
+            raise InternalError(f"the key expected smoothing {self.smoothing} but the actor smoothed {result.smoothing}")
+        if result.smoothing is not None:
+            extra["smoothing"] = result.smoothing
         progress.start("publish", None, "")
         t0 = time.perf_counter()
         if self.store.read_only:
@@ -396,6 +410,7 @@ class Job:
             runner=f"{hit.runner[0]} {hit.runner[1]}", timings=dict(self.timings), amax=dict(amax or {}),
             published=not isinstance(entry, _MemoryEntry), warnings=tuple(self.warnings),
             found_in=str(getattr(entry, "store_url", "")), verdict=verdict,
+            smoothing=extra.get("smoothing") if isinstance(extra.get("smoothing"), Mapping) else None,
         )
 
 

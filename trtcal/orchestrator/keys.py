@@ -10,7 +10,10 @@
   about what the build's own listing costs (bench/bench_listing.py).
 * The **calibration entry** is keyed by content (`trtcal.storage.KeyInputs`): model sha256, batch
   fingerprint, preprocessing spec, the methods and their parameters, runner kind and version,
-  tensor selection, micro-batch, format version. Same key, same artifact bytes.
+  tensor selection, micro-batch, format version. Same key, same artifact bytes. When the
+  calibration smooths the model (`CalibrationConfig.smooth`, only models with the pattern), the key
+  also holds the smoothing rule and alpha (`smoothing_key`): a smoothed result is never served for
+  an unsmoothed request or the other way round, and every other model keeps its key.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from trtcal._version import FORMAT_VERSION
 from trtcal.config import BatchConfig, CalibrationConfig, JobConfig
 from trtcal.errors import ConfigError
 
-__all__ = ["batch_key_inputs", "calibration_key_inputs", "dataset_url", "hit_runner_devices", "model_input_spec", "runner_id"]
+__all__ = ["batch_key_inputs", "calibration_key_inputs", "smoothing_key", "SMOOTHING_RULE", "dataset_url", "hit_runner_devices", "model_input_spec", "runner_id"]
 
 
 def dataset_url(data: str | os.PathLike[str]) -> str:
@@ -123,11 +126,45 @@ def hit_runner_devices(config: JobConfig) -> list[str]:
     return {"cpu": ["cpu"], "gpu": ["cuda"], "auto": ["cpu", "cuda"]}[config.cluster.device]
 
 
+# Names the smoothing rule (trtcal.export.smoothing: which tensors, the scale formula): change it
+# whenever the rule changes, so stored smoothed results are not served for the new rule.
+SMOOTHING_RULE = "smoothquant-norm-matmul/1"
+
+
+def smoothing_key(model_bytes: bytes, cal: CalibrationConfig, backend: str = "onnxruntime", *, model: str = "the model") -> dict[str, Any] | None:
+    """The key's record of smoothing: the rule and alpha when calibrating this model smooths it, else
+    None (the key is the same as without the option). ConfigError for --smooth on where it cannot
+    smooth (no pattern, or TensorRT's own calibrator, which calibrates the model as it is)."""
+    if cal.smooth == "off":
+        return None
+    if backend == "tensorrt":
+        if cal.smooth == "on":
+            raise ConfigError("--smooth on needs the onnxruntime backend; --backend tensorrt calibrates the model as it is")
+        return None
+    import onnx
+
+    from trtcal.export.smoothing import smoothing_sites
+
+    if not smoothing_sites(onnx.load_from_string(model_bytes), cal.smooth, model_label=f"model {model!r}"):
+        return None
+    return {"rule": SMOOTHING_RULE, "alpha": cal.smooth_alpha}
+
+
 def calibration_key_inputs(
-    model_sha256: str, fingerprint: str, spec: Mapping[str, Any], cal: CalibrationConfig, runner: tuple[str, str]
+    model_sha256: str, fingerprint: str, spec: Mapping[str, Any], cal: CalibrationConfig, runner: tuple[str, str],
+    smoothing: Mapping[str, Any] | None = None,
 ) -> Any:
+    """The calibration entry's key inputs; `smoothing` (from `smoothing_key`) only when the model is smoothed."""
     from trtcal.storage import KeyInputs
 
+    extra: dict[str, Any] = {
+        "micro_batch": cal.micro_batch,
+        "tensors": cal.tensors if isinstance(cal.tensors, str) else list(cal.tensors),
+        "nonfinite": cal.nonfinite,
+        "manual_ranges": dict(sorted(cal.manual_ranges.items())),
+    }
+    if smoothing is not None:
+        extra["smoothing"] = dict(smoothing)
     return KeyInputs(
         model_sha256=model_sha256,
         batch_fingerprint=fingerprint,
@@ -136,10 +173,5 @@ def calibration_key_inputs(
         algorithm_params={"num_bins": cal.num_bins, "method_params": {k: dict(v) for k, v in sorted(cal.method_params.items())}},
         runner=runner[0],
         runner_version=runner[1],
-        extra={
-            "micro_batch": cal.micro_batch,
-            "tensors": cal.tensors if isinstance(cal.tensors, str) else list(cal.tensors),
-            "nonfinite": cal.nonfinite,
-            "manual_ranges": dict(sorted(cal.manual_ranges.items())),
-        },
+        extra=extra,
     )

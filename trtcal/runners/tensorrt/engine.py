@@ -191,9 +191,12 @@ def _check_cache_names(network: Any, cache: bytes, model_path: Path) -> None:
     layer fell back to FP32 with one "Missing scale" warning per tensor, and the build succeeded.
     """
     from trtcal.core import read_trt_cache
+    from trtcal.export.smoothing import check_not_smoothed_for
 
     names = set(read_trt_cache(cache).scale)
     tensors = set(_network_tensors(network))
+    # A cache of the smoothed copy matches most names of the original: refused, naming the model to use.
+    check_not_smoothed_for(names, tensors, model=str(model_path), what="the calibration cache")
     matched = names & tensors
     if not matched:
         raise CacheFormatError(
