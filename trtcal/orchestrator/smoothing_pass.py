@@ -78,7 +78,6 @@ def smooth_for_calibration(
     smoothed_loaded = load_model(str(path))
     record = {
         "alpha": cfg.smooth_alpha,
-        "mode": cfg.smooth,
         "model": SMOOTHED_MODEL,
         "model_sha256": hashlib.sha256(data).hexdigest(),
         "original_model_sha256": loaded.sha256,
