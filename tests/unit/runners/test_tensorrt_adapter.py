@@ -1078,6 +1078,19 @@ def test_cache_of_another_model_is_refused_not_built_in_float(fake_trt, tiny_mod
         adapter.build_engine(tiny_model, cache=cache)
 
 
+def test_a_smoothed_cache_on_the_original_model_is_refused_naming_the_smoothed_model(fake_trt, tmp_path):
+    # Most names of a smoothed copy's cache are the original's too: the name check alone would pass it.
+    from tests.unit.export.test_smoothing import post_ln_block
+
+    original = tmp_path / "block.onnx"
+    original.write_bytes(post_ln_block().SerializeToString())
+    cache = write_trt_cache({"x": 2.0, "h": 4.0, "h_smoothed": 1.0, "q": 3.0, "k": 3.0, "qk": 5.0, "y": 6.0},
+                            trt_version="10.3.0", algorithm="entropy2")
+    shapes = {"x": (1, 5, 16), "mask": (1, 5)}
+    with pytest.raises(CacheFormatError, match=r"smoothed copy of .*block.onnx.*'h_smoothed'.*model.smoothed.onnx"):
+        adapter.build_engine(original, cache=cache, input_shapes=shapes)
+
+
 def test_timing_cache_is_read_and_rewritten_atomically(fake_trt, tiny_model, tmp_path):
     cache = write_trt_cache({"x": 2.0, "conv_out": 4.0, "y": 4.0}, trt_version="10.3.0", algorithm="entropy2")
     timing = tmp_path / "sub" / "timing.cache"
