@@ -170,7 +170,7 @@ def _check_cache_is_for(model: Path, cache: Path) -> None:
     from trtcal.core import read_trt_cache
     from trtcal.errors import CacheFormatError
     from trtcal.export.model_io import load_model, model_tensor_names
-    from trtcal.export.smoothing import check_not_smoothed_for
+    from trtcal.export.smoothed_names import check_not_smoothed_for
 
     try:
         names = read_trt_cache(cache.read_bytes()).scale

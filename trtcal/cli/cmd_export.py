@@ -140,7 +140,7 @@ def run_qdq(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot read calibration cache {str(path)!r}: {exc}") from None
         scales = read_trt_cache(data).scale
         from trtcal.export.model_io import load_model, model_tensor_names
-        from trtcal.export.smoothing import check_not_smoothed_for
+        from trtcal.export.smoothed_names import check_not_smoothed_for
 
         check_not_smoothed_for(scales, model_tensor_names(load_model(args.model)), model=str(args.model),
                                what=f"calibration cache {str(path)!r}", beside=str(path.parent))

@@ -616,7 +616,7 @@ def build_qdq(model: ModelLike, scale_by_tensor: Mapping[str, float], config: Qd
     config = config or QdqConfig()
     fp32, upgraded_from = _upgrade_opset(load_model(model))
     names = model_tensor_names(fp32)
-    from trtcal.export.smoothing import check_not_smoothed_for
+    from trtcal.export.smoothed_names import check_not_smoothed_for
 
     check_not_smoothed_for(scale_by_tensor, names, model=str(model) if isinstance(model, str) else "the model", what="the scales")
     scales = checked_scales(scale_by_tensor, names)

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from trtcal.errors import CacheFormatError, ConfigError, ModelError
+from trtcal.errors import ConfigError, ModelError
 from trtcal.export.graph_rules import consumers, producers
+from trtcal.export.smoothed_names import SMOOTHED_MODEL, SMOOTHED_SUFFIX, check_not_smoothed_for
 
 if TYPE_CHECKING:
     import onnx
@@ -40,8 +41,6 @@ __all__ = [
     "SMOOTHED_MODEL", "SMOOTHED_SUFFIX", "check_not_smoothed_for",
 ]
 
-SMOOTHED_MODEL = "model.smoothed.onnx"  # `trtcal calibrate` writes the smoothed copy under this name
-SMOOTHED_SUFFIX = "_smoothed"  # x -> Mul(x, 1/s) is named x + this: a smoothed model's caches name it
 
 _NORM_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"})
 _MIN = 1e-5  # floor of both maxima: a dead channel or weight row gets a finite scale
@@ -89,33 +88,6 @@ def smoothing_sites(model: onnx.ModelProto, mode: str, *, model_label: str = "th
             "only where that pattern is) or off"
         )
     return groups
-
-
-def check_not_smoothed_for(names: Iterable[str], tensors: Iterable[str], *, model: str, what: str, beside: str | None = None) -> None:
-    """CacheFormatError when `names` (a cache's or range table's tensors) are of the smoothed copy of a
-    model whose tensors are `tensors`: they name smoothing outputs (x_smoothed) the model lacks while
-    it has x. Such scales would leave the smoothed MatMul inputs without a range and give the
-    original LayerNorm outputs the scale of their unsmoothed use: a wrong engine, built silently.
-
-    `beside`: the folder the cache is in; a model.smoothed.onnx there is named as the one to use."""
-    import os
-
-    present = set(tensors)
-    smoothed = sorted(
-        n for n in names if n.endswith(SMOOTHED_SUFFIX) and n not in present and n[: -len(SMOOTHED_SUFFIX)] in present
-    )
-    if not smoothed:
-        return
-    candidate = os.path.join(beside, SMOOTHED_MODEL) if beside is not None else None
-    use = (
-        f"use {candidate}, the smoothed model it was calibrated on" if candidate and os.path.isfile(candidate)
-        else f"use the smoothed model it was calibrated on ({SMOOTHED_MODEL}, written by `trtcal calibrate` beside the cache)"
-    )
-    raise CacheFormatError(
-        f"{what} belongs to the SmoothQuant-smoothed copy of {model}: it names {len(smoothed)} smoothing tensor(s) "
-        f"(e.g. {smoothed[0]!r}) that {model} does not have. Its scales are wrong for {model}; {use}, or "
-        "recalibrate with --smooth off"
-    )
 
 
 def smoothing_scales(
@@ -183,11 +155,11 @@ def smooth_model(
         s = smoothing_scales(maxima[x], np.max([np.abs(w).max(axis=1) for w in arrays], axis=0), alpha)
         inverse = numpy_helper.from_array((np.float32(1.0) / s).astype(np.float32), f"{x}_smooth_inverse")
         new_initializers.append(inverse)
-        inserts[x] = helper.make_node("Mul", [x, inverse.name], [f"{x}_smoothed"], name=f"{x}_smooth")
+        inserts[x] = helper.make_node("Mul", [x, inverse.name], [f"{x}{SMOOTHED_SUFFIX}"], name=f"{x}_smooth")
         for node, w in zip(matmuls, arrays, strict=True):
             name = f"{node.input[1]}_smoothed_{node.name or x}"
             new_initializers.append(numpy_helper.from_array((w * s[:, None]).astype(np.float32), name))
-            node.input[0], node.input[1] = f"{x}_smoothed", name
+            node.input[0], node.input[1] = f"{x}{SMOOTHED_SUFFIX}", name
         smoothed[x] = tuple(n.name for n in matmuls)
     nodes = []
     for node in graph.node:

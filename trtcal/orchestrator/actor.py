@@ -176,7 +176,7 @@ def run_calibration(
         timings = dict(result.timings)
         warnings: list[str] = []
         if result.smoothing is not None:  # the scales are of the smoothed copy: so is the Q/DQ model
-            from trtcal.export.smoothing import SMOOTHED_MODEL
+            from trtcal.export.smoothed_names import SMOOTHED_MODEL
 
             model_path = Path(tmp) / SMOOTHED_MODEL
             model_path.write_bytes(files[SMOOTHED_MODEL])

@@ -377,6 +377,43 @@ def _calibrate_open_batch(
         len(runner.tensor_names), loaded.source, cal_batch.num_rows, cal_batch.fingerprint, micro_batch,
     )
 
+    stats, histograms, processes = _collect(cfg, loaded, runner, cal_batch, micro_batch, progress, timings)
+
+    tensor_names = runner.tensor_names
+    amax, caches, files, outcome = _scales_and_artifacts(cfg, loaded, cal_batch, tensor_names, stats, histograms, progress, timings)
+    if smoothed is not None:
+        from trtcal.export.smoothed_names import SMOOTHED_MODEL
+
+        files[SMOOTHED_MODEL] = smoothed.model_bytes
+    manifest = build_manifest(
+        model_sha256=original.sha256, model_source=original.source, batch=cal_batch, config=cfg,
+        runner={**runner.info, "micro_batch": layout.micro_batch(cfg.micro_batch), "samples_per_run": micro_batch,
+                "processes": processes},
+        num_tensors=len(tensor_names), files=files, verdict=None if outcome is None else outcome.verdict,
+        smoothing=None if smoothed is None else smoothed.record,
+    )
+    # The manifest's own timing of the write is measured up to the rename, not included.
+    manifest["timings_s"] = {k: round(v, 6) for k, v in timings.items()}
+    files[MANIFEST] = artifact_json(manifest)
+    paths: dict[str, Path] = {}
+    if out_path is not None:
+        t0 = time.perf_counter()
+        # `force` was checked with the caller's value before computing (check_output_dir in calibrate)
+        paths = publish_dir(out_path, files, owned_by=OWNED_BY, is_own_name=is_artifact_name, force=True)
+        timings["write"] = time.perf_counter() - t0
+        logger.info("wrote %d artifacts to %s", len(paths), out_path)
+    return CalibrationResult(
+        amax=amax, caches=caches, files=files, stats=stats, histograms=histograms, tensor_names=tensor_names,
+        output_dir=out_path, paths=paths, timings=timings, manifest=manifest,
+        smoothing=None if smoothed is None else smoothed.record,
+    )
+
+
+def _collect(
+    cfg: CalibrationConfig, loaded: LoadedModel, runner: OnnxRuntimeRunner, cal_batch: CalibrationBatch,
+    micro_batch: int, progress: ProgressCallback, timings: dict[str, float],
+) -> tuple[dict[str, TensorStats], dict[str, Histogram], int]:
+    """Pass 1 and (when a method needs it) pass 2, in worker processes or here; (stats, histograms, processes)."""
     need_histograms = needs_histograms(cfg)
     histograms: dict[str, Histogram] = {}
     workers = cfg.resolved_processes() if cfg.device == "cpu" else 1
@@ -413,35 +450,7 @@ def _calibrate_open_batch(
         histograms = {
             n: Histogram(counts=counts[n], hist_amax=stats[n].amax, stats=stats[n]) for n in runner.tensor_names
         }
-
-    tensor_names = runner.tensor_names
-    amax, caches, files, outcome = _scales_and_artifacts(cfg, loaded, cal_batch, tensor_names, stats, histograms, progress, timings)
-    if smoothed is not None:
-        from trtcal.export.smoothing import SMOOTHED_MODEL
-
-        files[SMOOTHED_MODEL] = smoothed.model_bytes
-    manifest = build_manifest(
-        model_sha256=original.sha256, model_source=original.source, batch=cal_batch, config=cfg,
-        runner={**runner.info, "micro_batch": layout.micro_batch(cfg.micro_batch), "samples_per_run": micro_batch,
-                "processes": workers if source else 1},
-        num_tensors=len(tensor_names), files=files, verdict=None if outcome is None else outcome.verdict,
-        smoothing=None if smoothed is None else smoothed.record,
-    )
-    # The manifest's own timing of the write is measured up to the rename, not included.
-    manifest["timings_s"] = {k: round(v, 6) for k, v in timings.items()}
-    files[MANIFEST] = artifact_json(manifest)
-    paths: dict[str, Path] = {}
-    if out_path is not None:
-        t0 = time.perf_counter()
-        # `force` was checked with the caller's value before computing (check_output_dir in calibrate)
-        paths = publish_dir(out_path, files, owned_by=OWNED_BY, is_own_name=is_artifact_name, force=True)
-        timings["write"] = time.perf_counter() - t0
-        logger.info("wrote %d artifacts to %s", len(paths), out_path)
-    return CalibrationResult(
-        amax=amax, caches=caches, files=files, stats=stats, histograms=histograms, tensor_names=tensor_names,
-        output_dir=out_path, paths=paths, timings=timings, manifest=manifest,
-        smoothing=None if smoothed is None else smoothed.record,
-    )
+    return stats, histograms, workers if source else 1
 
 
 def _smoothed_copy(

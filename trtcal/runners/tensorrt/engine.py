@@ -191,7 +191,7 @@ def _check_cache_names(network: Any, cache: bytes, model_path: Path) -> None:
     layer fell back to FP32 with one "Missing scale" warning per tensor, and the build succeeded.
     """
     from trtcal.core import read_trt_cache
-    from trtcal.export.smoothing import check_not_smoothed_for
+    from trtcal.export.smoothed_names import check_not_smoothed_for
 
     names = set(read_trt_cache(cache).scale)
     tensors = set(_network_tensors(network))
