@@ -145,7 +145,13 @@ def smoothing_key(model_bytes: bytes, cal: CalibrationConfig, backend: str = "on
 
     from trtcal.export.smoothing import smoothing_sites
 
-    if not smoothing_sites(onnx.load_from_string(model_bytes), cal.smooth, model_label=f"model {model!r}"):
+    from trtcal.errors import ModelError
+
+    try:
+        proto = onnx.load_from_string(model_bytes)
+    except Exception as exc:  # onnx raises DecodeError and others
+        raise ModelError(f"model {model!r} is not a valid ONNX file ({type(exc).__name__}: {exc}); re-export it") from None
+    if not smoothing_sites(proto, cal.smooth, model_label=f"model {model!r}"):
         return None
     return {"rule": SMOOTHING_RULE, "alpha": cal.smooth_alpha}
 
