@@ -318,7 +318,8 @@ def calibrate(
     t0 = time.perf_counter()
     loaded = load_model(model)
     if cfg.manual_ranges:
-        check_manual_range_names(cfg.manual_ranges, _tensor_names(loaded.proto), model=f"model {loaded.source}")
+        check_manual_range_names(cfg.manual_ranges, _tensor_names(loaded.proto) | _smoothed_names(cfg, loaded),
+                                 model=f"model {loaded.source}")
     try:
         runner = _runner_for(cfg, loaded)
     except ModelError:
@@ -360,14 +361,15 @@ def _calibrate_open_batch(
         raise DataError(f"calibration batch {cal_batch.source!r} holds no rows; calibration needs at least one sample")
     layout = runner.layout(cal_batch)
     timings["open_batch"] = time.perf_counter() - t0
-    original = loaded
+    original, run_cfg = loaded, cfg  # run_cfg: the tensors exposed (a listed smoothed tensor adds its copy)
     smoothed = _smoothed_copy(cfg, loaded, cal_batch, layout, progress, cleanup)
     if smoothed is not None:  # from here on everything is of the smoothed copy
         close_first = getattr(runner, "close", None)
         if close_first is not None:
             close_first()
         loaded, timings["smoothing"] = smoothed.loaded, smoothed.seconds
-        runner = _runner_for(cfg, loaded)
+        run_cfg = _with_smoothed_tensors(cfg, smoothed.record["sites"])
+        runner = _runner_for(run_cfg, loaded)
         layout = runner.layout(cal_batch)
     # Samples per run: the micro-batch, fewer when the selected tensors would exceed the activation budget.
     budget_mib = runner.default_activation_budget_mib if cfg.activation_budget_mib is None else cfg.activation_budget_mib
@@ -377,7 +379,7 @@ def _calibrate_open_batch(
         len(runner.tensor_names), loaded.source, cal_batch.num_rows, cal_batch.fingerprint, micro_batch,
     )
 
-    stats, histograms, processes = _collect(cfg, loaded, runner, cal_batch, micro_batch, progress, timings)
+    stats, histograms, processes = _collect(run_cfg, loaded, runner, cal_batch, micro_batch, progress, timings)
 
     tensor_names = runner.tensor_names
     amax, caches, files, outcome = _scales_and_artifacts(cfg, loaded, cal_batch, tensor_names, stats, histograms, progress, timings)
@@ -451,6 +453,34 @@ def _collect(
             n: Histogram(counts=counts[n], hist_amax=stats[n].amax, stats=stats[n]) for n in runner.tensor_names
         }
     return stats, histograms, workers if source else 1
+
+
+def _smoothed_names(cfg: CalibrationConfig, loaded: LoadedModel) -> set[str]:
+    """The tensors smoothing adds (x -> x_smoothed): manual ranges may name them."""
+    if cfg.smooth == "off":
+        return set()
+    from trtcal.export.smoothed_names import SMOOTHED_SUFFIX
+    from trtcal.export.smoothing import smoothing_groups
+
+    return {name + SMOOTHED_SUFFIX for name in smoothing_groups(loaded.proto)}
+
+
+def _with_smoothed_tensors(cfg: CalibrationConfig, sites: Any) -> CalibrationConfig:
+    """A tensor list naming a smoothed tensor x also exposes x_smoothed, which its MatMuls now read;
+    a manual range of x does not reach them (warned)."""
+    from dataclasses import replace
+
+    from trtcal.export.smoothed_names import SMOOTHED_SUFFIX
+
+    for name in sorted(set(cfg.manual_ranges) & set(sites)):
+        logger.warning(
+            "manual range of %r: the model is smoothed, and its MatMuls read %r, which the range does not cover; "
+            "give %r a range too, or calibrate with --smooth off", name, name + SMOOTHED_SUFFIX, name + SMOOTHED_SUFFIX,
+        )
+    if isinstance(cfg.tensors, str):
+        return cfg
+    extra = tuple(n + SMOOTHED_SUFFIX for n in cfg.tensors if n in sites and n + SMOOTHED_SUFFIX not in cfg.tensors)
+    return replace(cfg, tensors=cfg.tensors + extra) if extra else cfg
 
 
 def _smoothed_copy(

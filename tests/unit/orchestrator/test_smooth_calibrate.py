@@ -164,3 +164,14 @@ def test_the_original_model_with_a_smoothed_cache_is_refused_naming_the_smoothed
     for rc, err in ((engine_rc, engine_err), (qdq_rc, qdq_err)):
         assert rc != 0 and "smoothed copy" in err and str(tmp_path / "out" / SMOOTHED_MODEL) in " ".join(err.split()), err
     assert not (tmp_path / "e.engine").exists() and not (tmp_path / "q.onnx").exists()
+
+
+def test_a_tensor_list_and_manual_ranges_follow_the_smoothed_tensor(caplog: pytest.LogCaptureFixture) -> None:
+    model, arrays = post_ln_block(), text_arrays()
+    listed = calibrate(model, arrays, tensors=("h", "q"))
+    assert set(listed.amax["minmax"]) == {"h", "q", "h_smoothed"}  # the MatMuls' new input is calibrated too
+    manual = calibrate(model, arrays, manual_ranges={"h_smoothed": 3.0, "h": 7.0})  # names of the smoothed copy are known
+    assert manual.amax["minmax"]["h_smoothed"] == 3.0 and manual.amax["minmax"]["h"] == 7.0
+    assert "manual range of 'h': the model is smoothed" in caplog.text
+    with pytest.raises(ConfigError, match="h_smoothed"):
+        calibrate(model, arrays, smooth="off", manual_ranges={"h_smoothed": 3.0})  # not smoothed: no such tensor
