@@ -143,9 +143,8 @@ def smoothing_key(model_bytes: bytes, cal: CalibrationConfig, backend: str = "on
         return None
     import onnx
 
-    from trtcal.export.smoothing import smoothing_sites
-
     from trtcal.errors import ModelError
+    from trtcal.export.smoothing import smoothing_sites
 
     try:
         proto = onnx.load_from_string(model_bytes)
