@@ -163,6 +163,9 @@ def test_the_original_model_with_a_smoothed_cache_is_refused_naming_the_smoothed
     qdq_err = capsys.readouterr().err
     for rc, err in ((engine_rc, engine_err), (qdq_rc, qdq_err)):
         assert rc != 0 and "smoothed copy" in err and str(tmp_path / "out" / SMOOTHED_MODEL) in " ".join(err.split()), err
+    np.savez(tmp_path / "eval.npz", **text_arrays(8, seed=5))
+    eval_rc = main(["eval", str(original), "--result", str(tmp_path / "out"), "--data", str(tmp_path / "eval.npz")])
+    assert eval_rc != 0 and "smoothed copy" in capsys.readouterr().err  # judged on the wrong model: refused too
     assert not (tmp_path / "e.engine").exists() and not (tmp_path / "q.onnx").exists()
 
 
