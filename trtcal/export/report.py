@@ -502,6 +502,13 @@ def load_report_data(result_dir: str | os.PathLike[str], *, title: str | None = 
         qdq = _read_json(root / "qdq_report.json")
     notes = [] if histograms else ["No histograms were found in this result directory (histograms.npy)."]
     manifest = _read_json(root / "manifest.json") if (root / "manifest.json").is_file() else {}
+    smoothing = manifest.get("smoothing") if isinstance(manifest, dict) else None
+    if isinstance(smoothing, dict):  # which model these ranges belong to (docs/qdq.md, "Smoothing")
+        notes.append(
+            f"Smoothed (SmoothQuant, alpha {smoothing.get('alpha')}, {len(smoothing.get('sites') or {})} normalisation "
+            f"outputs): the ranges, caches and model.qdq.onnx belong to {smoothing.get('model')} (sha256 "
+            f"{str(smoothing.get('model_sha256'))[:12]}…), not to the original model."
+        )
     raw_ranges = _read_json(ranges_path)
     raw_tensors = raw_ranges.get("tensors") if isinstance(raw_ranges, dict) else None
     auto = (

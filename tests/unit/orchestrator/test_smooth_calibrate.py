@@ -65,6 +65,9 @@ def test_auto_smooths_the_layernorm_outputs_and_publishes_the_smoothed_model(tmp
     assert manifest["model"]["sha256"] == manifest["smoothing"]["original_model_sha256"]  # the key's model
     assert manifest["artifacts"][SMOOTHED_MODEL]["sha256"] == manifest["smoothing"]["model_sha256"]
     assert manifest["config"]["smooth"] == "auto" and "smoothing" in manifest["timings_s"]
+    from trtcal.export.report import load_report_data
+
+    assert any(f"belong to {SMOOTHED_MODEL}" in note for note in load_report_data(tmp_path / "out").notes)  # trtcal report says it too
     # The cache names the smoothed copy's tensors: the Mul output the MatMuls now read.
     assert "h_smoothed" in result.amax["entropy2"] and "h_smoothed" in result.files["calibration.cache"].decode()
     # on = auto where the pattern is; off = no smoothing, today's artifacts.
