@@ -75,6 +75,10 @@ def test_auto_smooths_the_layernorm_outputs_and_publishes_the_smoothed_model(tmp
     off = calibrate(model, arrays, smooth="off")
     assert off.smoothing is None and SMOOTHED_MODEL not in off.files and "smoothing" not in off.manifest
     assert "h_smoothed" not in off.amax["entropy2"]
+    # A model smoothed already (`trtcal export smooth`, or calibrate's own copy) has no site left: never smoothed twice.
+    again = calibrate(onnx.load_from_string(smoothed_bytes), arrays)
+    assert again.smoothing is None and without_manifest(again.files) == {
+        k: v for k, v in without_manifest(result.files).items() if k != SMOOTHED_MODEL}
 
 
 def test_smoothed_artifacts_are_the_same_bytes_for_two_workers_and_shuffled_rows(tmp_path: Path) -> None:
