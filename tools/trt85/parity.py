@@ -126,7 +126,8 @@ def main() -> None:
         compare(trt, hists, a.method, f"{a.method} from TensorRT's activations", a.show)
     if a.onnx:
         x = np.load(a.views)
-        x = (x.astype(np.float32) - np.float32(127.0)) * np.float32(0.0078125)
+        if x.dtype != np.float32:  # uint8 photo views; float32 inputs are used as they are
+            x = (x.astype(np.float32) - np.float32(127.0)) * np.float32(0.0078125)
         hists = ort_histograms(a.onnx, x)
         if a.minmax:
             mm = read_cache(a.minmax)
