@@ -33,14 +33,21 @@ def slow_entropy_kl(counts, i, num_levels=128):
     return float(kl_divergence(p, q))
 
 
-def slow_entropy2(counts, hist_amax, start_bin=128, stop_bin=None, tie_tolerance=1e-12):
-    """TensorRT 8.5's rule (docs/algorithms.md): bin 0 discarded, the largest i among equal minima."""
+def slow_entropy2(counts, hist_amax, start_bin=128, stop_bin=None, tie_tolerance=1e-12, suppress_first_bin=True):
+    """TensorRT 8.5's rule (docs/algorithms.md): bin 0 := bin 1, the largest i among equal minima,
+    and no clipped candidate whose P (outliers folded in) has a single non-empty bin."""
     counts = [int(c) for c in counts]
     if len(counts) > 1:
-        counts[0] = 0
+        counts[0] = counts[1] if suppress_first_bin else 0
     n = len(counts)
     stop = n if stop_bin is None else stop_bin
-    divergences = [(i, slow_entropy_kl(counts, i)) for i in range(start_bin, stop + 1)]
+    divergences = []
+    for i in range(start_bin, stop + 1):
+        p = counts[:i]
+        p[i - 1] += sum(counts[i:])
+        if i < n and sum(1 for c in p if c > 0) == 1:
+            continue
+        divergences.append((i, slow_entropy_kl(counts, i)))
     finite = [kl for _, kl in divergences if not math.isinf(kl)]
     if not finite:
         return float(hist_amax), None, math.inf

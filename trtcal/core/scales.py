@@ -6,8 +6,9 @@ Every function takes `counts` (integer counts of |x| in `len(counts)` equal bins
 Methods (see docs/algorithms.md for the full derivations and what is and is not TensorRT's):
 
 * ``entropy2``: TensorRT 8.5's IInt8EntropyCalibrator2 rule, found by black-box experiments on
-  TensorRT 8.5.3 (docs/algorithms.md): bin 0 is discarded; candidates i = 128 … num_bins; the
-  outliers are folded into the last kept bin of P; Q merges the first i bins into 128 levels,
+  TensorRT 8.5.3 (docs/algorithms.md): bin 0 takes bin 1's count; candidates i = 128 … num_bins,
+  but none below i = f + 2 for f the first non-empty bin (a clipped P of one bin is never taken);
+  the outliers are folded into the last kept bin of P; Q merges the first i bins into 128 levels,
   bin k going to level floor(128·k / i), each level's total spread over its non-empty bins;
   KL(P || Q); the LARGEST i among equal minima; threshold (i + 0.5) · bin_width.
 * ``entropy``: TensorRT's IInt8EntropyCalibrator runs the same search (identical scales on every
@@ -44,7 +45,8 @@ __all__ = [
     "amax_mse",
     "amax_legacy",
     "entropy_divergences",
-    "discard_first_bin",
+    "suppress_first_bin",
+    "entropy_start_bin",
 ]
 
 NUM_LEVELS = 128  # int8 magnitudes: TensorRT quantizes |x| into 128 levels
@@ -76,7 +78,7 @@ def entropy_divergences(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """KL(P || Q) for every candidate i in [start_bin, stop_bin] (inclusive), vectorised.
 
-    `counts` are used as given (amax_entropy2 discards bin 0 first). Bin k < i belongs to level
+    `counts` are used as given (amax_entropy2 replaces bin 0 first). Bin k < i belongs to level
     floor(num_levels·k / i), so level g holds bins [ceil(g·i/L), ceil((g+1)·i/L)).
     Closed form: with N the total count, C_i = sum(H[:i]) and tail_i = N - C_i,
     KL_i = (1/N)·[Σ_{k<i-1} H_k ln H_k + P_{i-1} ln P_{i-1} − Σ_g G_g ln(G_g / n_g) − tail_i ln Q_{i-1}]
@@ -148,16 +150,30 @@ def _argmin_last(values: npt.NDArray[np.float64]) -> int:
     return int(near[-1])
 
 
-def discard_first_bin(counts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """A copy with bin 0 emptied, as TensorRT does before its entropy search.
+def suppress_first_bin(counts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """A copy with bin 0's count replaced by bin 1's, as TensorRT 8.5 does before its entropy search.
 
-    Bin 0 holds the zeros of ReLU outputs and the near-zero noise of everything else; TensorRT 8.5
-    gave the same scale with or without a 10x spike of exact zeros or of tiny values there
-    (docs/algorithms.md). Zeros quantize exactly whatever the scale.
+    Bin 0 holds the zeros of ReLU outputs and the near-zero noise of everything else. TensorRT 8.5.3
+    gave the same scale with or without a spike of exact zeros there, but a spike in bin 1 moved its
+    scale as if bin 0 held the spike too (docs/algorithms.md); NVIDIA's pytorch-quantization does
+    the same (`bins[0] = bins[1]`). Zeros quantize exactly whatever the scale.
     """
     out: npt.NDArray[np.int64] = counts.copy()
-    out[0] = 0
+    if out.size > 1:
+        out[0] = out[1]
     return out
+
+
+def entropy_start_bin(counts: npt.NDArray[np.int64], start_bin: int = START_BIN) -> int:
+    """The first candidate i: start_bin, but never a clipped P of a single non-empty bin.
+
+    With f the first non-empty bin, a candidate i <= f + 1 folds everything into one bin, so its
+    KL is exactly 0. TensorRT 8.5.3 still kept the full range there (probe sparse_k3_r1,
+    docs/algorithms.md); i = num_bins stays a candidate.
+    """
+    nonzero = np.flatnonzero(counts)
+    first = int(nonzero[0]) if nonzero.size else 0
+    return min(max(start_bin, first + 2), int(counts.size))
 
 
 def amax_entropy2(
@@ -168,11 +184,10 @@ def amax_entropy2(
     amax = _check_amax(hist_amax)
     if amax == 0.0 or not h.any():
         return amax
-    if h.size > 1:
-        h = discard_first_bin(h)
+    h = suppress_first_bin(h)
     if not h.any():
-        return amax
-    cand, kl = entropy_divergences(h, start_bin=start_bin, num_levels=num_levels)
+        return amax  # every value in bin 0 (a range wider than the data): nothing to search
+    cand, kl = entropy_divergences(h, start_bin=entropy_start_bin(h, start_bin), num_levels=num_levels)
     if not np.isfinite(kl).any():
         return amax  # every candidate clips mass onto an empty bin: keep the full range
     i = int(cand[_argmin_last(kl)])

@@ -16,9 +16,9 @@ def _hist(x, bins=2048):
     return h.counts, h.hist_amax
 
 
-def _discarded(counts):
+def _suppressed(counts):
     out = np.array(counts, dtype=np.int64).copy()
-    out[0] = 0
+    out[0] = out[1]
     return out
 
 
@@ -52,20 +52,54 @@ def test_entropy2_matches_slow_reference(case):
     if got != pytest.approx(ref_amax, rel=1e-12):
         # Accept only a genuine near-tie between the two candidates.
         i_got = round(got / (amax / len(counts)) - 0.5)
-        assert abs(slow_entropy_kl(_discarded(counts), i_got) - ref_kl) < 1e-12
+        assert abs(slow_entropy_kl(_suppressed(counts), i_got) - ref_kl) < 1e-12
     # TensorRT's v1 calibrator runs the same search (it differs only in calibrating after fusion)
     assert compute_amax(counts, amax, "entropy") == got
 
 
 def test_entropy2_on_published_relu_laplace_case():
     # docs/algorithms.md, "Measured": on 2M ReLU-Laplace samples (max 15.36) the Migacz-literal search
-    # gives 11.66 and ModelOpt's variant 11.43. TensorRT 8.5's rule (bin 0 discarded, level
+    # gives 11.66 and ModelOpt's variant 11.43. TensorRT 8.5's rule (bin 0 := bin 1, level
     # floor(128k/i)) lands on 11.43 too; trtcal's pre-issue-18 rule gave 11.66.
     rng = np.random.default_rng(0)
     x = np.abs(rng.laplace(size=2_000_000)).astype(np.float32)
     counts, amax = _hist(x)
     got = compute_amax(counts, amax, "entropy2")
     assert got == pytest.approx(11.43, abs=0.01)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10**7), st.integers(0, 3))
+def test_entropy2_ignores_bin_zero(zeros, seed):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 50, 2048)
+    counts[1] = 20_000
+    ref = compute_amax(counts, 4.0, "entropy2")
+    counts[0] = zeros
+    assert compute_amax(counts, 4.0, "entropy2") == ref
+
+
+def test_entropy2_counts_bin_one_as_bin_zero_too():
+    # TensorRT 8.5 replaces bin 0's count by bin 1's, so a pile in bin 1 counts twice
+    # (docs/algorithms.md, probes spike_b*); 512 bins keep the slow reference quick
+    rng = np.random.default_rng(2)
+    counts = rng.integers(0, 50, 512)
+    counts[1] = 20_000
+    got = compute_amax(counts, 1.0, "entropy2")
+    assert got == slow_entropy2(counts, 1.0)[0]
+    counts[0] = 0
+    assert got != slow_entropy2(counts, 1.0, suppress_first_bin=False)[0]
+
+
+def test_entropy2_never_clips_to_a_single_bin():
+    # probe sparse_k3_r1: at i = 769 everything folds into bin 768 and KL(P || Q) is exactly 0, yet
+    # TensorRT 8.5 kept the full range (i = 2048), as a P of two or more bins would have allowed
+    counts = np.zeros(2048, dtype=np.int64)
+    counts[[768, 772, 875, 2047]] = [2788, 4036, 4858, 1]
+    assert compute_amax(counts, 4.0, "entropy2") == (2048 + 0.5) * 4.0 / 2048
+    assert slow_entropy2(counts, 4.0)[1] == 2048
+    counts[760] = 1  # one value in another level: P has two bins, and the KL minimum i = 769 wins
+    assert compute_amax(counts, 4.0, "entropy2") == (769 + 0.5) * 4.0 / 2048 == slow_entropy2(counts, 4.0)[0]
 
 
 def test_entropy2_on_saturated_outputs_keeps_full_range():
@@ -149,7 +183,7 @@ def test_entropy2_property_against_reference(raw, amax):
         assert got == amax
         return
     i_got = round(got / (amax / len(counts)) - 0.5)
-    assert slow_entropy_kl(_discarded(counts), i_got) <= ref_kl + 1e-9
+    assert slow_entropy_kl(_suppressed(counts), i_got) <= ref_kl + 1e-9
 
 
 def test_entropy2_keeps_relu6_range_despite_the_zero_spike():

@@ -20,18 +20,6 @@ from trtcal.core import compute_amax
 DATA = Path(__file__).resolve().parents[2] / "reference" / "data" / "trt85_entropy2_probes.npz"
 NUM_BINS = 2048
 
-# Where trtcal's entropy2 and TensorRT 8.5 disagree (TensorRT's bin -> trtcal's bin). Big spikes in
-# bins 1-3 and one sparse case: TensorRT takes another local minimum of the divergence; the cause
-# is not known (docs/algorithms.md, "Open").
-KNOWN_ENTROPY2_MISMATCHES = {
-    "sparse_k3_r1": (2048, 769),
-    "spike_b1_n5000": (1280, 1408),
-    "spike_b1_n50000": (512, 636),
-    "spike_b2_n50000": (768, 636),
-    "spike_b3_n50000": (768, 636),
-}
-
-
 def _scale(hexval: str) -> float:
     return struct.unpack(">f", struct.pack(">I", int(hexval, 16)))[0]
 
@@ -53,8 +41,9 @@ def test_entropy2_is_tensorrt_85_bit_for_bit_on_the_probes(probes):
         if _scale_of(amax) != _scale(hexval):
             width = float(r) / NUM_BINS
             mismatches[str(name)] = (round(_scale(hexval) * 127 / width - 0.5), round(amax / width - 0.5))
-    assert mismatches == KNOWN_ENTROPY2_MISMATCHES
-    assert len(probes["names"]) - len(mismatches) == 167
+    # all 172 since bin 0 := bin 1 and no single-bin clip (docs/algorithms.md); 167 before
+    assert mismatches == {}
+    assert len(probes["names"]) == 172
 
 
 def test_entropy_v1_matches_tensorrt_like_entropy2(probes):
