@@ -37,6 +37,7 @@ from trtcal.errors import ConfigError
 
 __all__ = [
     "METHODS",
+    "SEARCH_VERSIONS",
     "compute_amax",
     "amax_entropy2",
     "amax_entropy",
@@ -48,6 +49,12 @@ __all__ = [
     "suppress_first_bin",
     "entropy_start_bin",
 ]
+
+# A method's search version, bumped when its result for the same histogram changes; part of the store
+# key of every calibration that computes the method (trtcal/orchestrator/keys.py), so an entry made
+# by an older rule is never served. Methods not listed are at version 1 and add nothing to keys.
+# entropy2/entropy 2: bin 0 := bin 1 and no single-bin clip (TensorRT 8.5.3, docs/algorithms.md).
+SEARCH_VERSIONS = {"entropy2": 2, "entropy": 2}
 
 NUM_LEVELS = 128  # int8 magnitudes: TensorRT quantizes |x| into 128 levels
 START_BIN = 128

@@ -13,7 +13,9 @@
   tensor selection, micro-batch, format version. Same key, same artifact bytes. When the
   calibration smooths the model (`CalibrationConfig.smooth`, only models with the pattern), the key
   also holds the smoothing rule and alpha (`smoothing_key`): a smoothed result is never served for
-  an unsmoothed request or the other way round, and every other model keeps its key.
+  an unsmoothed request or the other way round, and every other model keeps its key. The key also
+  holds the search version of any method whose rule changed since its first release
+  (`trtcal.core.scales.SEARCH_VERSIONS`; auto counts its candidates' methods).
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from trtcal._version import FORMAT_VERSION
 from trtcal.config import BatchConfig, CalibrationConfig, JobConfig
 from trtcal.errors import ConfigError
 
-__all__ = ["batch_key_inputs", "calibration_key_inputs", "smoothing_key", "SMOOTHING_RULE", "dataset_url", "hit_runner_devices", "model_input_spec", "runner_id"]
+__all__ = [
+    "batch_key_inputs", "calibration_key_inputs", "smoothing_key", "SMOOTHING_RULE", "dataset_url", "hit_runner_devices",
+    "model_input_spec", "runner_id", "search_versions",
+]
 
 
 def dataset_url(data: str | os.PathLike[str]) -> str:
@@ -155,6 +160,21 @@ def smoothing_key(model_bytes: bytes, cal: CalibrationConfig, backend: str = "on
     return {"rule": SMOOTHING_RULE, "alpha": cal.smooth_alpha}
 
 
+def search_versions(algorithms: tuple[str, ...] | list[str]) -> dict[str, int]:
+    """method -> search version for the methods a calibration computes whose rule has changed.
+
+    Empty for methods still at their first rule, so their keys (and stored entries) stay valid.
+    """
+    from trtcal.config import AUTO
+    from trtcal.core.auto_search import CANDIDATES
+    from trtcal.core.scales import SEARCH_VERSIONS
+
+    methods = set(algorithms)
+    if AUTO in methods:
+        methods |= {c.method for c in CANDIDATES}
+    return {m: SEARCH_VERSIONS[m] for m in sorted(methods) if m in SEARCH_VERSIONS}
+
+
 def calibration_key_inputs(
     model_sha256: str, fingerprint: str, spec: Mapping[str, Any], cal: CalibrationConfig, runner: tuple[str, str],
     smoothing: Mapping[str, Any] | None = None,
@@ -170,12 +190,16 @@ def calibration_key_inputs(
     }
     if smoothing is not None:
         extra["smoothing"] = dict(smoothing)
+    params: dict[str, Any] = {"num_bins": cal.num_bins, "method_params": {k: dict(v) for k, v in sorted(cal.method_params.items())}}
+    versions = search_versions(cal.algorithms)
+    if versions:
+        params["search_versions"] = versions
     return KeyInputs(
         model_sha256=model_sha256,
         batch_fingerprint=fingerprint,
         preprocessing=dict(spec),
         algorithm="+".join(cal.algorithms),
-        algorithm_params={"num_bins": cal.num_bins, "method_params": {k: dict(v) for k, v in sorted(cal.method_params.items())}},
+        algorithm_params=params,
         runner=runner[0],
         runner_version=runner[1],
         extra=extra,

@@ -161,8 +161,26 @@ def test_explicit_method_keys_do_not_change_and_auto_has_its_own() -> None:
         return str(compute_cache_key(inputs))
 
     explicit = CalibrationConfig(algorithms=("entropy2", "minmax"))
-    golden = "4d9477d68cbe299727d36ab7161dc29e1c65c837029d8f193a4c16d965f5918a"  # main before auto, same inputs
+    # Golden moved once, on purpose: entropy2's search version 2 (TensorRT 8.5's bin 0 := bin 1) is part
+    # of the key, so an entry of the old rule is never served; before it: 4d9477d6… (main before auto).
+    golden = "ffe602303e616157c74d6bef0c285d6b2b8f45075aa361c6ae6bbc187d145068"
     assert key(explicit) == golden
     assert key(CalibrationConfig(algorithms=("entropy2", "minmax"), verdict=False)) == golden  # the verdict is no input
     assert key(CalibrationConfig(algorithms=("entropy2", "minmax"), min_sqnr=20.0)) == golden
     assert key(CalibrationConfig()) not in (golden, key(CalibrationConfig(algorithms=("entropy2",))))
+
+
+def test_search_versions_key_only_the_methods_whose_rule_changed() -> None:
+    from trtcal.config import CalibrationConfig
+    from trtcal.orchestrator.keys import calibration_key_inputs, search_versions
+    from trtcal.storage import compute_cache_key
+
+    def key(*algorithms: str) -> str:
+        cal = CalibrationConfig(algorithms=algorithms)
+        return str(compute_cache_key(calibration_key_inputs("ab" * 32, "sha256:" + "cd" * 32, {}, cal, ("onnxruntime-cpu", "1"))))
+
+    assert search_versions(("minmax", "mse")) == {}
+    assert search_versions(("entropy2", "minmax")) == {"entropy2": 2}
+    assert search_versions(("auto",)) == {"entropy2": 2}  # auto's candidates include entropy2
+    # a method still at its first rule keeps the key it always had (golden: main before issue 18's rule)
+    assert key("minmax") == "aeffec3885b57381261d7f2afa435bc1be1380985580bd921c146f2a5955d9d0"
