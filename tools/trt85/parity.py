@@ -2,7 +2,7 @@
 """trtcal's scales vs TensorRT's cache for one real model (CPU; after session1.sh).
 
 usage: parity.py E2_CACHE [--dump DUMP.npz] [--minmax MM_CACHE] [--onnx MODEL --views VIEWS.npy]
-                 [--method entropy2]
+                 [--offset 127 --scale 0.0078125] [--method entropy2]
 
 Two sources of activations:
   --dump   the |x| histograms of TensorRT's own FP32 engine on the GPU (probe_trt.py dump), so
@@ -40,7 +40,9 @@ def scale_of(amax: float) -> float:
     return float(np.float32(np.float32(amax) / np.float32(127.0)))
 
 
-def ort_histograms(model: str, x: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
+def ort_histograms(model: str, x: np.ndarray, chunk: int = 8) -> dict[str, tuple[np.ndarray, float]]:
+    """Every float activation's exact two-pass histogram (max |x| over all samples, then counts),
+    running `chunk` samples at a time so large feature maps fit in memory."""
     import onnx
     import onnxruntime as ort
 
@@ -56,14 +58,24 @@ def ort_histograms(model: str, x: np.ndarray) -> dict[str, tuple[np.ndarray, flo
     sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     fetch = [o.name for o in sess.get_outputs()]
-    vals = sess.run(fetch, {name: x})
-    res = {name: x}
-    res.update({n: v for n, v in zip(fetch, vals) if isinstance(v, np.ndarray) and v.dtype == np.float32})
-    out = {}
-    for n, v in res.items():
-        hist = histogram_of(v, num_bins=NUM_BINS)
-        out[n] = (hist.counts, hist.hist_amax)
-    return out
+
+    def runs():
+        for start in range(0, len(x), chunk):
+            part = x[start : start + chunk]
+            vals = sess.run(fetch, {name: part})
+            out = {name: part}
+            out.update({n: v for n, v in zip(fetch, vals) if isinstance(v, np.ndarray) and v.dtype == np.float32})
+            yield out
+
+    amax: dict[str, float] = {}
+    for res in runs():
+        for n, v in res.items():
+            amax[n] = max(amax.get(n, 0.0), float(np.abs(v).max()) if v.size else 0.0)
+    counts = {n: np.zeros(NUM_BINS, np.int64) for n in amax}
+    for res in runs():
+        for n, v in res.items():
+            counts[n] += histogram_of(v, num_bins=NUM_BINS, hist_amax=amax[n]).counts
+    return {n: (counts[n], amax[n]) for n in amax}
 
 
 def dump_histograms(path: str, rule: str = "mul32") -> dict[str, tuple[np.ndarray, float]]:
@@ -78,8 +90,11 @@ def dump_histograms(path: str, rule: str = "mul32") -> dict[str, tuple[np.ndarra
     return out
 
 
-def compare(trt: dict[str, float], hists: dict[str, tuple[np.ndarray, float]], method: str, label: str, show: int) -> None:
+def compare(
+    trt: dict[str, float], hists: dict[str, tuple[np.ndarray, float]], method: str, label: str, show: int, mm: dict[str, float] | None = None
+) -> None:
     exact = same_bin = far = missing = 0
+    same_max = same_max_exact = 0
     worst = []
     for name, s_trt in trt.items():
         if name not in hists:
@@ -91,6 +106,9 @@ def compare(trt: dict[str, float], hists: dict[str, tuple[np.ndarray, float]], m
         a = compute_amax(counts, amax, method) if amax > 0 else 0.0
         s = scale_of(a) if a > 0 else 0.0
         w = amax / NUM_BINS
+        if mm is not None and name in mm and scale_of(amax) == mm[name]:
+            same_max += 1
+            same_max_exact += s == s_trt
         if s == s_trt:
             exact += 1
         elif w > 0 and abs(s_trt * 127 - a) <= w * 1.0001:
@@ -101,6 +119,8 @@ def compare(trt: dict[str, float], hists: dict[str, tuple[np.ndarray, float]], m
             worst.append((abs(s_trt * 127 - a) / (w or 1), name, s_trt * 127, a))
     n = exact + same_bin + far
     print(f"{label}: {n} tensors: {exact} bit-exact, {same_bin} within one bin, {far} further; {missing} not in the activations")
+    if mm is not None:
+        print(f"  of the {same_max} with TensorRT's max |x| bit for bit: {same_max_exact} bit-exact")
     for d, name, t, a in sorted(worst, reverse=True)[:show]:
         print(f"   {name}: TensorRT amax {t:.6g}, trtcal {a:.6g} ({d:.1f} bins)")
 
@@ -113,6 +133,8 @@ def main() -> None:
     ap.add_argument("--onnx")
     ap.add_argument("--views")
     ap.add_argument("--method", default="entropy2")
+    ap.add_argument("--offset", default="127", help="uint8 views: float32 = (x - OFFSET) * SCALE, as trt_calibrate.py")
+    ap.add_argument("--scale", default="0.0078125")
     ap.add_argument("--rule", default="mul32")
     ap.add_argument("--show", type=int, default=8)
     a = ap.parse_args()
@@ -123,17 +145,17 @@ def main() -> None:
             mm = read_cache(a.minmax)
             same = sum(1 for n, s in mm.items() if n in hists and scale_of(hists[n][1]) == s)
             print(f"dump vs TensorRT MinMax cache: {same}/{len(mm)} max |x| bit-exact")
-        compare(trt, hists, a.method, f"{a.method} from TensorRT's activations", a.show)
+        compare(trt, hists, a.method, f"{a.method} from TensorRT's activations", a.show, read_cache(a.minmax) if a.minmax else None)
     if a.onnx:
         x = np.load(a.views)
-        if x.dtype != np.float32:  # uint8 photo views; float32 inputs are used as they are
-            x = (x.astype(np.float32) - np.float32(127.0)) * np.float32(0.0078125)
+        if x.dtype != np.float32:  # uint8 views, as trt_calibrate.py's load_samples: float32 (x - offset) * scale; float32 as is
+            x = (x.astype(np.float32) - np.float32(float(a.offset))) * np.float32(float(a.scale))
         hists = ort_histograms(a.onnx, x)
         if a.minmax:
             mm = read_cache(a.minmax)
             same = sum(1 for n, s in mm.items() if n in hists and scale_of(hists[n][1]) == s)
             print(f"ONNX Runtime vs TensorRT MinMax cache: {same}/{len(mm)} max |x| bit-exact")
-        compare(trt, hists, a.method, f"{a.method} from ONNX Runtime's activations", a.show)
+        compare(trt, hists, a.method, f"{a.method} from ONNX Runtime's activations", a.show, read_cache(a.minmax) if a.minmax else None)
 
 
 if __name__ == "__main__":
