@@ -83,6 +83,13 @@ def pick_early(descending: bool):
     return pick
 
 
+def q_by_total(h: np.ndarray) -> Curve:
+    cand, kl = entropy_divergences(h)
+    cum = np.cumsum(h)
+    with np.errstate(divide="ignore"):
+        return cand, kl + np.log(cum[-1] / cum[cand - 1])
+
+
 def direct_curve(h: np.ndarray, dtype=np.float64, eps: float = 0.0) -> Curve:
     """KL(P || Q) one candidate at a time, in `dtype`; eps > 0: MXNet/TVM-style smoothing of P and
     Q (zeros get eps, non-zeros lose eps·zeros/non-zeros), on counts."""
@@ -145,6 +152,7 @@ def main() -> None:
         hists = {n: bin0(c, rule) for n, c in raw.items()}
         for stride, window in ((128, 0), (128, 64), (128, 127), (128, 256), (64, 63), (256, 255)):
             score(f"bin 0 {rule}, coarse stride {stride} then +-{window}", hists, trt, fast, pick_coarse(stride, window))
+        score(f"bin 0 {rule}, Q normalised by N (clipping costs ln(N/C_i))", hists, trt, q_by_total, pick_global)
         score(f"bin 0 {rule}, from i=2048 down, stop when KL rises", hists, trt, fast, pick_early(True))
         score(f"bin 0 {rule}, from i=128 up, stop when KL rises", hists, trt, fast, pick_early(False))
     if a.slow or a.only_slow:
