@@ -9,8 +9,10 @@ a pure function of numbers, so the decision is the same bytes for the same measu
 * `local_choice`: the candidate with the least noise on the consumers' outputs (layer-wise
   output matching), ties to the earlier candidate;
 * `coordinate_descent`: bounded, deterministic refinement of the assignment with a callback that
-  measures the whole model's output noise, taking a change only when it `improves` the search
-  slice and each of its halves (`SplitNoise`).
+  measures the whole model's output noise on the search slice (`rows_noise`);
+* `cross_fit_folds` / `cross_fit_choice`: the guard against fitting the slice: each procedure
+  (best single method, best start, start + descent) is fitted on one half of the search slice
+  and judged on the other; the one whose fits generalise best is run on the whole slice.
 The verdict's per-output metrics are trtcal.core.output_metrics' (the same as `trtcal eval`).
 """
 
@@ -29,23 +31,30 @@ from trtcal.core.scales import compute_amax
 from trtcal.errors import ConfigError
 
 __all__ = [
+    "AUTO_RULE_VERSION",
     "CANDIDATES",
     "Candidate",
     "DescentStep",
-    "SplitNoise",
     "candidate_amax",
     "coordinate_descent",
+    "cross_fit_choice",
+    "cross_fit_folds",
     "descent_plan",
     "distinct_candidates",
-    "improves",
     "local_choice",
     "noise_ratio",
     "noise_to_db",
+    "PROCEDURES",
+    "rows_noise",
     "search_slices",
     "SLICE_SALT",
 ]
 
 SLICE_SALT = b"trtcal-auto-slice-v1\x00"
+# The search rule's version: recorded in ranges.json and part of the store key of every calibration that
+# runs auto (trtcal.orchestrator.keys), so an entry an earlier rule wrote is never served for this one.
+# 1: total-only descent (sessions 3-4); 2: the cross-fit guard (session 5).
+AUTO_RULE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -133,60 +142,35 @@ def local_choice(noise_by_candidate: Mapping[str, float]) -> str:
 
 
 @dataclass(frozen=True)
-class SplitNoise:
-    """The search objective on the whole search slice (`total`) and on each of its halves (`halves`).
-
-    The halves split the slice by sample id; a choice that helps one half only is fitted to a few
-    samples and is not taken (see `improves`). No halves: the total alone decides.
-    """
-
-    total: float
-    halves: tuple[float, ...] = ()
-
-
-def improves(new: SplitNoise, old: SplitNoise, min_relative_gain: float) -> bool:
-    """Whether `new` is worth taking over `old`: the total noise drops by more than `min_relative_gain`
-    (relative) and every half's noise drops too (strictly), so the gain is not fitted to half the slice."""
-    if not new.total < old.total * (1.0 - min_relative_gain):
-        return False
-    return all(n < o for n, o in zip(new.halves, old.halves, strict=True))
-
-
-@dataclass(frozen=True)
 class DescentStep:
     tensor: str
     candidate: str
-    noise: float  # the objective (total) with this one change
+    noise: float  # the objective with this one change
     accepted: bool
-    halves: tuple[float, ...] = ()
-
-
-def _as_split(value: float | SplitNoise) -> SplitNoise:
-    return value if isinstance(value, SplitNoise) else SplitNoise(float(value))
 
 
 def coordinate_descent(
     start: Mapping[str, str],
     order: Sequence[str],
     alternatives: Mapping[str, Sequence[str]],
-    objective: Callable[[Mapping[str, str]], float | SplitNoise],
+    objective: Callable[[Mapping[str, str]], float],
     *,
-    start_noise: float | SplitNoise,
+    start_noise: float,
     max_evals: int,
     min_relative_gain: float,
 ) -> tuple[dict[str, str], float, list[DescentStep]]:
     """One sweep over `order`: for each tensor, try its alternatives with every other choice fixed and
-    keep, among those that `improves` on the current assignment, the one with the least total noise.
+    keep the one with the least objective if that is below the current one by more than
+    `min_relative_gain` (relative).
 
-    The objective returns a float (total only) or a `SplitNoise` (total and halves: a change must then
-    lower every half's noise as well). Bounded by `max_evals` objective calls (the sweep stops there).
-    Deterministic: the order, the alternatives' order and strict comparisons fix every decision.
-    Returns (assignment, its total objective, every step tried).
+    Bounded by `max_evals` objective calls (the sweep stops there). Deterministic: the order, the
+    alternatives' order and strict comparisons fix every decision.
+    Returns (assignment, its objective, every step tried).
     """
     if max_evals < 0:
         raise ConfigError(f"max_evals must be >= 0, got {max_evals}")
     current = dict(start)
-    current_noise = _as_split(start_noise)
+    current_noise = float(start_noise)
     steps: list[DescentStep] = []
     evals = 0
     for tensor in order:
@@ -197,20 +181,62 @@ def coordinate_descent(
             if evals >= max_evals:
                 break
             evals += 1
-            noise = _as_split(objective({**current, tensor: name}))
-            steps.append(DescentStep(tensor, name, noise.total, False, noise.halves))
-            if noise.total < best_noise.total and improves(noise, current_noise, min_relative_gain):
+            noise = float(objective({**current, tensor: name}))
+            steps.append(DescentStep(tensor, name, noise, False))
+            if noise < best_noise and noise < current_noise * (1.0 - min_relative_gain):
                 best_name, best_noise = name, noise
         if best_name != current[tensor]:
             current[tensor] = best_name
             current_noise = best_noise
             steps = [
-                DescentStep(s.tensor, s.candidate, s.noise, True, s.halves) if (s.tensor == tensor and s.candidate == best_name) else s
+                DescentStep(s.tensor, s.candidate, s.noise, True) if (s.tensor == tensor and s.candidate == best_name) else s
                 for s in steps
             ]
         if evals >= max_evals:
             break
-    return current, current_noise.total, steps
+    return current, current_noise, steps
+
+
+def rows_noise(error: npt.ArrayLike, signal: npt.ArrayLike, rows: Sequence[int] | None = None) -> float:
+    """The search objective on some rows: mean over outputs of Σ_rows e / Σ_rows s.
+
+    error, signal: [rows, outputs] per-row energies Σ(fp32 − q)² and Σ fp32² (float64). The sums are
+    `math.fsum` (exactly rounded), so the value does not depend on the rows' order.
+    """
+    e, s = np.asarray(error, dtype=np.float64), np.asarray(signal, dtype=np.float64)
+    if e.shape != s.shape or e.ndim != 2 or e.shape[1] == 0:
+        raise ConfigError(f"rows_noise needs two [rows, outputs] arrays of one shape, got {e.shape} and {s.shape}")
+    index = np.arange(e.shape[0]) if rows is None else np.asarray(rows, dtype=np.intp)
+    ratios = [noise_ratio(math.fsum(s[index, k].tolist()), math.fsum(e[index, k].tolist())) for k in range(e.shape[1])]
+    return float(np.mean(ratios))
+
+
+def cross_fit_folds(num_rows: int) -> tuple[tuple[list[int], list[int]], ...]:
+    """The two (fit rows, held-out rows) folds of the search slice: alternate rows (the slice is in
+    sample-id hash order, so the halves are chosen by sample id), each half fitted once and judged on
+    the other. Fewer than 4 rows: no folds (nothing to judge a fit on)."""
+    if num_rows < 4:
+        return ()
+    even, odd = list(range(0, num_rows, 2)), list(range(1, num_rows, 2))
+    return ((even, odd), (odd, even))
+
+
+PROCEDURES = ("single", "start", "auto")  # the simpler first: a tie keeps the simpler procedure
+
+
+def cross_fit_choice(held_out_noise: Mapping[str, Sequence[float]], order: Sequence[str] = PROCEDURES) -> str:
+    """The procedure whose fits generalise best: the least mean noise on the held-out rows of the folds
+    (each fold's value is the noise of the assignment the procedure fitted on the other rows);
+    ties go to the earlier (simpler) procedure."""
+    labels = [p for p in order if p in held_out_noise]
+    if not labels or any(len(held_out_noise[p]) == 0 for p in labels):
+        raise ConfigError("cross_fit_choice needs every procedure's held-out noise on at least one fold")
+    best, best_mean = labels[0], math.fsum(held_out_noise[labels[0]]) / len(held_out_noise[labels[0]])
+    for p in labels[1:]:
+        mean = math.fsum(held_out_noise[p]) / len(held_out_noise[p])
+        if mean < best_mean:
+            best, best_mean = p, mean
+    return best
 
 
 def descent_plan(

@@ -44,25 +44,28 @@ import numpy as np
 import numpy.typing as npt
 
 from trtcal.core.auto_search import (
+    AUTO_RULE_VERSION,
+    PROCEDURES,
     DescentStep,
-    SplitNoise,
     coordinate_descent,
+    cross_fit_choice,
+    cross_fit_folds,
     descent_plan,
     distinct_candidates,
     local_choice,
     noise_ratio,
     noise_to_db,
+    rows_noise,
 )
 from trtcal.core.output_metrics import OutputMetrics, compare_output
 from trtcal.errors import ConfigError, ModelError
+from trtcal.export.auto_graphs import scale_input_model, side_branch_model
 from trtcal.export.evaluate import output_activations, simulation_session
 from trtcal.export.qdq import (
     ModelLike,
     QdqConfig,
-    QdqPlan,
     _upgrade_opset,
     activation_scales,
-    apply_plan,
     load_model,
     plan_qdq,
 )
@@ -72,11 +75,10 @@ if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
-__all__ = ["AutoConfig", "AutoResult", "AutoSimulator", "search_auto", "verdict", "scale_input_model"]
+__all__ = ["AUTO_RULE_VERSION", "AutoConfig", "AutoResult", "AutoSimulator", "search_auto", "verdict", "scale_input_model"]
 
 log = logging.getLogger(__name__)
 
-_PREFIX = "trtcal_auto"
 Feed = dict[str, npt.NDArray[Any]]
 
 
@@ -133,163 +135,6 @@ class AutoResult:
 
 def _db(ratio: float) -> float:
     return _finite(noise_to_db(ratio))
-
-
-# ---------------------------------------------------------------------------------------------
-# Models with scale inputs
-
-
-def _activation_scale_names(qdq: onnx.ModelProto, plan: QdqPlan) -> dict[str, str]:
-    """activation tensor -> the name of its Q/DQ scale initializer in `qdq` (built by apply_plan)."""
-    acts = {q.tensor for q in plan.inputs if q.kind == "activation"}
-    out: dict[str, str] = {}
-    for node in qdq.graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[0] in acts:
-            out.setdefault(node.input[0], node.input[1])
-    return out
-
-
-def scale_input_model(fp32: onnx.ModelProto, plan: QdqPlan, scales: Mapping[str, float]) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """The export's exact Q/DQ model with each activation scale turned into a scalar float graph input.
-
-    Returns (model, tensor -> scale input name). Feeding a method's scales runs that method's
-    Q/DQ model: the same nodes, the same arithmetic, the scale read from the feed.
-    """
-    import onnx
-
-    qdq = apply_plan(fp32, plan, scales)
-    names = _activation_scale_names(qdq, plan)
-    as_inputs = set(names.values())
-    kept = [t for t in qdq.graph.initializer if t.name not in as_inputs]
-    del qdq.graph.initializer[:]
-    qdq.graph.initializer.extend(kept)
-    for tensor in dict.fromkeys(q.tensor for q in plan.inputs if q.kind == "activation"):
-        qdq.graph.input.append(onnx.helper.make_tensor_value_info(names[tensor], onnx.TensorProto.FLOAT, []))
-    return qdq, names
-
-
-def _weight_wiring(
-    fp32: onnx.ModelProto, plan: QdqPlan, qdq: onnx.ModelProto
-) -> tuple[dict[tuple[int, int], str], list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The export's weight Q/DQ, reused by the side branches: ((node, input) -> dequantized weight,
-    the weight DequantizeLinear nodes, the initializers they read that the FP32 graph lacks)."""
-    graph = fp32.graph
-    qdq_by_output = {n.output[0]: n for n in qdq.graph.node if n.output and n.op_type not in ("QuantizeLinear", "DequantizeLinear")}
-    weight_inputs: dict[tuple[int, int], str] = {}
-    for q in plan.inputs:
-        if q.kind == "weight":
-            weight_inputs[(q.node_index, q.input_index)] = qdq_by_output[graph.node[q.node_index].output[0]].input[q.input_index]
-    weight_dq_outputs = set(weight_inputs.values())
-    weight_nodes = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in weight_dq_outputs]
-    needed = {name for n in weight_nodes for name in n.input}
-    fp32_inits = {t.name for t in graph.initializer}
-    new_inits = [t for t in qdq.graph.initializer if t.name in needed and t.name not in fp32_inits]
-    return weight_inputs, weight_nodes, new_inits
-
-
-class _FreshNames:
-    """Names under the `trtcal_auto/` prefix that collide with nothing in the graph."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.used = {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
-        self.used |= {t.name for t in graph.initializer} | {i.name for i in graph.input}
-
-    def __call__(self, base: str) -> str:
-        name, k = f"{_PREFIX}/{base}", 0
-        while name in self.used:
-            k += 1
-            name = f"{_PREFIX}/{base}_{k}"
-        self.used.add(name)
-        return name
-
-
-def _per_sample_energy(x: str, out: str, fresh: _FreshNames, opset: int, axes_one: str) -> list[onnx.NodeProto]:
-    """Nodes computing Σ x² per sample (axis 0), so the float64 total does not depend on micro-batching."""
-    from onnx import helper
-
-    flat = fresh(f"flat/{out}")
-    reduce_axes: dict[str, Any] = {"axes": [1]} if opset < 18 else {}  # opset 18 moved axes to an input
-    inputs = [flat] if opset < 18 else [flat, axes_one]
-    return [
-        helper.make_node("Flatten", [x], [flat], axis=1, name=fresh(f"Flatten/{out}")),
-        helper.make_node("ReduceSumSquare", inputs, [out], keepdims=0, name=fresh(f"RSS/{out}"), **reduce_axes),
-    ]
-
-
-def _side_branch_model(
-    fp32: onnx.ModelProto, plan: QdqPlan, scales: Mapping[str, float]
-) -> tuple[onnx.ModelProto, dict[str, str], dict[str, list[tuple[str, str]]]]:
-    """FP32 graph + per (activation, consumer) a quantized copy of the consumer and its error energy.
-
-    Returns (model, tensor -> scale input, tensor -> [(error output, signal output)] per consumer).
-    """
-    import onnx
-    from onnx import helper
-
-    qdq = apply_plan(fp32, plan, scales)
-    graph = fp32.graph
-    fresh = _FreshNames(graph)
-    weight_inputs, weight_nodes, new_inits = _weight_wiring(fp32, plan, qdq)
-    zero_point = fresh("zero_point")
-    axes_one = fresh("axes_1")
-    opset = next(int(o.version) for o in fp32.opset_import if o.domain in ("", "ai.onnx"))
-
-    def per_sample_energy(x: str, out: str) -> list[onnx.NodeProto]:
-        return _per_sample_energy(x, out, fresh, opset, axes_one)
-
-    nodes: list[onnx.NodeProto] = list(weight_nodes)
-    outputs: list[onnx.ValueInfoProto] = []
-    scale_inputs: dict[str, str] = {}
-    dq_of: dict[str, str] = {}
-    energies: dict[str, list[tuple[str, str]]] = {}
-    signal_of: dict[int, str] = {}
-    for q in plan.inputs:
-        if q.kind != "activation":
-            continue
-        t = q.tensor
-        if t not in scale_inputs:
-            scale_inputs[t] = fresh(f"scale/{t}")
-            q_out, dq_out = fresh(f"q/{t}"), fresh(f"dq/{t}")
-            dq_of[t] = dq_out
-            nodes.append(helper.make_node("QuantizeLinear", [t, scale_inputs[t], zero_point], [q_out], name=fresh(f"Q/{t}")))
-            nodes.append(helper.make_node("DequantizeLinear", [q_out, scale_inputs[t], zero_point], [dq_out], name=fresh(f"DQ/{t}")))
-        original = graph.node[q.node_index]
-        copy = onnx.NodeProto()
-        copy.CopyFrom(original)
-        copy.name = fresh(f"copy/{q.node_index}/{q.input_index}")
-        for j in range(len(copy.input)):
-            if (q.node_index, j) in weight_inputs:
-                copy.input[j] = weight_inputs[(q.node_index, j)]
-        copy.input[q.input_index] = dq_of[t]
-        del copy.output[:]
-        copy.output.extend([fresh(f"out/{q.node_index}/{q.input_index}/{k}") for k in range(len(original.output))])
-        diff = fresh(f"diff/{q.node_index}/{q.input_index}")
-        err = fresh(f"err/{q.node_index}/{q.input_index}")
-        nodes.append(copy)
-        nodes.append(helper.make_node("Sub", [copy.output[0], original.output[0]], [diff], name=fresh(f"Sub/{q.node_index}/{q.input_index}")))
-        nodes.extend(per_sample_energy(diff, err))
-        outputs.append(helper.make_tensor_value_info(err, onnx.TensorProto.FLOAT, [None]))
-        if q.node_index not in signal_of:
-            sig = fresh(f"signal/{q.node_index}")
-            nodes.extend(per_sample_energy(original.output[0], sig))
-            outputs.append(helper.make_tensor_value_info(sig, onnx.TensorProto.FLOAT, [None]))
-            signal_of[q.node_index] = sig
-        energies.setdefault(t, []).append((err, signal_of[q.node_index]))
-
-    model = onnx.ModelProto()
-    model.CopyFrom(fp32)
-    g = model.graph
-    g.node.extend(nodes)
-    g.initializer.extend([
-        *new_inits,
-        onnx.numpy_helper.from_array(np.array(0, dtype=np.int8), zero_point),
-        onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), axes_one),
-    ])
-    for name in scale_inputs.values():
-        g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, []))
-    del g.output[:]
-    g.output.extend(outputs)
-    return model, scale_inputs, energies
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,83 +247,187 @@ class AutoSimulator:
     def quantized(self, inputs: Mapping[str, npt.NDArray[Any]], amax: Mapping[str, float]) -> list[npt.NDArray[Any]]:
         return self.outputs(self.qdq_session, inputs, _scale_feed(self.scale_names, amax))
 
-    def output_noise(self, inputs: Mapping[str, npt.NDArray[Any]], reference: Sequence[npt.NDArray[Any]],
-                     amax: Mapping[str, float]) -> SplitNoise:
-        """Mean over the float outputs of Σ(fp32 − q)² / Σ fp32² (exact float sums, so in no particular
-        order), on every row and on each half of the rows (even / odd positions: the search slice is in
-        sample-id hash order, so the halves are chosen by sample id)."""
-        n = _num_rows(inputs)
-        parts = (range(0, n), range(0, n, 2), range(1, n, 2)) if n >= 2 else (range(0, n),)
-        ratios: list[list[float]] = [[] for _ in parts]
-        for ref, out in zip(reference, self.quantized(inputs, amax)):
-            for k, rows in enumerate(parts):
-                rr, oo = ref[rows.start:rows.stop:rows.step], out[rows.start:rows.stop:rows.step]
-                ratios[k].append(noise_ratio(math.fsum(_squares(rr)), math.fsum(_squares(rr, oo))))
-        means = [float(np.mean(x)) for x in ratios]
-        return SplitNoise(means[0], tuple(means[1:]))
+    def row_energies(self, reference: Sequence[npt.NDArray[Any]], outputs: Sequence[npt.NDArray[Any]] | None = None) -> npt.NDArray[np.float64]:
+        """[rows, float outputs]: per row Σ fp32² (or Σ (fp32 − q)² with `outputs`), each an exact float sum
+        (so in no particular order, and the same whatever the micro-batching)."""
+        n = int(reference[0].shape[0]) if reference else 0
+        out = np.zeros((n, len(reference)), dtype=np.float64)
+        for k, ref in enumerate(reference):
+            for i in range(n):
+                out[i, k] = math.fsum(_squares(ref[i]) if outputs is None else _squares(ref[i], outputs[k][i]))
+        return out
 
-    def local_noise(self, inputs: Mapping[str, npt.NDArray[Any]], amax: Mapping[str, float]) -> dict[str, float]:
-        """tensor -> Σ over its consumers of output error energy / Σ of their FP32 output energy."""
+    def output_errors(self, inputs: Mapping[str, npt.NDArray[Any]], reference: Sequence[npt.NDArray[Any]],
+                      amax: Mapping[str, float]) -> npt.NDArray[np.float64]:
+        """[rows, float outputs]: per row Σ (fp32 − q)² of the Q/DQ model with these ranges."""
+        return self.row_energies(reference, self.quantized(inputs, amax))
+
+    def local_rows(self, inputs: Mapping[str, npt.NDArray[Any]], amax: Mapping[str, float]) -> dict[str, npt.NDArray[np.float64]]:
+        """The side branches' per-row energies (error and signal outputs) with these ranges (see `local_noise`)."""
         if not self.searched:
             return {}  # no activation gets Q/DQ: nothing to choose
         if self._side is None:
-            model, scale_inputs, energies = _side_branch_model(self._fp32, self.plan, activation_scales({t: 1.0 for t in self.searched}))
+            model, scale_inputs, energies = side_branch_model(self._fp32, self.plan, activation_scales({t: 1.0 for t in self.searched}))
             self._side = (self._session(model), scale_inputs, energies)
         session, scale_inputs, energies = self._side
         names = sorted({name for pairs in energies.values() for pair in pairs for name in pair})
         per_sample: dict[str, list[npt.NDArray[Any]]] = {name: [] for name in names}
-        n = _num_rows(inputs)
         feed_scales = _scale_feed(scale_inputs, amax)
-        for start in range(0, n, self.micro_batch):
+        for start in range(0, _num_rows(inputs), self.micro_batch):
             result = session.run(names, {**self._rows(inputs, start), **feed_scales})
             for name, value in zip(names, result):
                 per_sample[name].append(np.asarray(value, dtype=np.float64).reshape(-1))
-        totals = {name: math.fsum(np.concatenate(parts).tolist()) for name, parts in per_sample.items()}
+        return {name: np.concatenate(parts) for name, parts in per_sample.items()}
+
+    def local_noise_of(self, rows_energy: Mapping[str, npt.NDArray[np.float64]], rows: Sequence[int] | None = None) -> dict[str, float]:
+        """tensor -> Σ over its consumers of output error energy / Σ of their FP32 output energy, on `rows`
+        (None: every row) of `local_rows`' result."""
+        if not self.searched:
+            return {}
+        assert self._side is not None
+        energies = self._side[2]
+        index = slice(None) if rows is None else np.asarray(rows, dtype=np.intp)
+        totals = {name: math.fsum(values[index].tolist()) for name, values in rows_energy.items()}
         out = {}
         for t, pairs in energies.items():
             signals = dict.fromkeys(s for _, s in pairs)  # a consumer reading t twice counts its output once
             out[t] = noise_ratio(sum(totals[s] for s in signals), sum(totals[e] for e, _ in pairs))
         return out
 
+    def local_noise(self, inputs: Mapping[str, npt.NDArray[Any]], amax: Mapping[str, float]) -> dict[str, float]:
+        """tensor -> Σ over its consumers of output error energy / Σ of their FP32 output energy."""
+        return self.local_noise_of(self.local_rows(inputs, amax))
+
 
 # ---------------------------------------------------------------------------------------------
 # The search
 
 
-def _local_phase(
-    sim: AutoSimulator, candidates: Mapping[str, Mapping[str, float]], inputs: Mapping[str, npt.NDArray[Any]]
-) -> tuple[dict[str, dict[str, float]], dict[str, list[str]], dict[str, str]]:
-    """(tensor -> candidate -> consumer-output noise, tensor -> distinct candidates, tensor -> local choice)."""
-    names = list(candidates)
-    local: dict[str, dict[str, float]] = {t: {} for t in sim.searched}
+class _Runs:
+    """Whole-model runs on the search slice or a part of it, memoized by (assignment, rows): the per-row
+    error energies. A run over every row also serves any part of it."""
+
+    def __init__(self, sim: AutoSimulator, inputs: Mapping[str, npt.NDArray[Any]], reference: Sequence[npt.NDArray[Any]],
+                 candidates: Mapping[str, Mapping[str, float]]) -> None:
+        self.sim, self.inputs, self.reference, self.candidates = sim, inputs, reference, candidates
+        self.num_rows = _num_rows(inputs)
+        self._memo: dict[tuple[tuple[str, ...], tuple[int, ...] | None], npt.NDArray[np.float64]] = {}
+        self.count = 0
+
+    def errors(self, assignment: Mapping[str, str], rows: Sequence[int] | None = None) -> npt.NDArray[np.float64]:
+        key = tuple(assignment[t] for t in self.sim.searched)
+        whole = self._memo.get((key, None))
+        if whole is not None:
+            return whole if rows is None else whole[np.asarray(rows, dtype=np.intp)]
+        part = None if rows is None or len(rows) == self.num_rows and list(rows) == list(range(self.num_rows)) else tuple(rows)
+        if (key, part) not in self._memo:
+            amax = {t: self.candidates[assignment[t]][t] for t in self.sim.searched}
+            if part is None:
+                inputs, reference = self.inputs, self.reference
+            else:
+                index = np.asarray(part, dtype=np.intp)
+                inputs = {k: np.ascontiguousarray(v[index]) for k, v in self.inputs.items()}
+                reference = [r[index] for r in self.reference]
+            self.count += 1
+            self._memo[(key, part)] = self.sim.output_errors(inputs, reference, amax)
+        return self._memo[(key, part)]
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """The search fitted on some rows of the slice: the procedures' assignments and how they were found."""
+
+    local: dict[str, dict[str, float]]
+    distinct: dict[str, list[str]]
+    starts: dict[str, dict[str, str]]
+    start_noise: dict[str, float]
+    start: str
+    best_single: str
+    final: dict[str, str]
+    final_noise: float
+    steps: list[DescentStep]
+
+    def procedure(self, name: str) -> dict[str, str]:
+        return {"single": self.starts[self.best_single], "start": self.starts[self.start], "auto": self.final}[name]
+
+
+def _fit(sim: AutoSimulator, runs: _Runs, local_rows: Mapping[str, Mapping[str, npt.NDArray[np.float64]]],
+         signal: npt.NDArray[np.float64], rows: Sequence[int] | None, config: AutoConfig) -> _Fit:
+    """Local phase, starts and coordinate descent on `rows` of the search slice (None: every row)."""
+    names, searched = list(runs.candidates), list(sim.searched)
+    local: dict[str, dict[str, float]] = {t: {} for t in searched}
     for c in names:
-        for t, value in sim.local_noise(inputs, candidates[c]).items():
+        for t, value in sim.local_noise_of(local_rows[c], rows).items():
             local[t][c] = value
-    distinct = {t: distinct_candidates({c: candidates[c][t] for c in names}) for t in sim.searched}
-    local_pick = {t: local_choice({c: local[t][c] for c in distinct[t]}) for t in sim.searched}
-    return local, distinct, local_pick
+    distinct = {t: distinct_candidates({c: runs.candidates[c][t] for c in names}) for t in searched}
+    starts: dict[str, dict[str, str]] = {"local": {t: local_choice({c: local[t][c] for c in distinct[t]}) for t in searched}}
+    starts.update({c: {t: c for t in searched} for c in names})
+    sig = signal if rows is None else signal[np.asarray(rows, dtype=np.intp)]
+
+    def noise_of(assignment: Mapping[str, str]) -> float:
+        return rows_noise(runs.errors(assignment, rows), sig)
+
+    start_noise = {label: noise_of(a) for label, a in starts.items()}
+    best_single = min(names, key=lambda c: (start_noise[c], names.index(c)))
+    start = min(start_noise, key=lambda label: (start_noise[label], list(starts).index(label)))
+    order, alternatives = descent_plan(
+        local, distinct, starts[start], local_margin=config.local_margin, max_alternatives=config.max_alternatives
+    )
+    final, final_noise, steps = coordinate_descent(
+        starts[start], order, alternatives, noise_of, start_noise=start_noise[start],
+        max_evals=config.max_global_evals, min_relative_gain=config.min_relative_gain,
+    )
+    return _Fit(local, distinct, starts, start_noise, start, best_single, final, final_noise, steps)
 
 
-def _search_record(
-    search_ids: Sequence[str], start_noise: Mapping[str, SplitNoise], start: str, best_single: str, final_noise: float,
-    steps: Sequence[DescentStep], starts: Mapping[str, Mapping[str, str]], final: Mapping[str, str],
-) -> dict[str, Any]:
+def _cross_fit(sim: AutoSimulator, runs: _Runs, local_rows: Mapping[str, Mapping[str, npt.NDArray[np.float64]]],
+               signal: npt.NDArray[np.float64], config: AutoConfig, search_ids: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """(procedure to run on the whole slice, record): each procedure fitted on one half, judged on the other."""
+    folds = cross_fit_folds(runs.num_rows)
+    if not folds:
+        return "auto", {"folds": [], "choice": "auto", "note": "fewer than 4 search rows: no cross-fit"}
+    held_out: dict[str, list[float]] = {p: [] for p in PROCEDURES}
+    records = []
+    for fit_rows, test_rows in folds:
+        fit = _fit(sim, runs, local_rows, signal, fit_rows, config)
+        test_signal = signal[np.asarray(test_rows, dtype=np.intp)]
+        for p in PROCEDURES:
+            held_out[p].append(rows_noise(runs.errors(fit.procedure(p), test_rows), test_signal))
+        records.append({
+            "fit_ids": [search_ids[i] for i in fit_rows] if search_ids else list(fit_rows),
+            "start": fit.start, "best_single": fit.best_single, "changed_by_descent": sum(fit.final[t] != fit.starts[fit.start][t] for t in fit.final),
+            "held_out_sqnr_db": {p: _db(held_out[p][-1]) for p in PROCEDURES},
+        })
+    choice = cross_fit_choice(held_out)
+    mean_db = {p: _db(math.fsum(v) / len(v)) for p, v in held_out.items()}
+    return choice, {"folds": records, "mean_held_out_sqnr_db": mean_db, "choice": choice}
+
+
+def _search_record(search_ids: Sequence[str], full: _Fit, choice: str, cross_fit: Mapping[str, Any], final_noise: float,
+                   global_evals: int) -> dict[str, Any]:
     """The global part of the search as ranges.json records it."""
+    chosen = full.procedure(choice)
     return {
         "objective": "mean over float outputs of sum((fp32 - qdq)^2) / sum(fp32^2) on the search slice",
         "acceptance": "the start is the least-noise of the starts on the slice; a descent step must lower the objective "
-                      "on the slice by more than min_relative_gain (halves: alternate rows in sample-id hash order, recorded only)",
+                      "by more than min_relative_gain; then cross-fit: each procedure (single: best single method, start: "
+                      "best start, auto: start + descent) is fitted on one half of the slice (alternate rows in sample-id "
+                      "hash order) and judged on the other; the one with the least mean held-out noise (ties: the simpler) "
+                      "is the one whose whole-slice result is written",
+        "rule_version": AUTO_RULE_VERSION,
         "search_ids": list(search_ids),
-        "starts_sqnr_db": {label: _db(v.total) for label, v in start_noise.items()},
-        "starts_halves_sqnr_db": {label: [_db(h) for h in v.halves] for label, v in start_noise.items()},
-        "start": start,
-        "fallback": start if start != "local" else None,
-        "best_single": best_single,
+        "starts_sqnr_db": {label: _db(v) for label, v in full.start_noise.items()},
+        "start": full.start,
+        "fallback": full.start if full.start != "local" else None,
+        "best_single": full.best_single,
+        "descent_sqnr_db": _db(full.final_noise),
+        "cross_fit": dict(cross_fit),
+        "procedure": choice,
         "final_sqnr_db": _db(final_noise),
-        "global_evals": len(steps) + len(starts),
-        "steps": [{"tensor": s.tensor, "candidate": s.candidate, "sqnr_db": _db(s.noise),
-                   "halves_sqnr_db": [_db(h) for h in s.halves], "accepted": s.accepted} for s in steps],
-        "changed_by_descent": sorted(t for t in final if final[t] != starts[start][t]),
+        "global_evals": global_evals,
+        "steps": [{"tensor": s.tensor, "candidate": s.candidate, "sqnr_db": _db(s.noise), "accepted": s.accepted} for s in full.steps],
+        "changed_by_descent": sorted(t for t in full.final if full.final[t] != full.starts[full.start][t]),
+        "written_differs_from_start": sorted(t for t in chosen if chosen[t] != full.starts[full.start][t]),
     }
 
 
@@ -512,50 +461,36 @@ def search_auto(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     sim = simulator or AutoSimulator(model, tensors, qdq_config, micro_batch=config.micro_batch, intra_op_threads=config.intra_op_threads)
-    searched = list(sim.searched)
     reference = sim.reference(search_inputs)
+    signal = sim.row_energies(reference)
     timings["sessions+reference"] = time.perf_counter() - t0
 
     progress.start("auto", None)
     t0 = time.perf_counter()
-    local, distinct, local_pick = _local_phase(sim, candidates, search_inputs)
+    local_rows = {c: sim.local_rows(search_inputs, candidates[c]) for c in names}
     timings["local"] = time.perf_counter() - t0
-
-    def noise_of(assignment: Mapping[str, str]) -> SplitNoise:
-        return sim.output_noise(search_inputs, reference, {t: candidates[assignment[t]][t] for t in searched})
-
+    runs = _Runs(sim, search_inputs, reference, candidates)
     t0 = time.perf_counter()
-    starts: dict[str, dict[str, str]] = {"local": local_pick}
-    starts.update({c: {t: c for t in searched} for c in names})
-    start_noise = {label: noise_of(a) for label, a in starts.items()}
-    best_single = min(names, key=lambda c: (start_noise[c].total, names.index(c)))
-    start = min(start_noise, key=lambda label: (start_noise[label].total, list(starts).index(label)))
-    timings["global_start"] = time.perf_counter() - t0
-
+    full = _fit(sim, runs, local_rows, signal, None, config)
+    timings["search"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    order, alternatives = descent_plan(
-        local, distinct, starts[start], local_margin=config.local_margin, max_alternatives=config.max_alternatives
-    )
-    # Total only: requiring each half to improve too (measured, session 4) fixed ocr_det (-0.50 -> +0.01 dB)
-    # but cost orientation 2.3 dB and ocr_cls 5.7 dB on held-out data; the halves stay in the record.
-    final, final_noise, steps = coordinate_descent(
-        starts[start], order, alternatives, lambda a: noise_of(a).total, start_noise=start_noise[start].total,
-        max_evals=config.max_global_evals, min_relative_gain=config.min_relative_gain,
-    )
-    timings["descent"] = time.perf_counter() - t0
+    choice, cross_fit = _cross_fit(sim, runs, local_rows, signal, config, search_ids)
+    timings["cross_fit"] = time.perf_counter() - t0
     progress.finish("auto")
 
-    chosen = {t: final.get(t, best_single) for t in tensors}
+    final = full.procedure(choice)
+    final_noise = rows_noise(runs.errors(final), signal)
+    chosen = {t: final.get(t, full.best_single) for t in tensors}
     info = {
         t: {
-            "searched": True, "chosen": chosen[t], "local_choice": local_pick[t],
-            "local_noise_db": {c: _db(local[t][c]) for c in names}, "distinct": distinct[t],
+            "searched": True, "chosen": chosen[t], "local_choice": full.starts["local"][t],
+            "local_noise_db": {c: _db(full.local[t][c]) for c in names}, "distinct": full.distinct[t],
         } if t in final else {"searched": False, "chosen": chosen[t]}
         for t in tensors
     }
-    search = _search_record(search_ids, start_noise, start, best_single, final_noise, steps, starts, final)
-    log.info("auto: search-slice SQNR %.2f dB from start %r (best single method %s: %.2f dB), %d whole-model runs",
-             noise_to_db(final_noise), start, best_single, noise_to_db(start_noise[best_single].total), search["global_evals"])
+    search = _search_record(search_ids, full, choice, cross_fit, final_noise, runs.count)
+    log.info("auto: search-slice SQNR %.2f dB (%s, cross-fit), start %r, best single method %s: %.2f dB, %d whole-model runs",
+             noise_to_db(final_noise), choice, full.start, full.best_single, noise_to_db(full.start_noise[full.best_single]), runs.count)
     return AutoResult(
         amax={t: candidates[chosen[t]][t] for t in tensors}, chosen=chosen, tensors=info, search=search, timings=timings,
     )

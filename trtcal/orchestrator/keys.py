@@ -166,13 +166,15 @@ def search_versions(algorithms: tuple[str, ...] | list[str]) -> dict[str, int]:
     Empty for methods still at their first rule, so their keys (and stored entries) stay valid.
     """
     from trtcal.config import AUTO
-    from trtcal.core.auto_search import CANDIDATES
+    from trtcal.core.auto_search import AUTO_RULE_VERSION, CANDIDATES
     from trtcal.core.scales import SEARCH_VERSIONS
 
     methods = set(algorithms)
+    versions = {AUTO: AUTO_RULE_VERSION} if AUTO in methods else {}  # auto's own search rule (2: cross-fit guard)
     if AUTO in methods:
         methods |= {c.method for c in CANDIDATES}
-    return {m: SEARCH_VERSIONS[m] for m in sorted(methods) if m in SEARCH_VERSIONS}
+    versions.update({m: SEARCH_VERSIONS[m] for m in sorted(methods) if m in SEARCH_VERSIONS})
+    return dict(sorted(versions.items()))
 
 
 def calibration_key_inputs(

@@ -1,4 +1,4 @@
-"""The pure parts of `auto`: slices by sample id, local choice, bounded coordinate descent split by halves."""
+"""The pure parts of `auto`: slices by sample id, local choice, bounded coordinate descent, the cross-fit guard."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import pytest
 
 from trtcal.core.auto_search import (
     CANDIDATES,
-    SplitNoise,
+    PROCEDURES,
     candidate_amax,
     coordinate_descent,
+    cross_fit_choice,
+    cross_fit_folds,
     distinct_candidates,
-    improves,
     local_choice,
     noise_to_db,
+    rows_noise,
     search_slices,
 )
 from trtcal.core.histogram import histogram_of
@@ -83,37 +85,112 @@ def test_descent_keeps_improvements_and_stops_at_the_bound() -> None:
     assert unchanged == start  # 3.0 -> 2.5 is not a 50 % gain
 
 
-def test_a_gain_fitted_to_one_half_of_the_slice_is_not_taken() -> None:
-    """The ocr_det failure in miniature: on the search slice, candidate "fit" for t1 lowers the total noise
-    a lot, but only because it suits half A (a few pages); on half B it is worse. A total-only search
-    takes it; the split rule keeps the current choice and takes t2's change, which helps both halves."""
-    # noise per (tensor, candidate) on half A and half B; the objective sums over tensors.
-    half_a = {("t1", "base"): 1.0, ("t1", "fit"): 0.1, ("t2", "base"): 1.0, ("t2", "good"): 0.8}
-    half_b = {("t1", "base"): 1.0, ("t1", "fit"): 1.3, ("t2", "base"): 1.0, ("t2", "good"): 0.9}
+def _slow_rows_noise(error: np.ndarray, signal: np.ndarray, rows: list[int]) -> float:
+    """Obviously correct: exact rational sums per output, one rounding each, then the plain mean."""
+    from fractions import Fraction
 
-    def split(a: dict[str, str]) -> SplitNoise:
-        na, nb = sum(half_a[(t, c)] for t, c in a.items()), sum(half_b[(t, c)] for t, c in a.items())
-        return SplitNoise((na + nb) / 2, (na, nb))
-
-    start = {"t1": "base", "t2": "base"}
-    alts = {"t1": ["fit"], "t2": ["good"]}
-    total_only, _, _ = coordinate_descent(start, ["t1", "t2"], alts, lambda a: split(a).total,
-                                          start_noise=split(start).total, max_evals=10, min_relative_gain=0.005)
-    assert total_only == {"t1": "fit", "t2": "good"}  # the greedy slice fit: 2.0 -> 1.7 -> 1.55 in total
-    final, noise, steps = coordinate_descent(start, ["t1", "t2"], alts, split, start_noise=split(start), max_evals=10,
-                                             min_relative_gain=0.005)
-    assert final == {"t1": "base", "t2": "good"} and noise == pytest.approx(1.85)
-    assert [(s.tensor, s.accepted, s.halves) for s in steps] == [("t1", False, (1.1, 2.3)), ("t2", True, (1.8, 1.9))]
+    ratios = []
+    for k in range(error.shape[1]):
+        e = float(sum((Fraction(float(error[i, k])) for i in rows), Fraction(0)))
+        s = float(sum((Fraction(float(signal[i, k])) for i in rows), Fraction(0)))
+        ratios.append(0.0 if e == 0.0 else (math.inf if s == 0.0 else e / s))
+    return float(np.mean(ratios))
 
 
-def test_improves_needs_the_total_margin_and_every_half() -> None:
-    old = SplitNoise(1.0, (1.0, 1.0))
-    assert improves(SplitNoise(0.9, (0.85, 0.95)), old, 0.05)
-    assert not improves(SplitNoise(0.9, (0.7, 1.1)), old, 0.05)  # one half worse
-    assert not improves(SplitNoise(0.98, (0.97, 0.99)), old, 0.05)  # below the margin
-    assert not improves(SplitNoise(1.0, (1.0, 1.0)), old, 0.0)  # equal is no gain
-    assert improves(SplitNoise(0.5), SplitNoise(1.0), 0.1)  # no halves: the total decides
+def test_rows_noise_matches_exact_sums_in_any_row_order() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        n, outputs = int(rng.integers(1, 12)), int(rng.integers(1, 4))
+        signal = rng.lognormal(0.0, 4.0, size=(n, outputs))  # wide magnitudes: naive sums would round differently
+        error = signal * rng.lognormal(-6.0, 3.0, size=(n, outputs))
+        rows = sorted(rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False).tolist())
+        expected = _slow_rows_noise(error, signal, rows)
+        assert rows_noise(error, signal, rows) == expected
+        shuffled = rng.permutation(rows).tolist()
+        assert rows_noise(error, signal, shuffled) == expected  # exact sums: the order of the rows is no input
+    assert rows_noise(np.zeros((2, 1)), np.ones((2, 1))) == 0.0
+    with pytest.raises(ConfigError, match="rows, outputs"):
+        rows_noise(np.zeros((2, 1)), np.ones((3, 1)))
+
+
+def test_noise_to_db() -> None:
     assert noise_to_db(0.01) == pytest.approx(20.0)
+    assert noise_to_db(0.0) == math.inf and noise_to_db(math.inf) == -math.inf
+
+
+def test_cross_fit_folds_are_the_two_alternate_halves() -> None:
+    assert cross_fit_folds(3) == ()
+    for n in (4, 5, 24, 33):
+        folds = cross_fit_folds(n)
+        assert len(folds) == 2
+        for fit, held in folds:
+            assert sorted(fit + held) == list(range(n)) and not set(fit) & set(held)
+        assert folds[0] == (folds[1][1], folds[1][0])
+        assert folds[0][0] == list(range(0, n, 2))
+
+
+def test_cross_fit_choice_matches_a_brute_force_reference() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        held = {p: rng.choice([0.1, 0.2, 0.3], size=2).tolist() for p in PROCEDURES}  # many ties
+        means = {p: math.fsum(v) / 2 for p, v in held.items()}
+        expected = sorted(PROCEDURES, key=lambda p: (means[p], PROCEDURES.index(p)))[0]
+        assert cross_fit_choice(held) == expected
+    assert cross_fit_choice({"single": [0.5], "start": [0.5], "auto": [0.5]}) == "single"  # ties: the simpler
+    with pytest.raises(ConfigError, match="held-out"):
+        cross_fit_choice({"single": [], "auto": [0.1]})
+
+
+def _toy_noise(per_row: dict[tuple[str, str], list[float]], a: dict[str, str], rows: list[int]) -> float:
+    """A toy model whose per-row noise is the sum over tensors of a (tensor, candidate) cost; signal 1 per row."""
+    n = len(next(iter(per_row.values())))
+    error = np.array([[sum(per_row[(t, c)][i] for t, c in a.items())] for i in range(n)])
+    return rows_noise(error, np.ones((n, 1)), rows)
+
+
+def _toy_descent(per_row: dict[tuple[str, str], list[float]], rows: list[int]) -> dict[str, str]:
+    start = {"t1": "base", "t2": "base"}
+    final, _, _ = coordinate_descent(start, ["t1", "t2"], {"t1": ["fit"], "t2": ["good"]},
+                                     lambda a: _toy_noise(per_row, dict(a), rows),
+                                     start_noise=_toy_noise(per_row, start, rows), max_evals=10, min_relative_gain=0.005)
+    return final
+
+
+def _guarded(per_row: dict[tuple[str, str], list[float]]) -> tuple[dict[str, str], str]:
+    """(the whole-slice descent, the procedure the cross-fit keeps: "single" = the start, or "auto")."""
+    n = len(next(iter(per_row.values())))
+    held: dict[str, list[float]] = {"single": [], "auto": []}
+    for fit, test in cross_fit_folds(n):
+        held["single"].append(_toy_noise(per_row, {"t1": "base", "t2": "base"}, test))
+        held["auto"].append(_toy_noise(per_row, _toy_descent(per_row, fit), test))
+    return _toy_descent(per_row, list(range(n))), cross_fit_choice(held)
+
+
+def test_the_cross_fit_refuses_a_descent_fitted_to_a_few_rows() -> None:
+    """The ocr_det failure in miniature: candidate "fit" for t1 removes most of the noise of rows 0 and 2
+    (two large pages) and adds some on every other row. On the whole slice the descent takes it; fitted on
+    the half with rows 0 and 2 it loses on the other half, fitted on the other half it is not taken, so the
+    cross-fit keeps the single method."""
+    per_row = {
+        ("t1", "base"): [4.0, 1.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        ("t1", "fit"): [0.5, 1.3, 0.5, 1.3, 1.3, 1.3, 1.3, 1.3],
+        ("t2", "base"): [1.0] * 8,
+        ("t2", "good"): [1.0] * 8,
+    }
+    whole, choice = _guarded(per_row)
+    assert whole["t1"] == "fit" and choice == "single"
+
+
+def test_the_cross_fit_keeps_a_gain_that_holds_on_both_halves() -> None:
+    """A change that helps most rows, unevenly (ocr_cls: one tensor, +4 dB held out), is kept."""
+    per_row = {
+        ("t1", "base"): [4.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        ("t1", "fit"): [0.5, 0.5, 0.9, 1.0, 0.9, 1.0, 0.9, 1.0],
+        ("t2", "base"): [1.0] * 8,
+        ("t2", "good"): [0.9] * 8,
+    }
+    whole, choice = _guarded(per_row)
+    assert whole == {"t1": "fit", "t2": "good"} and choice == "auto"
 
 
 def test_descent_plan_orders_by_local_noise_and_keeps_near_alternatives() -> None:

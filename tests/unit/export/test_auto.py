@@ -76,8 +76,13 @@ def test_auto_avoids_minmax_on_the_outlier_and_clipping_on_the_carrier(searched)
     s = result.search
     singles = {c: v for c, v in s["starts_sqnr_db"].items() if c != "local"}
     assert s["final_sqnr_db"] >= max(singles.values())  # never worse than any single method
-    assert s["start"] in ("local", s["best_single"]) and len(s["starts_halves_sqnr_db"]["local"]) == 2
-    assert s["global_evals"] <= AutoConfig().max_global_evals + 1 + len(cands)
+    assert s["start"] in ("local", s["best_single"])
+    # the cross-fit: two folds, each procedure judged on the half it was not fitted on, the best one written
+    cross = s["cross_fit"]
+    assert len(cross["folds"]) == 2 and s["procedure"] == cross["choice"]
+    assert max(cross["mean_held_out_sqnr_db"].values()) == cross["mean_held_out_sqnr_db"][s["procedure"]]
+    # bound: the starts, one descent on the slice and one per fold, one held-out run per fold
+    assert s["global_evals"] <= 1 + len(cands) + 3 * AutoConfig().max_global_evals + 2
 
 
 def test_auto_is_deterministic_as_bytes_for_shuffled_rows(searched) -> None:

@@ -181,6 +181,9 @@ def test_search_versions_key_only_the_methods_whose_rule_changed() -> None:
 
     assert search_versions(("minmax", "mse")) == {}
     assert search_versions(("entropy2", "minmax")) == {"entropy2": 2}
-    assert search_versions(("auto",)) == {"entropy2": 2}  # auto's candidates include entropy2
+    # auto's candidates include entropy2, and auto's own rule (2: the cross-fit guard) is keyed too, so an
+    # entry an earlier auto rule wrote is never served for this one
+    assert search_versions(("auto",)) == {"auto": 2, "entropy2": 2}
+    assert key("auto") != key("entropy2", "minmax", "percentile", "mse")
     # a method still at its first rule keeps the key it always had (golden: main before issue 18's rule)
     assert key("minmax") == "aeffec3885b57381261d7f2afa435bc1be1380985580bd921c146f2a5955d9d0"
