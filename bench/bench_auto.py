@@ -101,12 +101,14 @@ def main() -> None:
         "| what | seconds | ratio to statistics |",
         "|---|---|---|",
         f"| statistics collection, both passes (anchor, same run) | {stats_s:.1f} | 1.00x |",
-        f"| auto search (sessions, local matching, global start, descent) | {auto_s:.1f} | {auto_s / stats_s:.2f}x |",
+        f"| auto search (sessions, local matching, global start, descent, cross-fit) | {auto_s:.1f} | {auto_s / stats_s:.2f}x |",
         f"| quality verdict ({len(outcome.verdict['rows'])} Q/DQ models on the verdict slice) | {outcome.timings['verdict']:.1f} | "
         f"{outcome.timings['verdict'] / stats_s:.2f}x |",
         "",
         f"Search: {search.get('global_evals')} whole-model runs on {len(search.get('search_ids', []))} search rows, start "
         f"{search.get('start')!r}, changed by the descent: {len(search.get('changed_by_descent', []))} tensors; "
+        f"cross-fit (held-out half, mean dB): {search.get('cross_fit', {}).get('mean_held_out_sqnr_db')}, written: "
+        f"{search.get('procedure')!r}; "
         f"chosen per tensor: {dict(chosen)}.",
         "",
         "| method | held-out logit SQNR (dB) | cosine | top-1 agreement with FP32 |",
