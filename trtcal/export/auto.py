@@ -51,6 +51,7 @@ from trtcal.core.auto_search import (
     cross_fit_choice,
     cross_fit_folds,
     descent_plan,
+    descent_trusted,
     distinct_candidates,
     local_choice,
     noise_ratio,
@@ -92,6 +93,8 @@ class AutoConfig:
     local_margin: a candidate is tried on the whole model when its consumer-output noise is at most
         this factor times the tensor's best.
     min_relative_gain: a descent step must lower the search slice's output noise by more than this fraction.
+    min_descent_gain_db: the descent's result is written only when it beats its start on the search
+        slice by at least this many dB (smaller gains did not carry to other data: docs/algorithms.md).
     micro_batch: samples per ONNX Runtime run.
     intra_op_threads: ONNX Runtime intra-op threads (0: its choice).
     """
@@ -101,6 +104,7 @@ class AutoConfig:
     max_alternatives: int = 2
     local_margin: float = 2.0
     min_relative_gain: float = 0.005
+    min_descent_gain_db: float = 1.0
     micro_batch: int = 8
     intra_op_threads: int = 0
 
@@ -111,6 +115,8 @@ class AutoConfig:
                 raise ConfigError(f"auto {name} must be an integer >= {low}, got {value!r}")
         if not (isinstance(self.local_margin, (int, float)) and self.local_margin >= 1.0):
             raise ConfigError(f"auto local_margin must be >= 1, got {self.local_margin!r}")
+        if isinstance(self.min_descent_gain_db, bool) or not (isinstance(self.min_descent_gain_db, (int, float)) and 0.0 <= self.min_descent_gain_db < math.inf):
+            raise ConfigError(f"auto min_descent_gain_db must be a finite number >= 0, got {self.min_descent_gain_db!r}")
         if not (isinstance(self.min_relative_gain, (int, float)) and 0.0 <= self.min_relative_gain < 1.0):
             raise ConfigError(f"auto min_relative_gain must be in [0, 1), got {self.min_relative_gain!r}")
 
@@ -413,7 +419,8 @@ def _search_record(search_ids: Sequence[str], full: _Fit, choice: str, cross_fit
                       "by more than min_relative_gain; then cross-fit: each procedure (single: best single method, start: "
                       "best start, auto: start + descent) is fitted on one half of the slice (alternate rows in sample-id "
                       "hash order) and judged on the other; the one with the least mean held-out noise (ties: the simpler) "
-                      "is the one whose whole-slice result is written",
+                      "is the one whose whole-slice result is written; auto (the descent) only when it beats its start "
+                      "on the whole slice by at least min_descent_gain_db, else the start",
         "rule_version": AUTO_RULE_VERSION,
         "search_ids": list(search_ids),
         "starts_sqnr_db": {label: _db(v) for label, v in full.start_noise.items()},
@@ -478,6 +485,9 @@ def search_auto(
     timings["cross_fit"] = time.perf_counter() - t0
     progress.finish("auto")
 
+    trusted = descent_trusted(full.start_noise[full.start], full.final_noise, config.min_descent_gain_db)
+    if choice == "auto" and not trusted:
+        choice = "start"  # the descent's gain on the slice is too small to carry to other data
     final = full.procedure(choice)
     final_noise = rows_noise(runs.errors(final), signal)
     chosen = {t: final.get(t, full.best_single) for t in tensors}
@@ -489,6 +499,8 @@ def search_auto(
         for t in tensors
     }
     search = _search_record(search_ids, full, choice, cross_fit, final_noise, runs.count)
+    search["descent_gain_db"] = round(_db(full.final_noise) - _db(full.start_noise[full.start]), 6)
+    search["descent_trusted"] = trusted
     log.info("auto: search-slice SQNR %.2f dB (%s, cross-fit), start %r, best single method %s: %.2f dB, %d whole-model runs",
              noise_to_db(final_noise), choice, full.start, full.best_single, noise_to_db(full.start_noise[full.best_single]), runs.count)
     return AutoResult(

@@ -208,3 +208,18 @@ def test_descent_plan_orders_by_local_noise_and_keeps_near_alternatives() -> Non
     assert alts == {"a": ["y"], "b": ["y", "z"], "c": []}
     _, one = descent_plan(local, distinct, current, local_margin=2.0, max_alternatives=1)
     assert one["b"] == ["y"]
+
+
+def test_descent_trusted_needs_the_gain_in_db() -> None:
+    from trtcal.core.auto_search import descent_trusted
+
+    rng = np.random.default_rng(8)
+    for _ in range(200):
+        start, final = rng.lognormal(-4, 2, size=2)
+        bar = float(rng.choice([0.0, 0.5, 1.0, 3.0]))
+        expected = final < start and 10 * math.log10(start / final) >= bar - 1e-9
+        assert descent_trusted(start, final, bar) == expected or abs(10 * math.log10(start / final) - bar) < 1e-9
+    assert descent_trusted(0.1, 0.1 * 10 ** -0.1, 1.0)  # +1 dB exactly is enough
+    assert not descent_trusted(0.1, 0.09, 1.0)  # +0.46 dB (the ocr_det case) is not
+    assert not descent_trusted(0.1, 0.1, 0.0) and not descent_trusted(0.1, 0.2, 0.0)  # no gain, no trust
+    assert descent_trusted(0.1, 0.0, 5.0)  # an exact match beats any bar
