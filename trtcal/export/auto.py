@@ -17,14 +17,19 @@ inputs* of two sessions built once, so trying another scale never rebuilds a ses
 3. **Coordinate descent.** Tensors in order of their local noise (most harmful first); for each,
    the candidates whose local noise is within `local_margin` of its best are tried on the whole
    model; a change is kept when it lowers the model's output noise on the search slice by more
-   than `min_relative_gain`. At most `max_global_evals` whole-model runs. (Also requiring each half
-   of the slice to improve was measured and rejected: docs/algorithms.md.)
-4. **Verdict** (`verdict`): every method's and auto's Q/DQ model on the *verdict* slice, which the
+   than `min_relative_gain`. At most `max_global_evals` whole-model runs.
+4. **Guards against fitting the slice.** Cross-fit: steps 1-3 are also run on each half of the
+   search slice (alternate rows in sample-id hash order) and the procedures (best single method,
+   best start, start + descent) judged on the other half; the one with the least mean held-out
+   noise is written. Then the descent's result is written only when it beats its start on the
+   whole slice by at least `min_descent_gain_db` (else the start). Per-change acceptance rules
+   (each half must improve, paired tests, sign tests) were measured and rejected: docs/algorithms.md.
+5. **Verdict** (`verdict`): every method's and auto's Q/DQ model on the *verdict* slice, which the
    search never saw: per output SQNR, cosine, max |error| and argmax agreement along a class axis.
 
 Bound: one FP32 run over each slice + `len(candidates)` side-branch runs (about 2.5 forwards each)
-+ (1 + len(candidates) + max_global_evals) Q/DQ runs over the search slice + one Q/DQ run per
-verdict row label over the verdict slice.
++ (1 + len(candidates) + max_global_evals) Q/DQ runs over the search slice + 2 × (max_global_evals
++ 1) over half of it (the cross-fit) + one Q/DQ run per verdict row label over the verdict slice.
 
 Deterministic: the slices are chosen by sample id (`trtcal.core.auto_search.search_slices`), the
 measurements are float64 sums in a fixed order over fixed micro-batches, every decision is a strict
