@@ -12,8 +12,8 @@ inputs* of two sessions built once, so trying another scale never rebuilds a ses
    Each tensor takes its least-noise candidate (layer-wise output matching).
 2. **Global start.** The exact Q/DQ model (scale inputs) on the search slice for the local
    assignment and for each single method; the best of them starts the descent, so `auto` is never
-   worse than the best single method on the search slice (the start, and each start's SQNR on the
-   two halves of the slice, are recorded).
+   worse than the best single method on the search slice (the start and each start's SQNR are
+   recorded).
 3. **Coordinate descent.** Tensors in order of their local noise (most harmful first); for each,
    the candidates whose local noise is within `local_margin` of its best are tried on the whole
    model; a change is kept when it lowers the model's output noise on the search slice by more
