@@ -170,7 +170,7 @@ def test_explicit_method_keys_do_not_change_and_auto_has_its_own() -> None:
     assert key(CalibrationConfig()) not in (golden, key(CalibrationConfig(algorithms=("entropy2",))))
 
 
-def test_search_versions_key_only_the_methods_whose_rule_changed() -> None:
+def test_search_versions_key_only_the_methods_whose_rule_changed(monkeypatch: pytest.MonkeyPatch) -> None:
     from trtcal.config import CalibrationConfig
     from trtcal.orchestrator.keys import calibration_key_inputs, search_versions
     from trtcal.storage import compute_cache_key
@@ -184,6 +184,10 @@ def test_search_versions_key_only_the_methods_whose_rule_changed() -> None:
     # auto's candidates include entropy2, and auto's own rule (2: the cross-fit guard) is keyed too, so an
     # entry an earlier auto rule wrote is never served for this one
     assert search_versions(("auto",)) == {"auto": 2, "entropy2": 2}
-    assert key("auto") != key("entropy2", "minmax", "percentile", "mse")
+    from trtcal.core import auto_search
+
+    current = key("auto")
+    monkeypatch.setattr(auto_search, "AUTO_RULE_VERSION", 1)
+    assert key("auto") != current
     # a method still at its first rule keeps the key it always had (golden: main before issue 18's rule)
     assert key("minmax") == "aeffec3885b57381261d7f2afa435bc1be1380985580bd921c146f2a5955d9d0"
