@@ -121,6 +121,23 @@ def _fresh_temp_dir(root: str) -> str:
     return owned_temp_dir("ray", root)
 
 
+def _start_embedded(ray: Any, cpus: int, store: int, temp_dir: str) -> None:
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    with _loopback_only(ray):
+        try:
+            ray.init(
+                address="local",
+                num_cpus=cpus,
+                include_dashboard=False,
+                object_store_memory=store,
+                _temp_dir=temp_dir,
+                _system_config=embedded_system_config(),
+                logging_level=logging.WARNING,
+            )
+        except Exception as exc:
+            raise WorkerError(f"cannot start the embedded Ray ({type(exc).__name__}: {exc})") from exc
+
+
 def _temp_root() -> str:
     root = tempfile.gettempdir()
     return root if len(root) <= _MAX_TEMP_DIR_LEN else "/tmp"
@@ -166,20 +183,7 @@ def ray_session(
             cpus = num_cpus or os.cpu_count() or 1
             store = object_store_memory or default_object_store_memory(cpus)
             own_temp = _fresh_temp_dir(temp_dir or _temp_root())
-            os.environ.setdefault(LOOPBACK_ENV, "0")
-            with _loopback_only(ray):
-                try:
-                    ray.init(
-                        address="local",
-                        num_cpus=cpus,
-                        include_dashboard=False,
-                        object_store_memory=store,
-                        _temp_dir=own_temp,
-                        _system_config=embedded_system_config(),
-                        logging_level=logging.WARNING,
-                    )
-                except Exception as exc:
-                    raise WorkerError(f"cannot start the embedded Ray ({type(exc).__name__}: {exc})") from exc
+            _start_embedded(ray, cpus, store, own_temp)
             logger.info("started embedded Ray: %d CPUs, %d MiB object store, temp dir %s", cpus, store // MiB, own_temp)
         else:
             try:
