@@ -335,9 +335,9 @@ class CalibrationActor:
     """Made remote by `run_actor`. Two threads: `calibrate` runs in one while the driver polls `progress`."""
 
     def __init__(self) -> None:
-        from trtcal.orchestrator.process_memory import limit_malloc_arenas
+        from trtcal.orchestrator.process_memory import return_freed_memory_early
 
-        limit_malloc_arenas()  # this process is trtcal's: threads share what they free
+        return_freed_memory_early()  # this process is trtcal's: its freed tensors go back to the system
         self.log = ProgressLog()
 
     def ready(self) -> dict[str, Any]:

@@ -1,13 +1,13 @@
-"""glibc malloc settings for the calibration actor's own process: at most `ARENA_MAX` malloc arenas.
+"""glibc malloc settings for the calibration actor's own process, so freed tensors go back to the system.
 
-glibc gives threads that allocate at the same time their own arenas (up to 8 per core), each a chain
-of 64 MiB heaps that keeps what was freed in it. In the actor, the calibration runs in a Ray worker
-thread beside ONNX Runtime's intra-op threads and Ray's own: 6 min into an OCR recogniser's run its
-/proc/PID/smaps showed eight ~64 MiB anonymous regions on 64 MiB boundaries (0.75 of its 0.95 GB RSS
-anonymous). Fewer arenas let one thread reuse what another freed. A fixed mmap threshold (every
-block of 1 MiB or more mapped and unmapped on its own) cut the search's peak further but made each
-ONNX Runtime run of the search 2-3x slower (page faults on every tensor; BENCHMARKS.md), so it is
-not used. Only where memory comes from changes; no value computed does.
+The auto search's ONNX Runtime sessions run without a memory arena (`simulation_session(low_memory=True)`)
+and numpy allocates each micro-batch's arrays anew: every run allocates and frees hundreds of MiB. By
+default glibc serves a block below its dynamic mmap threshold (it rises up to 32 MiB with each larger
+block freed) from the heap of the allocating thread's arena (64 MiB heaps, up to 8 arenas per core), and
+a freed block stays there: the actor's RSS climbed to the arenas' high-water marks, well above what is
+live (BENCHMARKS.md, the OCR recogniser's whole-tree peak). With a fixed threshold every block of
+`MMAP_THRESHOLD_BYTES` or more is mapped on its own and unmapped when freed; `ARENA_MAX` bounds the
+rest. Only where memory comes from changes; no value computed does.
 
 Applied only in the process trtcal owns (the actor), never in a library caller's process; a no-op where
 the C library is not glibc.
@@ -20,12 +20,16 @@ import ctypes.util
 import logging
 import platform
 
-__all__ = ["ARENA_MAX", "limit_malloc_arenas"]
+__all__ = ["ARENA_MAX", "MMAP_THRESHOLD_BYTES", "return_freed_memory_early"]
 
 logger = logging.getLogger(__name__)
 
+MMAP_THRESHOLD_BYTES = 1 << 20  # smaller blocks (Python objects, small tensors) stay in the arenas
 ARENA_MAX = 2
-_M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
+# mallopt parameters (glibc malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 _applied: bool | None = None
 
@@ -39,14 +43,20 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-def limit_malloc_arenas() -> bool:
-    """At most `ARENA_MAX` arenas in this process from now on (once); whether glibc took it.
+def return_freed_memory_early() -> bool:
+    """Set the fixed mmap threshold, the trim threshold and the arena limit in this process (once).
 
-    Threads that already have an arena keep it; new ones share the existing ones once the limit is reached.
+    Returns whether glibc took them. Affects allocations made afterwards.
     """
     global _applied
     if _applied is None:
         libc = _glibc()
-        _applied = bool(libc is not None and libc.mallopt(_M_ARENA_MAX, ARENA_MAX) == 1)
-        logger.debug("malloc: at most %d arenas: %s", ARENA_MAX, _applied)
+        _applied = bool(
+            libc is not None
+            and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+            and libc.mallopt(_M_TRIM_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+            and libc.mallopt(_M_ARENA_MAX, ARENA_MAX) == 1
+        )
+        logger.debug("malloc: fixed mmap threshold %d bytes, %d arenas: %s", MMAP_THRESHOLD_BYTES, ARENA_MAX, _applied)
     return _applied
+
