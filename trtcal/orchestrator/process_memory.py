@@ -7,7 +7,10 @@ block freed) from the heap of the allocating thread's arena (64 MiB heaps, up to
 a freed block stays there: the actor's RSS climbed to the arenas' high-water marks, well above what is
 live (BENCHMARKS.md, the OCR recogniser's whole-tree peak). With a fixed threshold every block of
 `MMAP_THRESHOLD_BYTES` or more is mapped on its own and unmapped when freed; `ARENA_MAX` bounds the
-rest. Only where memory comes from changes; no value computed does.
+rest. Only where memory comes from changes; no value computed does. The price is time: each block
+is mapped and faulted in anew, so one Q/DQ run of the search took 7.7-8.2 s instead of 2.7-4.0 s
+(OCR recogniser, 32 lines, loaded VM; BENCHMARKS.md). Two arenas without the fixed threshold did not
+bring the tree under 1.5 GiB (1.59 GiB PSS, measured).
 
 Applied only in the process trtcal owns (the actor), never in a library caller's process; a no-op where
 the C library is not glibc.
