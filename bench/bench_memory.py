@@ -5,6 +5,9 @@ cluster), and samples every process descended from it (raylet, GCS, Ray workers,
 50 ms from /proc: the peak of the summed RSS and of the summed PSS (RSS shares pages, e.g. shared
 libraries and Ray's object store, between processes and so counts them several times; PSS splits
 each shared page among the processes that map it, so the PSS sum is the memory the tree takes).
+Each row also splits the peak by process group (driver, actor, idle workers, each Ray daemon) at
+the moment of the PSS peak, gives each group's own peak, and the peak PSS of each stage (the CLI's
+"trtcal: <stage> <s> s" lines on stderr, a sample belonging to the first stage that ended after it).
 
 Cases:
   EfficientNet-Lite0 on N = 100 and N = 1000 real photo views (skimage photos plus seeded
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -93,32 +97,123 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
+# Process groups of the tree, by command line (Ray workers rename themselves, e.g. ray::CalibrationActor).
+_GROUPS = (
+    ("actor", "ray::CalibrationActor"), ("idle workers", "ray::IDLE"), ("dashboard agent", "ray::DashboardAgent"),
+    ("runtime env agent", "ray::RuntimeEnvAgent"), ("runtime env agent", "runtime_env_agent"),
+    ("dashboard head", "dashboard/dashboard.py"), ("log monitor", "log_monitor.py"),
+    ("autoscaler monitor", "autoscaler/_private/monitor.py"), ("raylet", "raylet/raylet"),
+    ("gcs", "gcs/gcs_server"), ("workers", "ray::"), ("workers", "default_worker.py"),
+)
+
+
+def _group(pid: int, root: int) -> str:
+    if pid == root:
+        return "driver (CLI)"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return "other"
+    head = " ".join(argv[:3])  # the program and its script: the raylet's arguments name the agents' commands
+    return next((name for name, marker in _GROUPS if marker in head), "other")
+
+
+_STAGE_LINE = re.compile(r"^trtcal: (.+?) ([0-9.]+) s( \(.*\))?$")
+
+
+def _read_stages(stream: Any, stages: list[tuple[float, str, float]], text: list[str]) -> None:
+    """The CLI's "trtcal: <stage> <s> s" lines (one per finished stage), with the time they came."""
+    for line in stream:
+        found = _STAGE_LINE.match(line.strip())
+        if found:
+            stages.append((time.perf_counter(), found.group(1), float(found.group(2))))
+        text.append(line)
+
+
+def _stage_peaks(timeline: list[tuple[float, int, int]], stages: list[tuple[float, str, float]]) -> list[tuple[str, int, int]]:
+    """(stage, peak tree PSS, actor PSS at that peak) per stage: a sample belongs to the first stage
+    that ended after it was taken (the CLI prints a stage's line when it ends)."""
+    peaks: dict[str, tuple[int, int]] = {}
+    order: list[str] = []
+    k = 0
+    for t, pss, actor in timeline:
+        while k < len(stages) and stages[k][0] < t:
+            k += 1
+        stage = stages[k][1] if k < len(stages) else "(after the last stage)"
+        if stage not in peaks:
+            order.append(stage)
+            peaks[stage] = (0, 0)
+        if pss > peaks[stage][0]:
+            peaks[stage] = (pss, actor)
+    return [(s, *peaks[s]) for s in order]
+
+
 def run_and_sample(command: list[str], env: dict[str, str], interval: float = 0.05) -> dict[str, Any]:
-    """Run `command`; the peak summed RSS and PSS of its process tree, and the biggest process."""
+    """Run `command`; the peak summed RSS and PSS of its process tree, the biggest processes, the
+    split by process group at the PSS peak, and the peak PSS of each stage (named by the stage line
+    that ended it: the stage still running when the sample was taken)."""
+    import threading
+
     t0 = time.perf_counter()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stages: list[tuple[float, str, float]] = []
+    stderr: list[str] = []
+    stdout_parts: list[str] = []
+    reader = threading.Thread(target=_read_stages, args=(proc.stderr, stages, stderr), daemon=True)
+    reader.start()
+    out_reader = threading.Thread(target=lambda: stdout_parts.append(proc.stdout.read() if proc.stdout else ""), daemon=True)
+    out_reader.start()
     peak_rss = peak_pss = 0
+    at_peak: dict[str, list[int]] = {}
+    group_peak: dict[str, list[int]] = {}
+    timeline: list[tuple[float, int, int]] = []  # (time, tree PSS, actor PSS)
     biggest: dict[int, int] = {}
     names: dict[int, str] = {}
+    groups: dict[int, str] = {}
     while proc.poll() is None:
         total_rss = total_pss = 0
+        by_group: dict[str, list[int]] = {}
         for pid in process_tree(proc.pid):
             rss, pss = rss_pss(pid)
             total_rss += rss
             total_pss += pss
+            group = groups.get(pid) or _group(pid, proc.pid)
+            if group not in ("workers", "idle workers", "other"):
+                groups[pid] = group  # an idle worker becomes the actor: re-read until it has a final name
+            row = by_group.setdefault(group, [0, 0])
+            row[0] += pss
+            row[1] += rss
             if pss > biggest.get(pid, 0):
                 biggest[pid] = pss
-                names[pid] = _cmdline(pid)  # Ray workers rename themselves (ray::CalibrationActor)
+                names[pid] = _cmdline(pid)
+        for group, (pss, rss) in by_group.items():
+            best = group_peak.setdefault(group, [0, 0])
+            best[0], best[1] = max(best[0], pss), max(best[1], rss)
+        timeline.append((time.perf_counter(), total_pss, by_group.get("actor", [0, 0])[0]))
+        if total_pss > peak_pss:
+            at_peak = by_group
         peak_rss, peak_pss = max(peak_rss, total_rss), max(peak_pss, total_pss)
         time.sleep(interval)
-    stdout, stderr = proc.communicate()
+    proc.wait()
+    reader.join(timeout=5)
+    out_reader.join(timeout=5)
+    stdout = "".join(stdout_parts)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{''.join(stderr)[-3000:]}")
     top = sorted(biggest.items(), key=lambda kv: -kv[1])[:3]
+
+    def gib(v: int) -> float:
+        return round(v / GIB, 3)
+
     return {
-        "peak_rss_gib": round(peak_rss / GIB, 3), "peak_pss_gib": round(peak_pss / GIB, 3),
+        "peak_rss_gib": gib(peak_rss), "peak_pss_gib": gib(peak_pss),
         "seconds": round(time.perf_counter() - t0, 1),
-        "top_pss_gib": [[names[p], round(v / GIB, 3)] for p, v in top],
+        "top_pss_gib": [[names[p], gib(v)] for p, v in top],
+        "at_peak_pss_rss_gib": {g: [gib(p), gib(r)] for g, (p, r) in sorted(at_peak.items(), key=lambda kv: -kv[1][0])},
+        "group_peak_pss_rss_gib": {g: [gib(p), gib(r)] for g, (p, r) in sorted(group_peak.items(), key=lambda kv: -kv[1][0])},
+        "stage_peak_pss_gib": [[s, gib(p), gib(a)] for s, p, a in _stage_peaks(timeline, stages)],
+        "stage_seconds": {name: seconds for _, name, seconds in stages},
         "result": json.loads(stdout) if stdout.strip().startswith("{") else stdout[-500:],
     }
 

@@ -1,6 +1,7 @@
 """`ray_session` starting its own embedded Ray, in a fresh process (the test process's Ray is `ray_local`).
 
-Checks: every listening port of the embedded Ray is on 127.0.0.1; token auth is on by Ray's default
+Checks: every listening port of the embedded Ray is on 127.0.0.1; no idle worker is started before
+any work; token auth is on by Ray's default
 when RAY_AUTH_MODE is unset (the token lands in $HOME/.ray, a temp dir here); the environment is
 restored; after the block no process of that Ray is left and its temp dir is gone.
 """
@@ -64,6 +65,18 @@ def listening_ips(pids):
     return sorted(ips)
 
 
+def idle_workers(root):
+    found = []
+    for pid in descendants(root):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::IDLE"):
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 def alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -75,6 +88,13 @@ def alive(pid):
 env_before = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
 with ray_session(num_cpus=1) as session:
     import ray
+
+    # Ray's prestart would have a worker per CPU up within a second or two of the driver connecting.
+    deadline = time.monotonic() + 5
+    idle_before_work = idle_workers(os.getpid())
+    while not idle_before_work and time.monotonic() < deadline:
+        time.sleep(0.2)
+        idle_before_work = idle_workers(os.getpid())
 
     @ray.remote
     def pid():
@@ -92,7 +112,7 @@ while left and time.monotonic() < deadline:
     time.sleep(0.2)
 print(json.dumps({
     **info, "worker_in_children": worker in pids, "listening": listening, "alive_after": left,
-    "auth_mode_inside": auth_mode, "env_before": env_before,
+    "auth_mode_inside": auth_mode, "env_before": env_before, "idle_before_work": idle_before_work,
     "env_after": {k: os.environ.get(k) for k in env_before},
     "temp_dir_exists_after": os.path.exists(info["temp_dir"]),
 }))
@@ -112,6 +132,7 @@ def test_embedded_session_is_loopback_only_and_cleans_up(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["started"] is True and result["num_cpus"] == 1 and result["worker_in_children"]
+    assert result["idle_before_work"] == []  # no worker is started ahead of work (embedded_system_config)
     assert result["listening"] and all(_loopback(ip) for ip in result["listening"]), result["listening"]
     assert result["auth_mode_inside"] == "token"  # Ray 2.60's default, kept
     assert (tmp_path / ".ray" / "auth_token").is_file()

@@ -335,6 +335,9 @@ class CalibrationActor:
     """Made remote by `run_actor`. Two threads: `calibrate` runs in one while the driver polls `progress`."""
 
     def __init__(self) -> None:
+        from trtcal.orchestrator.process_memory import return_freed_memory_early
+
+        return_freed_memory_early()  # this process is trtcal's: its freed tensors go back to the system
         self.log = ProgressLog()
 
     def ready(self) -> dict[str, Any]:

@@ -246,6 +246,8 @@ class Job:
         job.smoothing = smoothing_key(model_bytes, cfg.calibration, cfg.backend, model=job.model_label)
         if job.given_batch:
             batch = open_given_batch(job.data, job.model_bytes, cfg.storage_options, job.declared_inputs())
+            if cfg.backend != "tensorrt":  # TensorRT's calibrator reads the batch its own way
+                _check_batch_fits_model(batch, job.model_bytes, job.model_label)
             job.spec, job.batch_key, job.fingerprint = dict(batch.spec), batch.fingerprint, batch.fingerprint
         else:
             from trtcal.config import BatchConfig
@@ -473,6 +475,22 @@ def _read_model(model: str | os.PathLike[str], storage_options: Mapping[str, Any
     except ValueError as exc:  # protobuf's 2 GB limit
         raise ModelError(f"model {text!r} with its external data is over 2 GB ({exc}); not supported by `trtcal calibrate` yet") from None
     return embedded, loaded.sha256
+
+
+def _check_batch_fits_model(batch: Any, model_bytes: bytes, model_label: str) -> None:
+    """A given batch against the model's inputs (names, ranks, declared batch axes, dtypes) before Ray
+    starts: the DataError the calibration actor would raise (`trtcal.runners.base.batch_layout`), in
+    a second instead of after Ray's start-up."""
+    import onnx
+
+    from trtcal.model import model_inputs as graph_inputs
+    from trtcal.runners.base import batch_layout
+
+    try:
+        proto = onnx.load_from_string(model_bytes)
+    except Exception:  # judged, with the user's path in the message, by the actor's load
+        return
+    batch_layout(graph_inputs(proto), batch, model_label)
 
 
 def _has_external_data(data: bytes) -> bool:

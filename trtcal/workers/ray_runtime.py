@@ -3,7 +3,8 @@
 * Ray already initialised in this process: used as it is, left running.
 * `address` given (or ``RAY_ADDRESS`` set, as inside a Ray Job): connect; disconnect on exit.
 * Otherwise an embedded single-node Ray: loopback only, a capped object store, its own temp dir,
-  no dashboard; shut down (and its temp dir removed) on exit.
+  no dashboard, no idle workers started ahead of work (`embedded_system_config`); shut down (and its
+  temp dir removed) on exit. A cluster trtcal connects to keeps its own settings.
 
 Token authentication (on by default since Ray 2.60) is left as the environment says: if
 ``RAY_AUTH_MODE`` is unset the embedded Ray uses Ray's default (token auth on; Ray keeps the token
@@ -26,7 +27,7 @@ from typing import Any
 
 from trtcal.errors import BackendUnavailableError, ConfigError, WorkerError
 
-__all__ = ["RaySessionInfo", "ray_session", "default_object_store_memory", "cluster_cpus"]
+__all__ = ["RaySessionInfo", "ray_session", "default_object_store_memory", "embedded_system_config", "cluster_cpus"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,18 @@ class RaySessionInfo:
 def default_object_store_memory(num_cpus: int) -> int:
     """64 MiB per CPU, between 384 MiB and 2 GiB: results are consumed as they arrive."""
     return int(min(2048 * MiB, max(384 * MiB, 64 * MiB * num_cpus)))
+
+
+def embedded_system_config() -> dict[str, Any]:
+    """Ray system settings (`_system_config`) of the embedded Ray only.
+
+    ``prestart_worker_first_driver`` (Ray's src/ray/common/ray_config_def.h, default true) starts one
+    idle worker per CPU when the first driver connects. A calibration of a given or stored batch uses
+    one worker (the actor), so the others only hold memory (about 45 MiB PSS each, measured: the
+    OCR recogniser's whole-tree peak, BENCHMARKS.md); workers start on demand instead. A new dict on
+    each call: ray.init adds its own entries to the one it is given.
+    """
+    return {"prestart_worker_first_driver": False}
 
 
 def cluster_cpus() -> int:
@@ -108,6 +121,23 @@ def _fresh_temp_dir(root: str) -> str:
     return owned_temp_dir("ray", root)
 
 
+def _start_embedded(ray: Any, cpus: int, store: int, temp_dir: str) -> None:
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    with _loopback_only(ray):
+        try:
+            ray.init(
+                address="local",
+                num_cpus=cpus,
+                include_dashboard=False,
+                object_store_memory=store,
+                _temp_dir=temp_dir,
+                _system_config=embedded_system_config(),
+                logging_level=logging.WARNING,
+            )
+        except Exception as exc:
+            raise WorkerError(f"cannot start the embedded Ray ({type(exc).__name__}: {exc})") from exc
+
+
 def _temp_root() -> str:
     root = tempfile.gettempdir()
     return root if len(root) <= _MAX_TEMP_DIR_LEN else "/tmp"
@@ -153,19 +183,7 @@ def ray_session(
             cpus = num_cpus or os.cpu_count() or 1
             store = object_store_memory or default_object_store_memory(cpus)
             own_temp = _fresh_temp_dir(temp_dir or _temp_root())
-            os.environ.setdefault(LOOPBACK_ENV, "0")
-            with _loopback_only(ray):
-                try:
-                    ray.init(
-                        address="local",
-                        num_cpus=cpus,
-                        include_dashboard=False,
-                        object_store_memory=store,
-                        _temp_dir=own_temp,
-                        logging_level=logging.WARNING,
-                    )
-                except Exception as exc:
-                    raise WorkerError(f"cannot start the embedded Ray ({type(exc).__name__}: {exc})") from exc
+            _start_embedded(ray, cpus, store, own_temp)
             logger.info("started embedded Ray: %d CPUs, %d MiB object store, temp dir %s", cpus, store // MiB, own_temp)
         else:
             try:

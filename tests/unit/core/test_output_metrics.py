@@ -159,3 +159,23 @@ def test_kind_errors() -> None:
         compare_output(np.zeros((2, 3)), np.zeros((3, 3)))
     with pytest.raises(DataError, match="NaN"):
         compare_output(np.zeros((2, 3)), np.full((2, 3), np.nan))
+
+
+@pytest.mark.parametrize("activation", [None, "Softmax", "LogSoftmax", "Sigmoid"])
+def test_class_metrics_in_blocks_of_rows_are_the_all_rows_values(monkeypatch, activation) -> None:
+    """Top-1, top-5 overlap and KL are computed a block of rows at a time (memory): the same floats as all
+    rows in one block, bit for bit, whatever the block size."""
+    import dataclasses
+
+    from trtcal.core import output_metrics
+
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((9, 13, 40)).astype(np.float32) * 4
+    if activation == "Softmax":
+        ref = np.exp(ref) / np.exp(ref).sum(-1, keepdims=True)
+    out = ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.1
+    monkeypatch.setattr(output_metrics, "_CHUNK_VALUES", 1 << 40)
+    whole = dataclasses.astuple(compare_output(ref, out, activation=activation))
+    for values in (1, 40, 41, 777):
+        monkeypatch.setattr(output_metrics, "_CHUNK_VALUES", values)
+        assert dataclasses.astuple(compare_output(ref, out, activation=activation)) == whole

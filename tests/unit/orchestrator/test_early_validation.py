@@ -71,3 +71,44 @@ def test_a_batch_of_one_fixed_inside_gets_the_micro_batch_hint(tmp_path: Path) -
     with pytest.raises(DataError, match="--micro-batch 1"):
         calibrate(tmp_path / "b1.onnx", {"x": x}, algorithms=["minmax"])
     assert calibrate(tmp_path / "b1.onnx", {"x": x}, algorithms=["minmax"], micro_batch=1).amax["minmax"]
+
+
+def _state_on_axis_1() -> onnx.ModelProto:
+    """x [N, 4] and a recurrent-style state [2, N, 3] whose batch is on axis 1 (as silero-vad's)."""
+    w = helper.make_tensor("w", onnx.TensorProto.FLOAT, [4, 2], np.ones(8, np.float32).tolist())
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["state"], ["state_out"])]
+    graph = helper.make_graph(
+        nodes, "axis1",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("state", onnx.TensorProto.FLOAT, [2, "N", 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 2]),
+         helper.make_tensor_value_info("state_out", onnx.TensorProto.FLOAT, [2, "N", 3])],
+        [w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_batch_axis_mistake_is_refused_before_ray_starts(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A given .npz whose state input needs --inputs: the CLI exits 2 with the exact spec, and Ray never starts
+    (its start-up is made to fail the test); with the spec, or a wrong dtype, the check runs there too."""
+    import trtcal.workers.ray_runtime as ray_runtime
+
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray was started before the batch was checked against the model")
+
+    monkeypatch.setattr(ray_runtime, "ray_session", no_ray)
+    onnx.save(_state_on_axis_1(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "b.npz", x=rng.standard_normal((6, 4)).astype(np.float32),
+             state=rng.standard_normal((6, 2, 3)).astype(np.float32))
+    args = ["calibrate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "b.npz"), "--store", str(tmp_path / "s")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "inputs disagree on the batch axis" in err and """--inputs '{"state": {"batch_axis": 1}}'""" in err, err
+    # Declared, the same batch passes the check (Job.open: no Ray) ...
+    cfg = JobConfig().with_options(store=str(tmp_path / "s"), inputs={"state": {"batch_axis": 1}})
+    Job.open(tmp_path / "m.onnx", str(tmp_path / "b.npz"), cfg)
+    # ... and a dtype the model does not take is refused there, naming the input.
+    np.savez(tmp_path / "f64.npz", x=rng.standard_normal((6, 4)), state=rng.standard_normal((6, 2, 3)).astype(np.float32))
+    with pytest.raises(DataError, match="input 'x': the model expects float32, the batch holds float64"):
+        Job.open(tmp_path / "m.onnx", str(tmp_path / "f64.npz"), cfg)
