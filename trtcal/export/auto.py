@@ -262,6 +262,13 @@ class AutoSimulator:
         """[rows, float outputs]: per row Σ fp32² (or Σ (fp32 − q)² with `outputs`), each an exact float sum
         (so in no particular order, and the same whatever the micro-batching)."""
         n = int(reference[0].shape[0]) if reference else 0
+        for name, ref in zip(self.output_names, reference):
+            if ref.ndim == 0 or ref.shape[0] != n:  # an output whose batch axis was not inferred (e.g. made inside an If)
+                raise ModelError(
+                    f"auto: output {name!r} has shape {tuple(ref.shape)} where {n} rows were expected along its batch "
+                    "axis, which shape inference could not find (outputs made inside If/Loop/Scan); calibrate with an "
+                    "explicit method (-a mse, -a entropy2, ...) instead of auto"
+                )
         out = np.zeros((n, len(reference)), dtype=np.float64)
         for k, ref in enumerate(reference):
             for i in range(n):
@@ -473,6 +480,13 @@ def search_auto(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     sim = simulator or AutoSimulator(model, tensors, qdq_config, micro_batch=config.micro_batch, intra_op_threads=config.intra_op_threads)
+    if not sim.searched:  # no activation gets Q/DQ: every candidate gives the same model (ties go to the first)
+        log.info("auto: no activation gets Q/DQ in this model; nothing to search")
+        return AutoResult(
+            amax={t: candidates[names[0]][t] for t in tensors}, chosen={t: names[0] for t in tensors},
+            tensors={t: {"searched": False, "chosen": names[0]} for t in tensors},
+            search={"note": "no activation gets Q/DQ: nothing to search", "search_ids": list(search_ids)}, timings=timings,
+        )
     reference = sim.reference(search_inputs)
     signal = sim.row_energies(reference)
     timings["sessions+reference"] = time.perf_counter() - t0
